@@ -1,0 +1,1 @@
+"""Cdiscount BSON files -> sharded TFRecords of padded product image stacks (Apache Beam)."""

@@ -1,0 +1,1 @@
+"""The tf.data input pipeline and the multi-image Xception."""

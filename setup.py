@@ -1,0 +1,34 @@
+"""Cdiscount BSON -> TFRecords (Apache Beam) and a multi-image Xception trainer."""
+
+import os
+
+import setuptools
+
+# Dataflow workers build this package from its sdist with no extras, so TensorFlow has to be a
+# plain requirement; GPU machines choose their build through this variable, for example
+#   CDISCOUNT_TENSORFLOW='tensorflow[and-cuda]' pip install -e .
+TENSORFLOW = os.environ.get("CDISCOUNT_TENSORFLOW", "tensorflow-cpu") + ">=2.16,<2.22"
+
+setuptools.setup(
+    name="cdiscount-beam",
+    version="0.1.0",
+    description=__doc__,
+    python_requires=">=3.11",
+    packages=["beam_convert", "model"],
+    py_modules=["record_schema"],
+    install_requires=[
+        TENSORFLOW,
+        "keras>=3.5,<4",
+        "apache-beam>=2.60,<3",
+        "pymongo>=4.6,<5",  # its `bson` module; the standalone `bson` package on PyPI is another thing
+        "absl-py>=2.1,<3",
+        "numpy>=1.26,<3",
+        "google-crc32c>=1.5,<2",  # Beam's and our TFRecord framing; pure-Python CRC is ~100x slower
+        "pillow>=10,<13",
+        "matplotlib>=3.8,<4",
+    ],
+    extras_require={
+        "test": ["pytest>=8,<10"],
+        "gcp": ["apache-beam[gcp]>=2.60,<3"],
+    },
+)
