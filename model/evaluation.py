@@ -1,0 +1,395 @@
+"""Evaluation library behind evaluate.py: predictions, metrics, report, duplicate lookup, submission.
+
+Predictions are kept as each product's top-k classes and probabilities only: the full [N, K]
+matrix of the real val split (~350k x 5,270) would not fit in memory.
+"""
+
+from __future__ import annotations
+
+import collections
+import csv
+import glob
+import json
+import os
+import time
+
+import numpy as np
+
+import record_schema
+from model import labels as labels_lib
+
+TOP_K = 5
+FREQUENCY_BINS = (0, 10, 100, 1_000, 10_000, None)  # training images per class: [lo, hi)
+
+
+# ---------------------------------------------------------------------------------------------
+# Model and predictions
+
+
+def load_model(model_dir: str):
+    """model.keras plus the train config (image size, model config) that train.py wrote beside it."""
+    import keras
+
+    from model import multi_image  # noqa: F401  (registers the custom layers for deserialisation)
+
+    with open(os.path.join(model_dir, "train_config.json")) as f:
+        config = json.load(f)
+    model = keras.models.load_model(os.path.join(model_dir, "model.keras"), compile=False)
+    return model, config
+
+
+def predict_top_k(model, dataset, *, k: int = TOP_K, flip_tta: bool = False, total: int | None = None,
+                  progress_every: float = 10.0, log=print) -> dict:
+    """Runs the model over (features, label) batches; returns per-product arrays in input order.
+
+    flip_tta averages the softmax of each product and of its left-right mirror.
+    """
+    import tensorflow as tf
+
+    @tf.function
+    def step(images, mask):
+        probabilities = tf.nn.softmax(tf.cast(model({"images": images, "mask": mask}, training=False)["category"], tf.float32))
+        if flip_tta:
+            flipped = tf.reverse(images, axis=[3])  # [B, M, H, W, C]: W is axis 3
+            logits = model({"images": flipped, "mask": mask}, training=False)["category"]
+            probabilities = (probabilities + tf.nn.softmax(tf.cast(logits, tf.float32))) / 2.0
+        top = tf.math.top_k(probabilities, k=min(k, probabilities.shape[-1]))
+        return top.indices, top.values
+
+    out = collections.defaultdict(list)
+    start = last = time.perf_counter()
+    done = 0
+    for features, label in dataset:
+        classes, probabilities = step(features["images"], features["mask"])
+        out["product_id"].append(features["product_id"].numpy())
+        out["label"].append(label.numpy())
+        out["num_images"].append(features["mask"].numpy().sum(axis=1).round().astype(np.int64))
+        out["top_classes"].append(classes.numpy())
+        out["top_probabilities"].append(probabilities.numpy())
+        done += len(label)
+        now = time.perf_counter()
+        if now - last >= progress_every:
+            last = now
+            of = f"/{total}" if total else ""
+            log(f"  predicted {done}{of} products ({done / (now - start):.0f} products/s)")
+    log(f"  predicted {done} products in {time.perf_counter() - start:.1f} s")
+    if not out:
+        return {"product_id": np.zeros([0], np.int64), "label": np.zeros([0], np.int64),
+                "num_images": np.zeros([0], np.int64), "top_classes": np.zeros([0, k], np.int64),
+                "top_probabilities": np.zeros([0, k], np.float32)}
+    return {name: np.concatenate(parts) for name, parts in out.items()}
+
+
+# ---------------------------------------------------------------------------------------------
+# Metrics
+
+
+def _accuracy(hits: np.ndarray) -> float:
+    return float(hits.mean()) if len(hits) else 0.0
+
+
+def compute_metrics(true_classes, top_classes, num_images, labels: labels_lib.Labels,
+                    train_class_counts=None, confused_pairs: int = 20) -> dict:
+    """Product-level accuracy and its breakdowns.
+
+    true_classes [N] class indices; top_classes [N, k] best first; num_images [N] real images per
+    product; train_class_counts [K] training images per class (for the accuracy-by-frequency bins).
+    """
+    true_classes = np.asarray(true_classes, np.int64)
+    top_classes = np.asarray(top_classes, np.int64).reshape(len(true_classes), -1)
+    num_images = np.asarray(num_images, np.int64)
+    predicted = top_classes[:, 0] if len(true_classes) else np.zeros([0], np.int64)
+    top1 = predicted == true_classes
+    top5 = (top_classes[:, :5] == true_classes[:, None]).any(axis=1)
+
+    metrics = {"products": int(len(true_classes)), "top1": _accuracy(top1), "top5": _accuracy(top5)}
+
+    metrics["by_image_count"] = {
+        str(n): {"products": int((num_images == n).sum()), "top1": _accuracy(top1[num_images == n]),
+                 "top5": _accuracy(top5[num_images == n])}
+        for n in sorted(set(num_images.tolist()))
+    }
+
+    # The category tree: level1 and level2 are right when the predicted category sits under the
+    # true one's node; level3 (the leaf name) when the whole path matches.
+    l1 = np.asarray(labels.level1_index)
+    l2 = np.asarray(labels.level2_index)
+    paths = list(zip(labels.level1, labels.level2, labels.level3))
+    path_index = {p: i for i, p in enumerate(sorted(set(paths)))}
+    path = np.array([path_index[p] for p in paths], np.int64)
+    metrics["by_level"] = {
+        "level1": _accuracy(l1[predicted] == l1[true_classes]),
+        "level2": _accuracy(l2[predicted] == l2[true_classes]),
+        "level3": _accuracy(path[predicted] == path[true_classes]),
+        "category": metrics["top1"],
+    }
+
+    pairs = collections.Counter(zip(true_classes[~top1].tolist(), predicted[~top1].tolist()))
+    metrics["most_confused"] = [
+        {"true": int(labels.category_ids[t]), "predicted": int(labels.category_ids[p]), "count": c,
+         "true_name": labels.level3[t], "predicted_name": labels.level3[p]}
+        for (t, p), c in pairs.most_common(confused_pairs)
+    ]
+
+    per_category = {}
+    for c in np.unique(true_classes):
+        hits = top1[true_classes == c]
+        per_category[str(int(labels.category_ids[c]))] = {"products": int(len(hits)), "top1": _accuracy(hits)}
+    metrics["by_category"] = per_category
+
+    if train_class_counts is not None:
+        counts = np.asarray(train_class_counts)[true_classes]
+        bins = []
+        for lo, hi in zip(FREQUENCY_BINS[:-1], FREQUENCY_BINS[1:]):
+            inside = (counts >= lo) & ((counts < hi) if hi is not None else True)
+            if inside.any():
+                label = f"{lo}-{hi - 1}" if hi is not None else f">={lo}"
+                bins.append({"train_images": label, "products": int(inside.sum()), "top1": _accuracy(top1[inside])})
+        metrics["by_class_frequency"] = bins
+    return metrics
+
+
+def accuracy_on(metrics: dict, category_ids) -> dict:
+    """Top-1 over the products of some categories (e.g. the synthetic split classes)."""
+    rows = [metrics["by_category"].get(str(int(c)), {"products": 0, "top1": 0.0}) for c in category_ids]
+    products = sum(r["products"] for r in rows)
+    correct = sum(r["products"] * r["top1"] for r in rows)
+    return {"products": products, "top1": correct / products if products else 0.0}
+
+
+def write_report(metrics: dict, path: str, title: str = "") -> None:
+    """PNG: accuracy by number of images, and by training frequency of the true class."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    counts = metrics["by_image_count"]
+    keys = list(counts)
+    x = np.arange(len(keys))  # numeric positions: string categories make matplotlib chatty
+    axes[0].bar(x, [counts[k]["top1"] for k in keys], color="tab:blue", label="top-1")
+    axes[0].plot(x, [counts[k]["top5"] for k in keys], "o-", color="tab:orange", label="top-5")
+    axes[0].set_xticks(x, keys)
+    for i, k in enumerate(keys):
+        axes[0].annotate(f"n={counts[k]['products']}", (i, 0.02), ha="center", fontsize=8)
+    axes[0].set(xlabel="images in the product", ylabel="accuracy", ylim=(0, 1), title="by image count")
+    axes[0].legend()
+    bins = metrics.get("by_class_frequency") or []
+    if bins:
+        x = np.arange(len(bins))
+        axes[1].bar(x, [b["top1"] for b in bins], color="tab:green")
+        axes[1].set_xticks(x, [b["train_images"] for b in bins])
+        for i, b in enumerate(bins):
+            axes[1].annotate(f"n={b['products']}", (i, 0.02), ha="center", fontsize=8)
+        axes[1].set(xlabel="training images of the true class", ylabel="top-1", ylim=(0, 1),
+                    title="by class frequency")
+    else:
+        axes[1].text(0.5, 0.5, "no train_image_digests.npz:\nclass frequencies unknown", ha="center")
+        axes[1].set_axis_off()
+    fig.suptitle(title or f"top-1 {metrics['top1']:.3f}, top-5 {metrics['top5']:.3f}, {metrics['products']} products")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+# ---------------------------------------------------------------------------------------------
+# Duplicate-image lookup
+
+
+def read_record_digests(file_pattern: str) -> dict:
+    """product_id -> image digests of its real images, read straight from the TFRecords."""
+    import tensorflow as tf
+
+    spec = {k: v for k, v in record_schema.feature_spec().items() if k in ("product_id", "images", "mask")}
+    files = sorted(tf.io.gfile.glob(file_pattern))
+    ds = tf.data.TFRecordDataset(files).batch(256).map(lambda s: tf.io.parse_example(s, spec))
+    digests = {}
+    for batch in ds.as_numpy_iterator():
+        for pid, images, mask in zip(batch["product_id"][:, 0], batch["images"], batch["mask"]):
+            digests[int(pid)] = [record_schema.image_digest(img) for img, m in zip(images, mask) if m]
+    return digests
+
+
+class DigestTable:
+    """train_image_digests.npz: image digest -> (category_id, count) rows, searched in sorted arrays."""
+
+    def __init__(self, path: str):
+        with np.load(path) as table:
+            order = np.argsort(table["digest"], kind="stable")
+            self.digest = table["digest"][order]
+            self.category_id = table["category_id"][order]
+            self.count = table["count"][order]
+
+    def class_counts(self, labels: labels_lib.Labels) -> np.ndarray:
+        """Training images per class index."""
+        index = labels.class_of_category()
+        counts = np.zeros(labels.num_classes, np.int64)
+        for c, n in zip(self.category_id.tolist(), self.count.tolist()):
+            if c in index:
+                counts[index[c]] += n
+        return counts
+
+    def votes(self, digests) -> collections.Counter:
+        """category_id -> training images with any of these digests."""
+        votes = collections.Counter()
+        q = np.asarray(digests, np.int64)
+        lo, hi = np.searchsorted(self.digest, q, "left"), np.searchsorted(self.digest, q, "right")
+        for a, b in zip(lo, hi):
+            for c, n in zip(self.category_id[a:b].tolist(), self.count[a:b].tolist()):
+                votes[c] += n
+        return votes
+
+
+def apply_duplicate_lookup(predictions: dict, product_digests: dict, table: DigestTable,
+                           labels: labels_lib.Labels) -> tuple[np.ndarray, int]:
+    """New top-k classes where a product's image was seen in training: the categories of those
+    training images, most votes first (ties broken by the model's ranking), then the model's own.
+
+    Returns (top_classes [N, k], number of products overridden).
+    """
+    index = labels.class_of_category()
+    top = predictions["top_classes"].copy()
+    k = top.shape[1]
+    overridden = 0
+    for row, pid in enumerate(predictions["product_id"].tolist()):
+        votes = table.votes(product_digests.get(pid, []))
+        known = {index[c]: n for c, n in votes.items() if c in index}
+        if not known:
+            continue
+        model_rank = {c: r for r, c in enumerate(top[row].tolist())}
+        dup = sorted(known, key=lambda c: (-known[c], model_rank.get(c, k), c))
+        merged = dup + [c for c in top[row].tolist() if c not in known]
+        top[row] = merged[:k]
+        overridden += 1
+    return top, overridden
+
+
+# ---------------------------------------------------------------------------------------------
+# Submission
+
+
+def read_rejected(data_dir: str) -> list[dict]:
+    rows = []
+    for path in sorted(glob.glob(os.path.join(data_dir, "rejected-*.jsonl"))):
+        with open(path) as f:
+            rows += [json.loads(line) for line in f if line.strip()]
+    return rows
+
+
+def most_frequent_category(data_dir: str, labels: labels_lib.Labels, train_class_counts=None) -> int:
+    """The fallback prediction for products the model never saw: the commonest training category.
+
+    From train_image_digests.npz counts (training images) when present, else metadata.json
+    "category_counts" if the converter wrote it, else the first class.
+    """
+    if train_class_counts is not None and np.sum(train_class_counts) > 0:
+        return int(labels.category_ids[int(np.argmax(train_class_counts))])
+    meta_path = os.path.join(data_dir, record_schema.METADATA_FILE)
+    if os.path.exists(meta_path):
+        with open(meta_path) as f:
+            counts = json.load(f).get("category_counts")
+        if counts:
+            return int(max(counts, key=lambda c: counts[c]))
+    return int(labels.category_ids[0])
+
+
+def write_submission(path: str, product_ids, category_ids, rejected: list[dict], fallback: int) -> dict:
+    """`_id,category_id`, one row per product: predicted ones, then rejected ones with `fallback`.
+
+    A rejected entry without an _id (a corrupt document) cannot have a row; a rejected _id that
+    was also converted (a duplicate _id) keeps its prediction. Both are counted in the summary.
+    """
+    rows = dict(zip((int(p) for p in product_ids), (int(c) for c in category_ids)))
+    predicted = len(rows)
+    no_id = 0
+    for entry in rejected:
+        pid = entry.get("_id")
+        if pid is None:
+            no_id += 1
+        elif int(pid) not in rows:
+            rows[int(pid)] = fallback
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f, lineterminator="\n")
+        writer.writerow(["_id", "category_id"])
+        writer.writerows(rows.items())
+    return {"rows": len(rows), "predicted": predicted, "rejected_with_fallback": len(rows) - predicted,
+            "rejected_without_id": no_id, "fallback_category_id": fallback}
+
+
+# ---------------------------------------------------------------------------------------------
+# The evaluation run
+
+
+def evaluate(*, data_dir: str, model_dir: str, split: str, output_dir: str | None = None,
+             batch_size: int = 64, flip_tta: bool = False, dup_lookup: bool = False,
+             train_data_dir: str | None = None, log=print) -> dict:
+    """Predicts one split of a beam_convert folder; writes metrics.json + report.png (labelled
+    splits) and submission.csv (test). Returns the summary that is written to metrics.json."""
+    import tensorflow as tf
+
+    from model import input_pipeline
+
+    output_dir = output_dir or os.path.join(model_dir, f"eval_{split}")
+    os.makedirs(output_dir, exist_ok=True)
+    model, config = load_model(model_dir)
+    # Class index <-> category id as the model learnt it (a test folder has its own labels.csv).
+    labels = labels_lib.read_labels(os.path.join(model_dir, record_schema.LABELS_FILE))
+    train_data_dir = train_data_dir or config["train"]["data_dir"]
+    digests_path = os.path.join(train_data_dir, record_schema.IMAGE_DIGESTS_FILE)
+    table = DigestTable(digests_path) if os.path.exists(digests_path) else None
+    if dup_lookup and table is None:
+        raise FileNotFoundError(f"--dup_lookup needs {digests_path}")
+    class_counts = table.class_counts(labels) if table is not None else None
+
+    pattern = os.path.join(data_dir, record_schema.shard_pattern(split))
+    if not tf.io.gfile.glob(pattern):
+        raise FileNotFoundError(f"no {split} shards in {data_dir}")
+    with open(os.path.join(data_dir, record_schema.METADATA_FILE)) as f:
+        total = json.load(f).get("splits", {}).get(split, {}).get("products")
+    train = config["train"]
+    dataset = input_pipeline.create_dataset(
+        pattern, batch_size=batch_size, training=False, image_size=train["image_size"],
+        crop_size=train["crop_size"] or None,
+    )
+    log(f"Evaluating {model_dir} on {pattern}{' with flip TTA' if flip_tta else ''}")
+    predictions = predict_top_k(model, dataset, flip_tta=flip_tta, total=total, log=log)
+    top_classes = predictions["top_classes"]
+
+    summary = {"split": split, "data_dir": data_dir, "model_dir": model_dir, "flip_tta": flip_tta,
+               "dup_lookup": dup_lookup, "products": int(len(top_classes))}
+    if dup_lookup:
+        digests = read_record_digests(pattern)
+        top_classes, overridden = apply_duplicate_lookup(predictions, digests, table, labels)
+        summary["dup_lookup_overridden"] = overridden
+
+    labelled = len(predictions["label"]) and (predictions["label"] >= 0).all()
+    if labelled:
+        data_labels = labels_lib.read_labels(data_dir)
+        if not np.array_equal(data_labels.category_ids, labels.category_ids):
+            raise ValueError(f"{data_dir}/labels.csv differs from the model's classes ({model_dir}/labels.csv)")
+        metrics = compute_metrics(predictions["label"], top_classes, predictions["num_images"], labels, class_counts)
+        if dup_lookup:
+            plain = compute_metrics(predictions["label"], predictions["top_classes"], predictions["num_images"], labels)
+            metrics["dup_lookup"] = {"overridden": summary["dup_lookup_overridden"],
+                                     "top1_without": plain["top1"], "top5_without": plain["top5"],
+                                     "top1_gain": metrics["top1"] - plain["top1"],
+                                     "top5_gain": metrics["top5"] - plain["top5"]}
+        summary.update(metrics)
+        write_report(metrics, os.path.join(output_dir, "report.png"),
+                     f"{split}: top-1 {metrics['top1']:.3f}, top-5 {metrics['top5']:.3f}, {metrics['products']} products")
+        log(f"{split}: top-1 {metrics['top1']:.4f}  top-5 {metrics['top5']:.4f}  ({metrics['products']} products); "
+            f"by image count: " + ", ".join(f"{n}: {m['top1']:.3f}" for n, m in metrics["by_image_count"].items()))
+    if split == "test" or not labelled:
+        fallback = most_frequent_category(train_data_dir, labels, class_counts)
+        submission = write_submission(
+            os.path.join(output_dir, "submission.csv"), predictions["product_id"],
+            labels.category_ids[top_classes[:, 0]] if len(top_classes) else [],
+            read_rejected(data_dir), fallback)
+        summary["submission"] = submission
+        log(f"submission.csv: {submission['rows']} rows ({submission['rejected_with_fallback']} rejected products "
+            f"given the most frequent training category {fallback})")
+    with open(os.path.join(output_dir, "metrics.json"), "w") as f:
+        json.dump(summary, f, indent=1)
+    log(f"Wrote {output_dir}")
+    return summary

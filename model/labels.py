@@ -1,0 +1,88 @@
+"""labels.csv: class index <-> Cdiscount category id, and the category tree above each class.
+
+The file is written by `beam_convert` (CONTRACT section 1). It is read with the csv module because
+category names are quoted and some contain commas and doubled quotes.
+"""
+
+import csv
+import dataclasses
+import os
+
+import numpy as np
+
+import record_schema
+
+
+@dataclasses.dataclass(frozen=True)
+class Labels:
+    category_ids: np.ndarray  # int64 [K]: class index -> category_id
+    level1: tuple  # names, one per class ("" when the file has no tree)
+    level2: tuple
+    level3: tuple
+    level1_index: np.ndarray  # int64 [K]: class index -> index into level1_names
+    level2_index: np.ndarray
+    level1_names: tuple  # distinct level1 names, sorted
+    level2_names: tuple  # distinct (level1, level2) pairs as "level1/level2", sorted
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.category_ids)
+
+    @property
+    def has_hierarchy(self) -> bool:
+        """True when the tree carries information (auxiliary heads are then worth training)."""
+        return len(self.level1_names) > 1 or len(self.level2_names) > 1
+
+    def class_of_category(self) -> dict:
+        return {int(c): i for i, c in enumerate(self.category_ids)}
+
+
+def read_labels(path: str) -> Labels:
+    if os.path.isdir(path):
+        path = os.path.join(path, record_schema.LABELS_FILE)
+    with open(path, newline="", encoding="utf-8") as f:
+        reader = csv.DictReader(f)
+        missing = set(record_schema.LABELS_HEADER) - set(reader.fieldnames or ())
+        if missing:
+            raise ValueError(f"{path}: missing columns {sorted(missing)}")
+        rows = sorted(reader, key=lambda row: int(row["label"]))
+    if [int(r["label"]) for r in rows] != list(range(len(rows))):
+        raise ValueError(f"{path}: labels are not 0..{len(rows) - 1}")
+    level1 = tuple(r["category_level1"] or "" for r in rows)
+    level2 = tuple(r["category_level2"] or "" for r in rows)
+    level3 = tuple(r["category_level3"] or "" for r in rows)
+    # level2 names repeat under different level1 parents, so a level2 node is the pair.
+    level2_keys = tuple(f"{a}/{b}" for a, b in zip(level1, level2))
+    level1_names = tuple(sorted(set(level1)))
+    level2_names = tuple(sorted(set(level2_keys)))
+    l1 = {n: i for i, n in enumerate(level1_names)}
+    l2 = {n: i for i, n in enumerate(level2_names)}
+    return Labels(
+        category_ids=np.array([int(r["category_id"]) for r in rows], dtype=np.int64),
+        level1=level1,
+        level2=level2,
+        level3=level3,
+        level1_index=np.array([l1[n] for n in level1], dtype=np.int64),
+        level2_index=np.array([l2[n] for n in level2_keys], dtype=np.int64),
+        level1_names=level1_names,
+        level2_names=level2_names,
+    )
+
+
+def write_labels(path: str, category_ids, tree: dict | None = None) -> None:
+    """Writes a labels.csv (tests and tools); `tree` maps category_id -> (level1, level2, level3)."""
+    tree = tree or {}
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f)
+        writer.writerow(record_schema.LABELS_HEADER)
+        for label, category_id in enumerate(sorted(int(c) for c in category_ids)):
+            writer.writerow([label, category_id, *tree.get(category_id, ("", "", ""))])
+
+
+def read_category_tree(categories_csv: str) -> dict:
+    """category_names.csv -> {category_id: (level1, level2, level3)}."""
+    with open(categories_csv, newline="", encoding="utf-8") as f:
+        return {
+            int(r["category_id"]): (r["category_level1"], r["category_level2"], r["category_level3"])
+            for r in csv.DictReader(f)
+        }

@@ -1,0 +1,131 @@
+"""Evaluation library: metrics on a hand-computed case, the submission file, the duplicate lookup."""
+
+import csv
+import json
+
+import numpy as np
+import pytest
+
+import record_schema
+from model import evaluation
+from model import labels as labels_lib
+
+# Four classes under two level1 nodes; classes 2 and 3 share level1 "B" and level2 "x".
+TREE = {
+    11: ("A", "p", "leaf11"),
+    22: ("A", "q", "leaf22"),
+    33: ("B", "x", "leaf33"),
+    44: ("B", "x", "leaf44, with a comma"),
+}
+
+
+@pytest.fixture
+def labels(tmp_path):
+    path = tmp_path / "labels.csv"
+    labels_lib.write_labels(path, TREE, TREE)
+    return labels_lib.read_labels(str(path))
+
+
+def test_labels_csv_quoted_fields_and_tree(labels, tmp_path):
+    assert labels.category_ids.tolist() == [11, 22, 33, 44]
+    assert labels.level3[3] == "leaf44, with a comma"
+    assert labels.level1_index.tolist() == [0, 0, 1, 1]
+    assert labels.level2_index.tolist() == [0, 1, 2, 2]
+    assert labels.has_hierarchy
+    # The real file: quoted fields with commas and doubled quotes survive the round trip.
+    real = labels_lib.read_category_tree("data/category_names.csv")
+    ids = sorted(real)[:50]
+    labels_lib.write_labels(tmp_path / "real.csv", ids, real)
+    back = labels_lib.read_labels(str(tmp_path / "real.csv"))
+    assert [real[c][2] for c in ids] == list(back.level3)
+
+
+def test_metrics_hand_computed(labels):
+    # true, top-5 (only 4 classes: top-k rows are 4 long), images
+    true = [0, 1, 2, 3, 3, 2]
+    top = [
+        [0, 1, 2, 3],  # top-1 hit
+        [0, 1, 2, 3],  # top-1 miss (0: same level1 A, other level2), top-5 hit
+        [3, 2, 0, 1],  # miss, predicted 3: same level1 and level2 as 2
+        [3, 0, 1, 2],  # hit
+        [2, 3, 0, 1],  # miss, same level2
+        [1, 0, 3, 2],  # miss, other level1
+    ]
+    images = [1, 1, 2, 2, 4, 4]
+    m = evaluation.compute_metrics(true, top, images, labels, train_class_counts=[5, 50, 500, 5000])
+    assert m["products"] == 6
+    assert m["top1"] == pytest.approx(2 / 6)
+    assert m["top5"] == pytest.approx(1.0)
+    assert m["by_image_count"]["1"] == {"products": 2, "top1": 0.5, "top5": 1.0}
+    assert m["by_image_count"]["2"]["top1"] == pytest.approx(0.5)
+    assert m["by_image_count"]["4"]["top1"] == 0.0
+    # level1 right: rows 0,1,2,3,4 (not 5); level2 right: rows 0,2,3,4.
+    assert m["by_level"]["level1"] == pytest.approx(5 / 6)
+    assert m["by_level"]["level2"] == pytest.approx(4 / 6)
+    assert m["by_level"]["level3"] == pytest.approx(2 / 6)
+    pairs = {(p["true"], p["predicted"]): p["count"] for p in m["most_confused"]}
+    assert pairs == {(22, 11): 1, (33, 44): 1, (44, 33): 1, (33, 22): 1}
+    assert m["by_category"]["44"] == {"products": 2, "top1": 0.5}
+    bins = {b["train_images"]: (b["products"], b["top1"]) for b in m["by_class_frequency"]}
+    assert bins == {"0-9": (1, 1.0), "10-99": (1, 0.0), "100-999": (2, 0.0), "1000-9999": (2, 0.5)}
+    assert evaluation.accuracy_on(m, [33, 44]) == {"products": 4, "top1": 0.25}
+    json.dumps(m)  # metrics.json must be serialisable
+
+
+def test_report_png(labels, tmp_path):
+    m = evaluation.compute_metrics([0, 1], [[0, 1], [0, 1]], [1, 3], labels, [1, 2, 3, 4])
+    evaluation.write_report(m, str(tmp_path / "report.png"))
+    assert (tmp_path / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def _digest_table(tmp_path, rows):
+    """rows: (jpeg bytes, category_id, count)."""
+    path = tmp_path / record_schema.IMAGE_DIGESTS_FILE
+    np.savez(
+        path,
+        digest=np.array([record_schema.image_digest(j) for j, _, _ in rows], np.int64),
+        category_id=np.array([c for _, c, _ in rows], np.int64),
+        count=np.array([n for _, _, n in rows], np.int64),
+    )
+    return evaluation.DigestTable(str(path))
+
+
+def test_dup_lookup_overrides_on_match(labels, tmp_path):
+    table = _digest_table(tmp_path, [(b"img-a", 44, 3), (b"img-a", 22, 1), (b"img-b", 33, 2), (b"img-z", 999, 9)])
+    predictions = {
+        "product_id": np.array([1, 2, 3, 4]),
+        "top_classes": np.array([[0, 1, 2, 3]] * 4),
+    }
+    digests = {
+        1: [record_schema.image_digest(b"img-a")],  # 44 (3 votes) beats 22 (1 vote)
+        2: [record_schema.image_digest(b"img-c")],  # no match: the model's ranking stays
+        3: [record_schema.image_digest(b"img-c"), record_schema.image_digest(b"img-b")],  # one image matches
+        4: [record_schema.image_digest(b"img-z")],  # category unknown to the model: ignored
+    }
+    top, overridden = evaluation.apply_duplicate_lookup(predictions, digests, table, labels)
+    assert overridden == 2
+    assert top.tolist() == [[3, 1, 0, 2], [0, 1, 2, 3], [2, 0, 1, 3], [0, 1, 2, 3]]
+    assert table.class_counts(labels).tolist() == [0, 1, 2, 3]
+
+
+def test_submission_has_every_input_product(labels, tmp_path):
+    data_dir = tmp_path / "test_data"
+    data_dir.mkdir()
+    rejected = [
+        {"_id": 7, "source": "test.bson", "offset": 100, "reason": "not_jpeg", "detail": "imgs[0]"},
+        {"_id": 1, "source": "test.bson", "offset": 0, "reason": "duplicate_id", "detail": "again"},
+        {"_id": None, "source": "test.bson", "offset": 900, "reason": "corrupt_bson", "detail": "rest skipped"},
+    ]
+    (data_dir / "rejected-00000-of-00001.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rejected))
+    entries = evaluation.read_rejected(str(data_dir))
+    fallback = evaluation.most_frequent_category(str(data_dir), labels, [1, 9, 3, 4])
+    assert fallback == 22
+    path = tmp_path / "submission.csv"
+    summary = evaluation.write_submission(str(path), [1, 2, 3], labels.category_ids[[3, 0, 0]], entries, fallback)
+    with open(path, newline="") as f:
+        rows = list(csv.reader(f))
+    assert rows[0] == ["_id", "category_id"]
+    assert rows[1:] == [["1", "44"], ["2", "11"], ["3", "11"], ["7", "22"]]
+    assert summary["rows"] == 4 and summary["rejected_without_id"] == 1
+    valid = {str(c) for c in labels.category_ids}
+    assert all(c in valid for _, c in rows[1:])
