@@ -1,0 +1,201 @@
+"""The conversion job end to end (python -m beam_convert), on real and hand-made BSON."""
+
+import collections
+import os
+import subprocess
+import sys
+import tarfile
+
+import numpy as np
+import pytest
+
+import record_schema
+from tests.convert_helpers import (
+    CATEGORIES_CSV, REPO, SAMPLE_BSON, bomb_jpeg, convert, png_bytes, product, read_labels,
+    read_metadata, read_records, read_rejected, record_multiset, sample_documents, sample_jpegs,
+    write_bson)
+
+
+@pytest.fixture(scope="module")
+def sample_output(tmp_path_factory):
+    out = tmp_path_factory.mktemp("sample")
+    assert convert(f"--input={SAMPLE_BSON}", f"--output_dir={out}", f"--categories={CATEGORIES_CSV}") == 0
+    return out
+
+
+def test_sample_every_product_and_jpeg_arrives_byte_identical(sample_output):
+    documents = {doc["_id"]: doc for doc in sample_documents()}
+    records = read_records(sample_output, "train") + read_records(sample_output, "val")
+    assert len(records) == 82 == len(documents)
+    assert sum(sum(r["mask"]) for r in records) == 110
+    for record in records:
+        source = [img["picture"] for img in documents[record["product_id"]]["imgs"]]
+        count = len(source)
+        assert record["images"][:count] == source
+        assert record["images"][count:] == [b""] * (4 - count)
+        assert record["mask"] == [1] * count + [0] * (4 - count)
+        assert record["category_id"] == documents[record["product_id"]]["category_id"]
+    metadata = read_metadata(sample_output)
+    assert metadata["num_classes"] == 5270
+    assert metadata["images_per_product"] == {"1": 67, "2": 7, "3": 3, "4": 5}
+    assert metadata["rejected"] == {}
+    assert sum(s["products"] for s in metadata["splits"].values()) == 82
+    assert sum(s["images"] for s in metadata["splits"].values()) == 110
+
+
+def test_sample_labels_map_back_to_category_ids(sample_output):
+    rows = read_labels(sample_output)
+    assert len(rows) == 5270
+    assert [int(r["label"]) for r in rows] == list(range(5270))
+    ids = [int(r["category_id"]) for r in rows]
+    assert ids == sorted(ids)
+    by_label = {int(r["label"]): r for r in rows}
+    for record in read_records(sample_output, "train") + read_records(sample_output, "val"):
+        assert int(by_label[record["label"]]["category_id"]) == record["category_id"]
+    quoted = [r for r in rows if "," in r["category_level3"]]
+    assert quoted, "the real file has level3 names holding commas"
+
+
+def test_digest_table_holds_train_images(sample_output):
+    table = np.load(os.path.join(sample_output, record_schema.IMAGE_DIGESTS_FILE))
+    train = read_records(sample_output, "train")
+    expected = collections.Counter(
+        (record_schema.image_digest(image), r["category_id"]) for r in train for image in r["images"] if image)
+    got = {(int(d), int(c)): int(n) for d, c, n in zip(table["digest"], table["category_id"], table["count"])}
+    assert got == dict(expected)
+
+
+def test_same_records_whatever_the_workers_and_ranges(tmp_path):
+    runs = {
+        "one range, in memory": [],
+        "ranges of 7, three shards": ["--range_size=7", "--num_shards=3"],
+        "ranges of 5, two worker processes": ["--range_size=5", "--direct_running_mode=multi_processing",
+                                              "--direct_num_workers=2"],
+    }
+    multisets = {}
+    for name, extra in runs.items():
+        out = tmp_path / name.replace(" ", "_").replace(",", "")
+        assert convert(f"--input={SAMPLE_BSON}", f"--output_dir={out}", "--val_fraction=0.2", *extra) == 0
+        multisets[name] = record_multiset(out)
+    first = multisets["one range, in memory"]
+    assert sum(first.values()) == 82
+    assert {split for split, _ in first} == {"train", "val"}
+    for name, multiset in multisets.items():
+        assert multiset == first, name
+    assert len(list((tmp_path / "ranges_of_7_three_shards").glob("train-*-of-00003.tfrecord"))) == 3
+
+
+def _write_products_over_image_groups(path, groups, count, seed):
+    """`count` products, each showing one group's images in a random order."""
+    rng = np.random.default_rng(seed)
+    documents = []
+    for product_id in range(count):
+        group = groups[rng.integers(len(groups))]
+        documents.append(product(product_id, [group[i] for i in rng.permutation(len(group))]))
+    write_bson(path, documents)
+    return documents
+
+
+def _images_by_split(out):
+    return {split: {image for r in read_records(out, split) for image in r["images"] if image}
+            for split in ("train", "val")}
+
+
+def test_products_repeating_the_same_images_land_on_one_side(tmp_path):
+    jpegs = sample_jpegs()
+    sizes = np.random.default_rng(1).integers(1, 4, size=len(jpegs))
+    bounds = np.cumsum(sizes)
+    groups = [jpegs[b - s:b] for s, b in zip(sizes, bounds) if b <= len(jpegs)]
+    documents = _write_products_over_image_groups(tmp_path / "dup.bson", groups, 600, seed=0)
+    out = tmp_path / "out"
+    assert convert(f"--input={tmp_path / 'dup.bson'}", f"--output_dir={out}", "--val_fraction=0.3") == 0
+    images = _images_by_split(out)
+    assert images["train"] and images["val"]
+    assert not images["train"] & images["val"]
+    assert read_metadata(out)["split_overlap"]["images_on_both_sides"] == 0
+    # The check can fail: a split by product id puts most of these images on both sides.
+    naive = {"train": set(), "val": set()}
+    for doc in documents:
+        naive["val" if doc["_id"] % 10 < 3 else "train"].update(img["picture"] for img in doc["imgs"])
+    assert len(naive["train"] & naive["val"]) > len(groups) // 2
+
+
+def test_reports_images_that_partly_shared_products_put_on_both_sides(tmp_path):
+    jpegs = sample_jpegs()
+    rng = np.random.default_rng(2)
+    # Overlapping groups: every product also shows a shared "placeholder" picture.
+    groups = [[jpegs[0]] + [jpegs[i] for i in rng.choice(np.arange(1, len(jpegs)), 2, replace=False)]
+              for _ in range(60)]
+    _write_products_over_image_groups(tmp_path / "shared.bson", groups, 400, seed=3)
+    out = tmp_path / "out"
+    assert convert(f"--input={tmp_path / 'shared.bson'}", f"--output_dir={out}", "--val_fraction=0.3") == 0
+    images = _images_by_split(out)
+    overlap = read_metadata(out)["split_overlap"]
+    assert overlap["images_on_both_sides"] == len(images["train"] & images["val"])
+    assert overlap["train_distinct_images"] == len(images["train"])
+    assert overlap["val_distinct_images"] == len(images["val"])
+
+
+def test_unlabelled_input_becomes_test(tmp_path):
+    documents = [product(doc["_id"], [i["picture"] for i in doc["imgs"]], category_id=None)
+                 for doc in sample_documents()[:10]]
+    write_bson(tmp_path / "test.bson", documents)
+    out = tmp_path / "out"
+    assert convert(f"--input={tmp_path / 'test.bson'}", f"--output_dir={out}") == 0
+    records = read_records(out, "test")
+    assert [r["product_id"] for r in records] == [d["_id"] for d in documents]
+    assert {(r["label"], r["category_id"]) for r in records} == {(-1, -1)}
+    assert read_metadata(out)["splits"].keys() == {"test"}
+
+
+def test_classes_from_the_data_without_categories(sample_output, tmp_path):
+    out = tmp_path / "out"
+    assert convert(f"--input={SAMPLE_BSON}", f"--output_dir={out}") == 0
+    expected = sorted({doc["category_id"] for doc in sample_documents()})
+    assert [int(r["category_id"]) for r in read_labels(out)] == expected
+    assert read_metadata(out)["num_classes"] == 36
+
+
+def test_several_files_through_a_glob(tmp_path):
+    documents = sample_documents()
+    write_bson(tmp_path / "part-a.bson", documents[:30])
+    write_bson(tmp_path / "part-b.bson", documents[30:])
+    out = tmp_path / "out"
+    assert convert(f"--input={tmp_path / 'part-*.bson'}", f"--output_dir={out}", "--range_size=10") == 0
+    ids = {r["product_id"] for s in ("train", "val") for r in read_records(out, s)}
+    assert ids == {doc["_id"] for doc in documents}
+
+
+def test_refuses_a_non_empty_output_dir_unless_overwrite(tmp_path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "something").write_text("x")
+    assert convert(f"--input={SAMPLE_BSON}", f"--output_dir={out}") == 2
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert str(out) in error and "--overwrite" in error
+    assert convert(f"--input={SAMPLE_BSON}", f"--output_dir={out}", "--overwrite") == 0
+    assert read_metadata(out)["documents"] == 82
+    # A second overwrite replaces, never duplicates, the shards.
+    assert convert(f"--input={SAMPLE_BSON}", f"--output_dir={out}", "--overwrite", "--num_shards=2") == 0
+    assert sorted(p.name for p in out.glob("train-*")) == ["train-00000-of-00002.tfrecord",
+                                                           "train-00001-of-00002.tfrecord"]
+    assert not list(out.glob("_tmp-*"))
+
+
+def test_missing_input_is_one_line_error(tmp_path, capsys):
+    assert convert(f"--input={tmp_path / 'nothing*.bson'}", f"--output_dir={tmp_path / 'out'}") == 2
+    assert "no input file matches" in capsys.readouterr().err
+
+
+def test_sdist_carries_both_packages_and_requirements(tmp_path):
+    subprocess.run([sys.executable, "setup.py", "-q", "sdist", "--dist-dir", str(tmp_path)], cwd=REPO,
+                   check=True, capture_output=True)
+    (archive,) = tmp_path.glob("*.tar.gz")
+    with tarfile.open(archive) as tar:
+        names = tar.getnames()
+        requires = next(tar.extractfile(n).read().decode() for n in names if n.endswith("requires.txt"))
+    for module in ("beam_convert/__main__.py", "beam_convert/pipeline.py", "model/__init__.py",
+                   "record_schema.py", "setup.py"):
+        assert any(n.endswith(module) for n in names), module
+    for requirement in ("apache-beam", "pymongo", "google-crc32c", "tensorflow", "absl-py", "numpy"):
+        assert requirement in requires, requirement
