@@ -78,6 +78,7 @@ class DatasetIndex:
     category_ids_seen: tuple  # in labelled files, sorted
     duplicate_keepers: dict  # product_id -> (file_index, offset) of the occurrence that is kept
     documents: int
+    corrupt_rejections: int  # documents the index scan could not frame (--skip_corrupt)
 
 
 def _count(name: str, value: int = 1) -> None:
@@ -170,7 +171,8 @@ def build_dataset_index(summaries: list[FileSummary]) -> DatasetIndex:
             keeper = first_of[keeper]
         first_of[position] = keeper
     keepers = {int(ids[k]): (int(file_indices[k]), int(offsets[k])) for k in set(first_of.values())}
-    return DatasetIndex(labelled, tuple(sorted(seen)), keepers, sum(s.documents for s in summaries))
+    return DatasetIndex(labelled, tuple(sorted(seen)), keepers, sum(s.documents for s in summaries),
+                        sum(s.corrupt_rejections for s in summaries))
 
 
 class ConvertRange(beam.DoFn):
@@ -356,9 +358,8 @@ def write_metadata(task_outputs: list[dict], results: list[dict], index: Dataset
         images_per_product.update(result["images_per_product"])
         rejected.update(result["rejected"])
         too_many += result[TOO_MANY_IMAGES]
-    index_rejections = files.glob(files.join(config.tmp_dir, "rejected", "*-index.jsonl"))
-    if index_rejections:
-        rejected[products.CORRUPT_BSON] += len(index_rejections)
+    if index.corrupt_rejections:
+        rejected[products.CORRUPT_BSON] += index.corrupt_rejections
     for split in splits:
         splits[split]["shards"] = len(files.glob(files.join(config.output_dir, record_schema.shard_pattern(split))))
     digests = next((t["digests"] for t in task_outputs if "digests" in t), None)

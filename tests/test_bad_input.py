@@ -1,0 +1,120 @@
+"""Each kind of bad input: a clear reason per product, every valid product still converted."""
+
+import os
+
+import bson
+import pytest
+
+from tests.convert_helpers import (
+    CATEGORIES_CSV, bomb_jpeg, convert, png_bytes, product, read_metadata, read_records,
+    read_rejected, sample_jpegs, write_bson)
+
+JPEGS = sample_jpegs()
+GOOD_CATEGORY = 1000010653  # in category_names.csv
+BAD_DOCUMENTS = {
+    # _id: (document, expected reason)
+    101: ({"_id": 101, "category_id": GOOD_CATEGORY}, "bad_imgs"),
+    102: ({"_id": 102, "imgs": "not a list", "category_id": GOOD_CATEGORY}, "bad_imgs"),
+    103: (product(103, []), "no_images"),
+    104: (product(104, [JPEGS[0], png_bytes()]), "not_jpeg"),
+    105: (product(105, [JPEGS[1][: len(JPEGS[1]) // 2]]), "truncated_jpeg"),
+    106: (product(106, [os.urandom(5000)]), "not_jpeg"),
+    107: (product(107, [bomb_jpeg(JPEGS[2])]), "image_too_large"),
+    108: (product(108, [JPEGS[3]], category_id=None), "missing_category_id"),
+    109: (product(109, [JPEGS[4]], category_id=123), "unknown_category_id"),
+    110: ({"_id": 110, "imgs": [{"not_picture": 1}], "category_id": GOOD_CATEGORY}, "bad_picture"),
+    111: ({"_id": "abc", "imgs": [{"picture": bson.Binary(JPEGS[5])}], "category_id": GOOD_CATEGORY}, "bad_id"),
+}
+
+
+def _valid(product_id, images=1):
+    return product(product_id, JPEGS[product_id % 50 : product_id % 50 + images])
+
+
+@pytest.fixture(scope="module")
+def bad_file_output(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("bad")
+    documents = [_valid(1), _valid(2, 2)]
+    for product_id, (document, _) in BAD_DOCUMENTS.items():
+        documents += [document, _valid(product_id + 100)]
+    documents.append(product(300, JPEGS[10:15]))  # five images: keep four, count it
+    documents.append(_valid(2))  # a duplicate _id: the first occurrence is kept
+    offsets = write_bson(folder / "bad.bson", documents)
+    out = folder / "out"
+    assert convert(f"--input={folder / 'bad.bson'}", f"--output_dir={out}", f"--categories={CATEGORIES_CSV}",
+                   "--val_fraction=0", "--range_size=4") == 0
+    return out, documents, offsets
+
+
+@pytest.mark.parametrize("product_id", sorted(BAD_DOCUMENTS))
+def test_each_bad_product_is_rejected_with_its_reason(bad_file_output, product_id):
+    out, documents, offsets = bad_file_output
+    document, reason = BAD_DOCUMENTS[product_id]
+    offset = offsets[next(i for i, d in enumerate(documents) if d is document)]
+    (row,) = [r for r in read_rejected(out) if r["offset"] == offset]
+    assert row["reason"] == reason
+    assert row["_id"] == (product_id if isinstance(document["_id"], int) else None)
+    assert row["source"].endswith("bad.bson") and row["detail"]
+
+
+def test_every_valid_product_arrives(bad_file_output):
+    out, documents, _ = bad_file_output
+    expected = {1, 2, 300} | {product_id + 100 for product_id in BAD_DOCUMENTS}
+    records = read_records(out, "train")
+    assert sorted(r["product_id"] for r in records) == sorted(expected)
+    record = next(r for r in records if r["product_id"] == 2)
+    assert sum(record["mask"]) == 2, "the first occurrence of a duplicate _id is the one kept"
+
+
+def test_too_many_images_keeps_the_first_ones_and_counts(bad_file_output):
+    out, _, _ = bad_file_output
+    record = next(r for r in read_records(out, "train") if r["product_id"] == 300)
+    assert record["images"] == JPEGS[10:14] and record["mask"] == [1, 1, 1, 1]
+    assert read_metadata(out)["too_many_images"] == 1
+
+
+def test_duplicate_id_is_rejected_and_counts_add_up(bad_file_output):
+    out, documents, offsets = bad_file_output
+    rejected = read_rejected(out)
+    (duplicate,) = [r for r in rejected if r["reason"] == "duplicate_id"]
+    assert duplicate["_id"] == 2 and duplicate["offset"] == offsets[-1]
+    metadata = read_metadata(out)
+    assert sum(metadata["rejected"].values()) == len(rejected) == len(BAD_DOCUMENTS) + 1
+    assert metadata["rejected"]["not_jpeg"] == 2
+    assert metadata["splits"]["train"]["products"] + len(rejected) == len(documents)
+
+
+def _corrupt_file(folder, corruption):
+    documents = [bson.encode(_valid(i)) for i in range(1, 6)]
+    if corruption == "truncated":
+        documents[-1] = documents[-1][: len(documents[-1]) // 2]
+        bad_index = 4
+    else:  # a sound length prefix around bytes that are not BSON
+        body = b"\x07garbage" + os.urandom(40)
+        documents.insert(2, (len(body) + 5).to_bytes(4, "little") + body + b"\x00")
+        bad_index = 2
+    offsets = write_bson(folder / "corrupt.bson", documents)
+    return offsets[bad_index], folder / "corrupt.bson"
+
+
+@pytest.mark.parametrize("corruption", ["truncated", "invalid"])
+def test_corrupt_bson_stops_the_job_naming_file_and_offset(tmp_path, capsys, corruption):
+    offset, path = _corrupt_file(tmp_path, corruption)
+    out = tmp_path / "out"
+    assert convert(f"--input={path}", f"--output_dir={out}") == 1
+    message = capsys.readouterr().err.strip().splitlines()[-1]
+    assert str(path) in message and f"byte offset {offset}" in message
+    assert not os.path.exists(out / "metadata.json")
+    assert not list(out.glob("*.tfrecord"))
+
+
+@pytest.mark.parametrize("corruption", ["truncated", "invalid"])
+def test_skip_corrupt_keeps_everything_else(tmp_path, corruption):
+    offset, path = _corrupt_file(tmp_path, corruption)
+    out = tmp_path / "out"
+    assert convert(f"--input={path}", f"--output_dir={out}", "--skip_corrupt", "--range_size=2") == 0
+    (row,) = read_rejected(out)
+    assert row["reason"] == "corrupt_bson" and row["offset"] == offset
+    kept = sorted(r["product_id"] for s in ("train", "val") for r in read_records(out, s))
+    assert kept == ([1, 2, 3, 4] if corruption == "truncated" else [1, 2, 3, 4, 5])
+    assert read_metadata(out)["rejected"] == {"corrupt_bson": 1}
