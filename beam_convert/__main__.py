@@ -15,7 +15,9 @@ import threading
 import time
 import uuid
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # before TensorFlow loads (record_schema)
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # before TensorFlow loads, if anything loads it
+# Beam warns at import that the optional GCP client libraries are missing: noise for local runs.
+logging.getLogger().addFilter(lambda record: "apitools not found" not in record.getMessage())
 
 import apache_beam as beam
 from apache_beam.options.pipeline_options import DirectOptions, PipelineOptions, StandardOptions
@@ -126,7 +128,7 @@ def one_line(error: BaseException) -> str:
     text = str(error)
     match = re.search(r"(\S+: corrupt BSON document at byte offset \d+: [^\n]+?)(?:'|\"|\[|\n|$)", text)
     if match:
-        return match.group(1)
+        return match.group(1).strip()
     lines = [line.strip() for line in text.splitlines() if line.strip()]
     return f"{type(error).__name__}: {lines[-1] if lines else ''}"[:1000]
 
@@ -185,8 +187,15 @@ def convert(argv: list[str]) -> dict:
     return metadata
 
 
+def _is_not_corrupt_bson(record: logging.LogRecord) -> bool:
+    # Beam logs a worker's exception with its traceback before re-raising it; for a corrupt
+    # document the one line that main() prints says all there is to say.
+    return "CorruptBsonError" not in record.getMessage()
+
+
 def main(argv: list[str]) -> int:
     logging.getLogger("apache_beam").setLevel(logging.ERROR)
+    logging.getLogger("apache_beam.runners.common").addFilter(_is_not_corrupt_bson)
     try:
         convert(argv)
     except UsageError as error:
