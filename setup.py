@@ -28,7 +28,7 @@ setuptools.setup(
         "matplotlib>=3.8,<4",
     ],
     extras_require={
-        "test": ["pytest>=8,<10"],
+        "test": ["pytest>=8,<10", "psutil>=5.9"],  # psutil: peak memory in bench/
         "gcp": ["apache-beam[gcp]>=2.60,<3"],
     },
 )
