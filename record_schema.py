@@ -56,21 +56,32 @@ def encode_example(
     Written straight in the protobuf wire format of tf.train.Example rather than through
     TensorFlow: Beam workers then never load TensorFlow (seconds per worker process, and
     ~0.5 GB on every Dataflow worker), keys come out in one fixed order so equal products
-    give equal bytes, and it is faster (BUILD_NOTES.md). tests/test_record_schema.py checks it
+    give equal bytes, and it is faster (BUILD_NOTES.md). tests/test_convert_units.py checks it
     against tf.train.Example and tf.io.parse_example.
     """
     if not 1 <= len(images) <= max_images:
         raise ValueError(f"product {product_id}: {len(images)} images, expected 1..{max_images}")
     padding = max_images - len(images)
-    pictures = b"".join([_field(1, image) for image in images]) + _EMPTY_BYTES_VALUE * padding
-    features = b"".join((
-        _entry(CATEGORY_ID, _int64_feature([category_id])),
-        _entry(IMAGES, _field(1, pictures)),  # Feature.bytes_list
-        _entry(LABEL, _int64_feature([label])),
-        _mask_entry(len(images), padding),
-        _entry(PRODUCT_ID, _int64_feature([product_id])),
-    ))
-    return _field(1, features)
+    # Lengths first, then one join: each picture is copied once, not once per nesting level.
+    parts = [b""]  # the entry's head, once the lengths are known
+    pictures_length = 2 * padding
+    for image in images:
+        prefix = b"\x0a" + _varint(len(image))  # BytesList.value
+        parts += (prefix, image)
+        pictures_length += len(prefix) + len(image)
+    parts.append(_EMPTY_BYTES_VALUE * padding)
+    feature_head = b"\x0a" + _varint(pictures_length)  # Feature.bytes_list
+    value_head = b"\x12" + _varint(len(feature_head) + pictures_length)  # map entry value
+    body_length = len(_IMAGES_KEY_FIELD) + len(value_head) + len(feature_head) + pictures_length
+    parts[0] = b"\x0a" + _varint(body_length) + _IMAGES_KEY_FIELD + value_head + feature_head
+    features = (
+        [_int64_entry(_CATEGORY_ID_KEY_FIELD, category_id)]
+        + parts
+        + [_int64_entry(_LABEL_KEY_FIELD, label), _mask_entry(len(images), padding),
+           _int64_entry(_PRODUCT_ID_KEY_FIELD, product_id)]
+    )
+    features_length = sum(len(part) for part in features)
+    return b"".join([b"\x0a", _varint(features_length)] + features)
 
 
 def feature_spec(max_images: int = MAX_IMAGES) -> dict:
@@ -86,7 +97,12 @@ def feature_spec(max_images: int = MAX_IMAGES) -> dict:
     }
 
 
+_ONE_BYTE_VARINTS = [bytes([value]) for value in range(128)]
+
+
 def _varint(value: int) -> bytes:
+    if 0 <= value < 0x80:
+        return _ONE_BYTE_VARINTS[value]
     value &= 0xFFFFFFFFFFFFFFFF  # negative int64 as two's complement, ten bytes
     out = bytearray()
     while value > 0x7F:
@@ -101,14 +117,6 @@ def _field(number: int, payload: bytes) -> bytes:
     return _varint(number << 3 | 2) + _varint(len(payload)) + payload
 
 
-_EMPTY_BYTES_VALUE = b"\x0a\x00"
-
-
-@functools.lru_cache(maxsize=None)
-def _mask_entry(real: int, padding: int) -> bytes:
-    return _entry(MASK, _int64_feature([1] * real + [0] * padding))
-
-
 def _entry(key: str, feature: bytes) -> bytes:
     """One entry of Features.feature, a map<string, Feature>."""
     return _field(1, _field(1, key.encode()) + _field(2, feature))
@@ -116,3 +124,22 @@ def _entry(key: str, feature: bytes) -> bytes:
 
 def _int64_feature(values: Sequence[int]) -> bytes:
     return _field(3, _field(1, b"".join(_varint(v) for v in values)))  # Feature.int64_list, packed
+
+
+def _int64_entry(key_field: bytes, value: int) -> bytes:
+    packed = _varint(value)
+    feature = b"\x1a" + bytes([len(packed) + 2]) + b"\x0a" + bytes([len(packed)]) + packed
+    body = key_field + b"\x12" + bytes([len(feature)]) + feature
+    return b"\x0a" + bytes([len(body)]) + body
+
+
+_EMPTY_BYTES_VALUE = b"\x0a\x00"
+_IMAGES_KEY_FIELD = _field(1, IMAGES.encode())
+_CATEGORY_ID_KEY_FIELD = _field(1, CATEGORY_ID.encode())
+_LABEL_KEY_FIELD = _field(1, LABEL.encode())
+_PRODUCT_ID_KEY_FIELD = _field(1, PRODUCT_ID.encode())
+
+
+@functools.lru_cache(maxsize=None)
+def _mask_entry(real: int, padding: int) -> bytes:
+    return _entry(MASK, _int64_feature([1] * real + [0] * padding))

@@ -1,7 +1,7 @@
 """From one decoded BSON document to a product to write, or a reason not to: pure functions."""
 
 import dataclasses
-from typing import Mapping, Optional, Union
+from typing import Mapping, Optional, Sequence, Union
 
 import record_schema
 from beam_convert.jpeg_check import check_jpeg
@@ -72,15 +72,15 @@ def to_product(
     return Product(product_id, category_id, label, tuple(pictures), max(0, len(imgs) - max_images))
 
 
-def split_key(images: tuple[bytes, ...]) -> int:
-    """The product's smallest image digest.
+def split_key(image_digests: Sequence[int]) -> int:
+    """The product's smallest image digest (record_schema.image_digest).
 
     Products that share their images (relisted products: identical image sets) have the same
     key, so they land on the same side of the split. Each product has exactly one key, so a
     generic picture shared across thousands of products cannot chain groups together the way
     a transitive (union-find) grouping over shared images would.
     """
-    return min(record_schema.image_digest(image) for image in images)
+    return min(image_digests)
 
 
 def choose_split(key: int, val_fraction: float) -> str:

@@ -38,7 +38,8 @@ count = 0
 with open(source, "rb") as f:
     for doc in bson.decode_file_iter(f):
         images = tuple(img["picture"] for img in doc["imgs"][:4])
-        split = products.choose_split(products.split_key(images), val_fraction)
+        digests = [record_schema.image_digest(image) for image in images]
+        split = products.choose_split(products.split_key(digests), val_fraction)
         if split not in writers:
             writers[split] = tf.io.TFRecordWriter(f"{out_dir}/{split}-00000-of-00001.tfrecord")
         writers[split].write(record_schema.encode_example(
