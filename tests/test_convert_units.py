@@ -1,6 +1,7 @@
 """The pure pieces of the conversion: BSON framing, JPEG check, products, labels, the record."""
 
 import io
+import time
 
 import bson
 import pytest
@@ -146,3 +147,20 @@ def test_tfrecord_frame_reads_back_with_tensorflow(tmp_path):
     records = [b"", b"a", JPEGS[0]]
     path.write_bytes(b"".join(tfrecord_frame(r) for r in records))
     assert [r.numpy() for r in tf.data.TFRecordDataset(str(path))] == records
+
+
+def test_progress_reports_products_done_and_rate(tmp_path, monkeypatch, capsys):
+    from beam_convert import __main__ as cli
+
+    progress_dir = tmp_path / "progress"
+    progress_dir.mkdir()
+    (progress_dir / "index-00000.json").write_text('{"documents": 1000}')
+    (progress_dir / "range-00000-000000000000000.json").write_text('{"documents": 250, "products": 249}')
+    monkeypatch.setattr(cli, "PROGRESS_SECONDS", 0.05)
+    progress = cli.Progress(str(tmp_path))
+    progress.start()
+    time.sleep(0.3)
+    progress.stop.set()
+    progress.join()
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "250 products of 1,000 (25%)" in line and "products/s" in line
