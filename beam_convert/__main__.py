@@ -6,6 +6,7 @@ parser does not know is handed to Beam, so `--runner=DataflowRunner --project=..
 """
 
 import argparse
+import hashlib
 import json
 import logging
 import os
@@ -13,7 +14,7 @@ import re
 import sys
 import threading
 import time
-import uuid
+from typing import Optional
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # before TensorFlow loads, if anything loads it
 # Beam warns at import that the optional GCP client libraries are missing: noise for local runs.
@@ -73,13 +74,24 @@ def resolve_inputs(pattern: str) -> list[tuple[str, int]]:
     return matches
 
 
-def check_output_dir(output_dir: str, overwrite: bool) -> None:
-    existing = files.glob(files.join(output_dir, "*"))
-    if existing and not overwrite:
-        raise UsageError(f"{output_dir}: not empty ({len(existing)} entries); pass --overwrite to replace its conversion")
-    if overwrite:  # temporary folders of earlier runs that died
-        for stale in files.glob(files.join(output_dir, "_tmp-*")):
-            files.delete_tree(stale)
+def check_output_dir(output_dir: str, overwrite: bool, tmp_dir: str) -> bool:
+    """Refuses to mix with other output; returns whether an interrupted run of this job is there."""
+    existing = files.list_dir(output_dir)
+    resumable = tmp_dir in existing
+    stale = [p for p in existing if os.path.basename(p).startswith("_tmp-") and p != tmp_dir]
+    others = [p for p in existing if p not in stale and p != tmp_dir]
+    if others and not overwrite:
+        raise UsageError(f"{output_dir}: not empty ({len(others)} entries); pass --overwrite to replace its conversion")
+    for path in stale:  # temporary files of a failed run with other inputs or options
+        files.delete_tree(path)
+    return resumable
+
+
+def job_key(inputs: list[tuple[str, int]], args: argparse.Namespace, categories) -> str:
+    """Names the temporary folder, so that re-running the same command resumes the same job."""
+    identity = json.dumps([inputs, args.max_images, args.val_fraction, args.range_size, args.skip_corrupt,
+                           [c.category_id for c in categories or ()]])
+    return hashlib.blake2b(identity.encode(), digest_size=6).hexdigest()
 
 
 def make_pipeline(beam_args: list[str], input_bytes: int) -> tuple[beam.Pipeline, bool]:
@@ -123,13 +135,21 @@ class Progress(threading.Thread):
                   f"{elapsed:.0f} s", file=sys.stderr, flush=True)
 
 
+_CORRUPT = re.compile(r"(\S+: corrupt BSON document at byte offset \d+: [^\n]+?)\s*(?:'|\"|\[|\n|$)")
+
+
+def corrupt_bson_message(error: BaseException) -> Optional[str]:
+    """The CorruptBsonError message inside an exception that Beam may have wrapped several times."""
+    match = _CORRUPT.search(str(error))
+    return match.group(1) if match else None
+
+
 def one_line(error: BaseException) -> str:
-    """The message a user needs from an exception that Beam may have wrapped in several layers."""
-    text = str(error)
-    match = re.search(r"(\S+: corrupt BSON document at byte offset \d+: [^\n]+?)(?:'|\"|\[|\n|$)", text)
-    if match:
-        return match.group(1).strip()
-    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    """The message a user needs from an exception."""
+    corrupt = corrupt_bson_message(error)
+    if corrupt:
+        return corrupt
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
     return f"{type(error).__name__}: {lines[-1] if lines else ''}"[:1000]
 
 
@@ -137,7 +157,6 @@ def convert(argv: list[str]) -> dict:
     args, beam_args = parse_args(argv)
     inputs = resolve_inputs(args.input)
     output_dir = _local_path(args.output_dir)
-    check_output_dir(output_dir, args.overwrite)
     categories = None
     if args.categories:
         path = _local_path(args.categories)
@@ -149,7 +168,11 @@ def convert(argv: list[str]) -> dict:
             categories = tuple(labels.read_categories(text, args.categories))
         except ValueError as error:
             raise UsageError(str(error)) from None
-    tmp_dir = files.join(output_dir, f"_tmp-{uuid.uuid4().hex[:12]}")
+    tmp_dir = files.join(output_dir, f"_tmp-{job_key(inputs, args, categories)}")
+    if check_output_dir(output_dir, args.overwrite, tmp_dir):
+        done = len(files.glob(files.join(tmp_dir, "progress", "range-*.json")))
+        print(f"beam_convert: resuming the interrupted run in {tmp_dir}: {done} range(s) already converted",
+              file=sys.stderr, flush=True)
     config = ConvertConfig(
         output_dir=output_dir,
         tmp_dir=tmp_dir,
@@ -171,8 +194,12 @@ def convert(argv: list[str]) -> dict:
         if progress:
             progress.start()
         pipeline.run().wait_until_finish()
-    except BaseException:
-        files.delete_tree(tmp_dir)
+    except BaseException as error:
+        if corrupt_bson_message(error):  # the same command would fail the same way
+            files.delete_tree(tmp_dir)
+        else:
+            print(f"beam_convert: what was converted is kept in {tmp_dir}; run the same command again to "
+                  "resume", file=sys.stderr, flush=True)
         raise
     finally:
         if progress:

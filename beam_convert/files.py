@@ -1,5 +1,6 @@
 """File access through Beam's FileSystems (local, gs://, s3://, hdfs://...), and TFRecord framing."""
 
+import os
 import shutil
 import struct
 from typing import BinaryIO
@@ -48,6 +49,14 @@ def glob_with_sizes(pattern: str) -> list[tuple[str, int]]:
 def delete(paths: list[str]) -> None:
     if paths:
         FileSystems.delete(paths)
+
+
+def list_dir(path: str) -> list[str]:
+    """Full paths of the entries (files and folders) directly inside `path`; [] if it is missing."""
+    if FileSystems.get_scheme(path) is None:
+        return sorted(os.path.join(path, name) for name in os.listdir(path)) if os.path.isdir(path) else []
+    prefix = path.rstrip("/") + "/"
+    return sorted({prefix + found[len(prefix):].split("/")[0] for found in glob(prefix + "**")})
 
 
 def delete_tree(path: str) -> None:

@@ -175,6 +175,18 @@ def build_dataset_index(summaries: list[FileSummary]) -> DatasetIndex:
                         sum(s.corrupt_rejections for s in summaries))
 
 
+def _finished_result(marker: str) -> Optional[dict]:
+    """The result of a range converted by an earlier, interrupted run, if its files are all there."""
+    try:
+        result = json.loads(files.read_bytes(marker))["result"]
+    except (OSError, ValueError, KeyError):
+        return None
+    paths = [counts["path"] for counts in result["records"].values()] + [result.get("digests")]
+    if not all(files.FileSystems.exists(path) for path in paths if path):
+        return None
+    return result
+
+
 class ConvertRange(beam.DoFn):
     """Reads one index range, validates its products, writes them to temporary TFRecords."""
 
@@ -191,6 +203,14 @@ class ConvertRange(beam.DoFn):
     def process(self, index_range: IndexRange, index: DatasetIndex):
         started = time.monotonic()
         config = self.config
+        marker = files.join(config.tmp_dir, "progress", f"range-{index_range.range_id}.json")
+        finished = _finished_result(marker)
+        if finished is not None:  # converted by an earlier run of the same job
+            _count("ranges_resumed")
+            for reason, count in finished["rejected"].items():
+                _count(reason, count)
+            yield finished
+            return
         label_map = self._label_map(index) if index_range.labelled else None
         range_id = index_range.range_id
         writers: dict[str, files.BufferedWriter] = {}
@@ -243,11 +263,10 @@ class ConvertRange(beam.DoFn):
         for split, counts in result["records"].items():
             _count(f"{split}_products", counts["products"])  # per range: a counter call costs ~20 us
         converted = sum(r["products"] for r in result["records"].values())
-        files.write_bytes(
-            files.join(config.tmp_dir, "progress", f"range-{range_id}.json"),
-            json.dumps({"documents": index_range.documents, "products": converted,
-                        "seconds": time.monotonic() - started}).encode(),
-        )
+        # Written last: its presence means this range's files are complete (see _finished_result).
+        files.write_bytes(marker, json.dumps({
+            "documents": index_range.documents, "products": converted,
+            "seconds": time.monotonic() - started, "result": result}).encode())
         yield result
 
     def _write(self, product: products.Product, writers, result, digest_rows, range_id) -> None:
@@ -269,7 +288,7 @@ class ConvertRange(beam.DoFn):
         counts = result["records"][split]
         counts["products"] += 1
         counts["images"] += len(product.images)
-        result["images_per_product"][len(product.images)] += 1
+        result["images_per_product"][str(len(product.images))] += 1  # str: the result goes through JSON
         if product.dropped_images:
             result[TOO_MANY_IMAGES] += 1
             _count(TOO_MANY_IMAGES)
@@ -368,7 +387,7 @@ def write_metadata(task_outputs: list[dict], results: list[dict], index: Dataset
         "num_classes": len(categories),
         "max_images": config.max_images,
         "splits": dict(sorted(splits.items())),
-        "images_per_product": {str(k): images_per_product[k] for k in sorted(images_per_product)},
+        "images_per_product": {k: images_per_product[k] for k in sorted(images_per_product, key=int)},
         "rejected": dict(sorted(rejected.items())),
         "rejected_total": sum(rejected.values()),
         TOO_MANY_IMAGES: too_many,

@@ -199,3 +199,42 @@ def test_sdist_carries_both_packages_and_requirements(tmp_path):
         assert any(n.endswith(module) for n in names), module
     for requirement in ("apache-beam", "pymongo", "google-crc32c", "tensorflow", "absl-py", "numpy"):
         assert requirement in requires, requirement
+
+
+def test_an_interrupted_job_resumes_without_redoing_finished_ranges(tmp_path, monkeypatch, capsys):
+    from beam_convert import pipeline
+
+    out = tmp_path / "out"
+    args = (f"--input={SAMPLE_BSON}", f"--output_dir={out}", "--range_size=10")
+    original = pipeline.ConvertRange.process
+    calls = []
+
+    def fails_on_the_fourth_range(self, index_range, index):
+        calls.append(index_range.range_id)
+        if len(calls) == 4:
+            raise RuntimeError("worker lost")
+        yield from original(self, index_range, index)
+
+    monkeypatch.setattr(pipeline.ConvertRange, "process", fails_on_the_fourth_range)
+    assert convert(*args) == 1
+    assert "run the same command again to resume" in capsys.readouterr().err
+    assert not (out / "metadata.json").exists()
+    monkeypatch.setattr(pipeline.ConvertRange, "process", original)
+    resumed = []
+    finished_result = pipeline._finished_result
+
+    def spy(marker):
+        result = finished_result(marker)
+        if result is not None:
+            resumed.append(result["range_id"])
+        return result
+
+    monkeypatch.setattr(pipeline, "_finished_result", spy)
+    assert convert(*args) == 0
+    assert "resuming the interrupted run" in capsys.readouterr().err
+    assert sorted(resumed) == sorted(calls[:3])
+    clean = tmp_path / "clean"
+    assert convert(f"--input={SAMPLE_BSON}", f"--output_dir={clean}", "--range_size=10") == 0
+    assert record_multiset(out) == record_multiset(clean)
+    assert read_metadata(out)["images_per_product"] == read_metadata(clean)["images_per_product"]
+    assert read_metadata(out)["rejected"] == {}
