@@ -1,0 +1,308 @@
+"""model.input_pipeline on records made from the real JPEGs of data/train_example.bson.
+
+Reference pixels come from Pillow (independent decoder) and from `decode_image` at full size (to
+check that a crop or mirror is exactly a window of the right picture, which also proves that
+images stay with their product through the nondeterministic parallel stages).
+"""
+
+import io
+import os
+
+import bson
+import numpy as np
+import pytest
+import tensorflow as tf
+from PIL import Image
+
+import record_schema
+from model import input_pipeline as ip
+
+SIZE = 180
+
+
+@pytest.fixture(scope="module")
+def products(sample_bson):
+    """[(product_id, category_id, label, [jpeg, ...])] in BSON order."""
+    with open(sample_bson, "rb") as f:
+        docs = list(bson.decode_file_iter(f))
+    categories = {c: i for i, c in enumerate(sorted({d["category_id"] for d in docs}))}
+    return [(d["_id"], d["category_id"], categories[d["category_id"]], [im["picture"] for im in d["imgs"]])
+            for d in docs]
+
+
+def _write(path, products, labelled=True):
+    with tf.io.TFRecordWriter(str(path)) as writer:
+        for pid, category, label, jpegs in products:
+            if labelled:
+                writer.write(record_schema.encode_example(pid, category, label, jpegs))
+            else:
+                writer.write(record_schema.encode_example(pid, record_schema.UNLABELLED,
+                                                          record_schema.UNLABELLED, jpegs))
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory, products):
+    """Three labelled shards of uneven size (30 + 30 + 22 products), one single-file split and
+    one unlabelled shard."""
+    root = tmp_path_factory.mktemp("records")
+    for i, (lo, hi) in enumerate([(0, 30), (30, 60), (60, len(products))]):
+        _write(root / record_schema.shard_name("train", i, 3), products[lo:hi])
+    _write(root / record_schema.shard_name("single", 0, 1), products)
+    _write(root / record_schema.shard_name("test", 0, 1), products[:10], labelled=False)
+    return {
+        "train": str(root / record_schema.shard_pattern("train")),
+        "single": str(root / record_schema.shard_pattern("single")),
+        "test": str(root / record_schema.shard_pattern("test")),
+    }
+
+
+@pytest.fixture(scope="module")
+def reference(products):
+    """product_id -> uint8 [n, 180, 180, 3] decoded by Pillow."""
+    return {pid: np.stack([np.asarray(Image.open(io.BytesIO(j)).convert("RGB")) for j in jpegs])
+            for pid, _, _, jpegs in products}
+
+
+def _collect(ds):
+    """Concatenated numpy arrays of a finite dataset."""
+    out = {"images": [], "mask": [], "product_id": [], "label": []}
+    for features, label in ds:
+        for key in ("images", "mask", "product_id"):
+            out[key].append(features[key].numpy())
+        out["label"].append(label.numpy())
+    return {k: np.concatenate(v) for k, v in out.items()}
+
+
+def _assert_padded_zero(images, mask):
+    assert not images[mask == 0].any(), "padded slots must be exact zeros"
+
+
+def test_eval_shapes_order_pixels(data, products, reference):
+    ds = ip.create_dataset(data["train"], batch_size=16, training=False)
+    spec_features, spec_label = ds.element_spec
+    assert spec_features["images"].shape.as_list() == [None, 4, SIZE, SIZE, 3]
+    assert spec_features["images"].dtype == tf.uint8 and spec_features["mask"].dtype == tf.float32
+    assert spec_features["product_id"].dtype == tf.int64 and spec_label.dtype == tf.int64
+
+    batches = [b for b in ds]
+    assert [int(f["images"].shape[0]) for f, _ in batches] == [16] * 5 + [2]  # 82 = 5 x 16 + 2
+    got = _collect(batches)
+    # Every record, in file order then record order, across the three files.
+    assert got["product_id"].tolist() == [p[0] for p in products]
+    assert got["label"].tolist() == [p[2] for p in products]
+    assert got["mask"].tolist() == [[1.0] * len(p[3]) + [0.0] * (4 - len(p[3])) for p in products]
+    _assert_padded_zero(got["images"], got["mask"])
+    for i, (pid, _, _, jpegs) in enumerate(products):
+        decoded = got["images"][i, :len(jpegs)].astype(int)
+        diff = np.abs(decoded - reference[pid].astype(int))
+        # INTEGER_ACCURATE is libjpeg's ISLOW like Pillow: identical here, allow decoder drift.
+        assert diff.mean() < 1.0 and diff.max() <= 8, (pid, diff.mean(), diff.max())
+
+
+def test_unlabelled_records(data):
+    got = _collect(ip.create_dataset(data["test"], batch_size=4, training=False))
+    assert len(got["label"]) == 10 and (got["label"] == -1).all()
+
+
+def test_no_matching_file(tmp_path):
+    pattern = str(tmp_path / "nothing-*.tfrecord")
+    with pytest.raises(FileNotFoundError, match="nothing-"):
+        ip.create_dataset(pattern, batch_size=4, training=True)
+
+
+def test_bad_arguments(data):
+    with pytest.raises(ValueError, match="crop_size"):
+        ip.create_dataset(data["train"], batch_size=4, training=True, crop_size=200)
+    with pytest.raises(ValueError, match="batch_size"):
+        ip.create_dataset(data["train"], batch_size=0, training=False)
+
+
+# ---------------------------------------------------------------------------------------------
+# The pure pieces, eagerly and inside tf.data
+
+
+def _serialized(products):
+    return [record_schema.encode_example(pid, c, label, jpegs) for pid, c, label, jpegs in products]
+
+
+def test_parse_batch(products):
+    batch = products[:6]
+    eager = ip.parse_batch(tf.constant(_serialized(batch)))
+    graph = next(iter(tf.data.Dataset.from_tensor_slices(_serialized(batch)).batch(6).map(ip.parse_batch)))
+    for parsed in (eager, graph):
+        assert parsed["product_id"].numpy().tolist() == [p[0] for p in batch]
+        assert parsed["label"].numpy().tolist() == [p[2] for p in batch]
+        assert parsed["mask"].dtype == tf.float32 and parsed["mask"].shape == (6, 4)
+        assert parsed["images"].shape == (6, 4)
+        assert parsed["images"][0, 0].numpy() == batch[0][3][0]
+
+
+def test_parse_batch_rejects_a_mask_with_holes(products):
+    # A hand-made record with a real image after a padded slot: against CONTRACT section 2.
+    jpeg = products[0][3][0]
+    example = tf.train.Example(features=tf.train.Features(feature={
+        "product_id": tf.train.Feature(int64_list=tf.train.Int64List(value=[1])),
+        "category_id": tf.train.Feature(int64_list=tf.train.Int64List(value=[2])),
+        "label": tf.train.Feature(int64_list=tf.train.Int64List(value=[0])),
+        "images": tf.train.Feature(bytes_list=tf.train.BytesList(value=[b"", jpeg, b"", b""])),
+        "mask": tf.train.Feature(int64_list=tf.train.Int64List(value=[0, 1, 0, 0])),
+    })).SerializeToString()
+    with pytest.raises(tf.errors.InvalidArgumentError, match="1s then 0s"):
+        ip.parse_batch(tf.constant([example]))
+
+
+def test_decode_images_eager_and_in_tf_data(products, reference):
+    # The first product of each image count, then single-image ones.
+    batch = [next(p for p in products if len(p[3]) == n) for n in (1, 2, 3, 4)] + products[1:5]
+    images = tf.constant([p[3] + [b""] * (4 - len(p[3])) for p in batch])
+    mask = tf.constant([[1.0] * len(p[3]) + [0.0] * (4 - len(p[3])) for p in batch])
+
+    eager = ip.decode_images(images, mask, SIZE).numpy()
+    assert eager.shape == (8, 4, SIZE, SIZE, 3) and eager.dtype == np.uint8
+    in_data = next(iter(tf.data.Dataset.from_tensors((images, mask)).map(
+        lambda i, m: ip.decode_images(i, m, SIZE)))).numpy()
+    np.testing.assert_array_equal(eager, in_data)
+    _assert_padded_zero(eager, mask.numpy())
+    for i, (pid, _, _, jpegs) in enumerate(batch):
+        assert np.abs(eager[i, :len(jpegs)].astype(int) - reference[pid]).mean() < 1.0
+
+    # One product ([M] slots) works too; a crop_size gives the centre window.
+    single = ip.decode_images(images[0], mask[0], SIZE, crop_size=160).numpy()
+    np.testing.assert_array_equal(single[0], eager[0, 0, 10:170, 10:170])
+    # Another size is a resize: right shape, same picture (compare to Pillow's own resize).
+    small = ip.decode_images(images[:1], mask[:1], 90).numpy()
+    assert small.shape == (1, 4, 90, 90, 3)
+    pil = np.asarray(Image.open(io.BytesIO(batch[0][3][0])).convert("RGB").resize((90, 90), Image.BILINEAR))
+    assert np.abs(small[0, 0].astype(int) - pil).mean() < 4
+
+
+def test_decode_image_recovers_a_truncated_jpeg(products):
+    jpeg = products[0][3][0]
+    image = ip.decode_image(jpeg[: int(len(jpeg) * 0.8)], SIZE)
+    assert image.shape == (SIZE, SIZE, 3)
+    with pytest.raises(tf.errors.InvalidArgumentError):
+        ip.decode_image(b"not a picture at all", SIZE)
+
+
+def _window_of(image, full):
+    """(top, left, mirrored) such that `image` is that window of `full`, maybe mirrored; else None."""
+    c = image.shape[0]
+    for mirrored in (False, True):
+        source = full[:, ::-1] if mirrored else full
+        # Candidates from the first row only (cheap), then the whole window.
+        rows = np.lib.stride_tricks.sliding_window_view(source[: full.shape[0] - c + 1], (c, 3), axis=(1, 2))
+        for top, left in zip(*np.nonzero((rows[:, :, 0] == image[0]).all(axis=(-2, -1)))):
+            if np.array_equal(source[top:top + c, left:left + c], image):
+                return int(top), int(left), mirrored
+    return None
+
+
+def test_augment_eager_and_in_tf_data(products):
+    stack = ip.decode_images(tf.constant([p[3][0] for p in products[:8]]), tf.ones([8]), SIZE)  # [8, 180, 180, 3]
+    padded = tf.concat([stack[:2], tf.zeros([2, SIZE, SIZE, 3], tf.uint8)], 0)  # 2 real, 2 padded
+    seed = tf.constant([3, 4], tf.int64)
+
+    flipped = ip.augment(stack, seed, flip=True).numpy()
+    again = next(iter(tf.data.Dataset.from_tensors(stack).map(lambda s: ip.augment(s, seed, flip=True)))).numpy()
+    np.testing.assert_array_equal(flipped, again)  # pure: same seed, same pixels, eager or not
+    mirrored = [np.array_equal(f, s[:, ::-1]) for f, s in zip(flipped, stack.numpy())]
+    kept = [np.array_equal(f, s) for f, s in zip(flipped, stack.numpy())]
+    assert all(m or k for m, k in zip(mirrored, kept)) and any(mirrored) and any(kept)
+
+    cropped = ip.augment(stack, seed, crop_size=160, flip=True).numpy()
+    assert cropped.shape == (8, 160, 160, 3)
+    windows = [_window_of(c, s) for c, s in zip(cropped, stack.numpy())]
+    assert all(w is not None for w in windows)
+    assert len({w[:2] for w in windows}) > 1  # offsets vary from image to image
+    assert not np.array_equal(cropped, ip.augment(stack, seed + 1, crop_size=160).numpy())
+
+    out = ip.augment(padded[tf.newaxis], seed, crop_size=160).numpy()  # [1, 4, 160, 160, 3]
+    assert out.shape == (1, 4, 160, 160, 3) and not out[0, 2:].any() and out[0, :2].any()
+
+
+# ---------------------------------------------------------------------------------------------
+# Training mode
+
+
+def test_training_batches_augment_real_images_only(data, products):
+    full = {pid: [ip.decode_image(j, SIZE).numpy() for j in jpegs] for pid, _, _, jpegs in products}
+    ds = ip.create_dataset(data["train"], batch_size=8, training=True, crop_size=160, shuffle_buffer=64)
+    assert ds.element_spec[0]["images"].shape.as_list() == [8, 4, 160, 160, 3]  # static batch
+    got = _collect(ds)
+    assert len(got["product_id"]) == 80  # 82 products, short last batch dropped
+    _assert_padded_zero(got["images"], got["mask"])
+    mirrored, offsets = 0, set()
+    for images, mask, pid in zip(got["images"], got["mask"], got["product_id"]):
+        n = int(mask.sum())
+        assert n == sum(1 for p in products if p[0] == pid for _ in p[3])
+        for slot in range(n):
+            window = _window_of(images[slot], full[pid][slot])
+            assert window is not None, f"product {pid} slot {slot} is not a window of its own picture"
+            mirrored += window[2]
+            offsets.add(window[:2])
+    assert 0 < mirrored < sum(got["mask"].ravel()) and len(offsets) > 5
+
+
+def test_training_shuffles_every_record_once(data, products):
+    ds = ip.create_dataset(data["train"], batch_size=2, training=True, shuffle_buffer=32)
+    first = _collect(ds)["product_id"].tolist()
+    second = _collect(ds)["product_id"].tolist()  # a new epoch is a new order
+    ids = [p[0] for p in products]
+    assert sorted(first) == sorted(ids) == sorted(second)  # 82 = 41 batches of 2: nothing dropped
+    assert first != ids and first != second
+
+
+def test_seed_makes_training_reproducible(data):
+    def run(seed):
+        ds = ip.create_dataset(data["train"], batch_size=8, training=True, seed=seed, shuffle_buffer=64)
+        return _collect(ds.take(3))
+
+    a, b, c = run(7), run(7), run(8)
+    np.testing.assert_array_equal(a["product_id"], b["product_id"])
+    np.testing.assert_array_equal(a["images"], b["images"])
+    assert not np.array_equal(a["product_id"], c["product_id"])
+
+
+# ---------------------------------------------------------------------------------------------
+# Distribution
+
+
+@pytest.mark.parametrize("split,pipelines,training", [
+    ("train", 2, False), ("train", 4, False), ("single", 2, False),  # files; records; records
+    ("train", 2, True), ("single", 2, True),  # the same under shuffling and parallel reads
+])
+def test_input_context_shards_without_overlap(data, products, split, pipelines, training):
+    """3 files / 2 pipelines: whole files; 1 file / 2 and 3 files / 4 pipelines: every n-th record."""
+    shares = []
+    for i in range(pipelines):
+        context = tf.distribute.InputContext(num_input_pipelines=pipelines, input_pipeline_id=i,
+                                             num_replicas_in_sync=pipelines)
+        ds = ip.create_dataset(data[split], batch_size=1, training=training, input_context=context)
+        shares.append(_collect(ds)["product_id"].tolist())
+    assert all(shares)
+    assert sorted(sum(shares, [])) == sorted(p[0] for p in products)  # disjoint and complete
+
+
+def test_mirrored_strategy(data):
+    strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+    global_batch = 8
+    dist = strategy.distribute_datasets_from_function(lambda ctx: ip.create_dataset(
+        data["train"], batch_size=ctx.get_per_replica_batch_size(global_batch), training=True,
+        input_context=ctx, repeat=True, crop_size=160))
+
+    @tf.function
+    def step(features, label):
+        def replica(features, label):
+            real = tf.reduce_sum(features["mask"])
+            return real, tf.shape(features["images"])[0], tf.reduce_sum(tf.cast(label >= 0, tf.int32))
+        real, size, labelled = strategy.run(replica, args=(features, label))
+        return (strategy.reduce("SUM", real, axis=None), strategy.reduce("SUM", size, axis=None),
+                strategy.reduce("SUM", labelled, axis=None))
+
+    iterator = iter(dist)
+    for _ in range(3):
+        features, label = next(iterator)
+        per_replica = strategy.experimental_local_results(features["images"])
+        assert [tuple(t.shape) for t in per_replica] == [(4, 4, 160, 160, 3)] * 2
+        real, size, labelled = step(features, label)
+        assert int(size) == global_batch == int(labelled) and global_batch <= float(real) <= 4 * global_batch
