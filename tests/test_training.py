@@ -1,0 +1,197 @@
+"""train.py and model.training: flags, a MirroredStrategy run killed and resumed, artefacts, serving.
+
+The data is the real sample BSON written as records with record_schema in a plain loop, so these
+tests do not depend on the converter. Everything runs the tiny backbone on 32x32 images.
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import bson
+import pytest
+
+import record_schema
+from model import labels as labels_lib
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = ["--backbone=tiny", "--image_size=32", "--batch_size=8", "--sample_products=4", "--warmup_epochs=0.5"]
+
+
+def _sample_documents():
+    with open(os.path.join(REPO, "data", "train_example.bson"), "rb") as f:
+        return list(bson.decode_file_iter(f))
+
+
+def write_data_dir(path, *, with_val=True):
+    """82 real products: every 5th to val (when with_val), the rest to train; tree from category_names.csv."""
+    import tensorflow as tf
+
+    os.makedirs(path, exist_ok=True)
+    docs = _sample_documents()
+    category_ids = sorted({d["category_id"] for d in docs})
+    tree = labels_lib.read_category_tree(os.path.join(REPO, "data", "category_names.csv"))
+    labels_lib.write_labels(os.path.join(path, record_schema.LABELS_FILE), category_ids, tree)
+    label_of = {c: i for i, c in enumerate(category_ids)}
+    counts = {"train": 0, "val": 0}
+    writers = {s: tf.io.TFRecordWriter(os.path.join(path, record_schema.shard_name(s, 0, 1))) for s in counts}
+    for i, d in enumerate(docs):
+        split = "val" if with_val and i % 5 == 0 else "train"
+        pictures = [img["picture"] for img in d["imgs"]]
+        writers[split].write(record_schema.encode_example(d["_id"], d["category_id"], label_of[d["category_id"]], pictures))
+        counts[split] += 1
+    for w in writers.values():
+        w.close()
+    if not with_val:
+        os.remove(os.path.join(path, record_schema.shard_name("val", 0, 1)))
+    splits = {s: {"products": n, "images": 0} for s, n in counts.items() if n}
+    with open(os.path.join(path, record_schema.METADATA_FILE), "w") as f:
+        json.dump({"schema_version": 1, "num_classes": len(category_ids), "max_images": 4, "splits": splits,
+                   "images_per_product": {}, "rejected": {}}, f)
+    return path
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    return write_data_dir(str(tmp_path_factory.mktemp("data")))
+
+
+def test_bad_flags_fail_at_start_with_one_line(data_dir, tmp_path):
+    model_dir = tmp_path / "m"
+    base = [f"--data_dir={data_dir}", f"--model_dir={model_dir}"]
+    cases = [
+        (["--model_dir=/tmp/x"], "--data_dir"),
+        ([*base, "--fusion=median"], "--fusion=median: value should be one of"),
+        ([*base, "--batch_size=7", "--cpu_devices=2"], "--batch_size=7 is not divisible by the 2 replicas: use a multiple of 2"),
+        ([f"--data_dir={tmp_path}", f"--model_dir={model_dir}"], "--data_dir has no metadata.json"),
+    ]
+    # Concurrently: each one pays a TensorFlow import, nothing more.
+    running = [subprocess.Popen([sys.executable, "train.py", *args], cwd=REPO, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True) for args, _ in cases]
+    for (args, message), process in zip(cases, running):
+        _, stderr = process.communicate(timeout=120)
+        assert process.returncode != 0, args
+        assert [line for line in stderr.splitlines() if message in line], (args, stderr[-2000:])
+        assert "Traceback" not in stderr, args
+    assert not model_dir.exists()  # nothing written before the flags are right
+
+
+@pytest.fixture(scope="module")
+def resumed_run(data_dir, tmp_path_factory):
+    """3 epochs of 6 steps under MirroredStrategy on 2 CPU devices, SIGKILLed during epoch 2
+    (after a mid-epoch backup), then the same command again."""
+    model_dir = str(tmp_path_factory.mktemp("model"))
+    args = [sys.executable, "train.py", f"--data_dir={data_dir}", f"--model_dir={model_dir}", *TINY,
+            "--cpu_devices=2", "--epochs=3", "--steps_per_epoch=6", "--backup_every_steps=2",
+            "--seconds_per_step=0.4", "--fusion=mean_max"]
+    metadata = os.path.join(model_dir, "backup", "training_metadata.json")
+    first = subprocess.Popen(args, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                             env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"})
+    deadline = time.time() + 180
+    killed_at = None
+    while time.time() < deadline and first.poll() is None:
+        try:
+            with open(metadata) as f:
+                state = json.load(f)
+        except (OSError, ValueError):
+            state = None
+        if state and state["epoch"] >= 1 and state["batch"] >= 1:  # a backup from inside epoch 2
+            first.send_signal(signal.SIGKILL)
+            killed_at = state
+            break
+        time.sleep(0.05)
+    first_output = first.communicate(timeout=30)[0]
+    assert killed_at, f"no mid-epoch backup to kill after:\n{first_output[-3000:]}"
+    assert first.returncode == -signal.SIGKILL
+    assert not os.path.exists(os.path.join(model_dir, "model.keras"))
+
+    second = subprocess.run(args, cwd=REPO, capture_output=True, text=True, timeout=240,
+                            env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"})
+    assert second.returncode == 0, second.stderr[-3000:]
+    with open(os.path.join(model_dir, "train_state.json")) as f:
+        state = json.load(f)
+    return {"model_dir": model_dir, "first": first_output, "second": second.stdout, "state": state,
+            "killed_at": killed_at}
+
+
+def test_killed_run_resumes_mid_epoch(resumed_run):
+    first, second, state = resumed_run["first"], resumed_run["second"], resumed_run["state"]
+    assert "Epoch 1/3" in first and "Epoch 2/3" in first
+    assert "2 replica(s) (MirroredStrategy)" in second
+    # Resumed in epoch 2 with the optimizer state of the backup, not from scratch.
+    assert "Epoch 1/3" not in second
+    assert "Epoch 2/3" in second and "Epoch 3/3" in second
+    assert f"Resuming from {resumed_run['model_dir']}/backup: epoch 2/3" in second
+    assert state["epochs"] == 3
+    assert state["resumed_epoch"] == 1
+    assert state["resumed_step"] > 6  # past epoch 1: the backup was taken inside epoch 2
+    # Keras restarts the interrupted epoch's batch count (BackupAndRestore keeps weights,
+    # optimizer and epoch, not the position in the epoch), so the optimizer runs the epoch's
+    # steps again on top of the restored ones: never fewer steps than planned, never from 0.
+    assert state["optimizer_iterations"] == 3 * 6 + (state["resumed_step"] - 6)
+    assert not os.path.exists(os.path.join(resumed_run["model_dir"], "backup"))
+
+
+def test_artifacts_after_training(resumed_run):
+    model_dir = resumed_run["model_dir"]
+    for name in ("model.keras", "best.keras", "labels.csv", "train_config.json", "export/saved_model.pb"):
+        assert os.path.exists(os.path.join(model_dir, name)), name
+    events = [f for _, _, files in os.walk(os.path.join(model_dir, "logs")) for f in files if "tfevents" in f]
+    assert len(events) >= 3  # train, validation, samples
+    with open(os.path.join(model_dir, "flags.txt")) as f:
+        flags_txt = f.read().splitlines()
+    assert "--fusion=mean_max" in flags_txt and "--cpu_devices=2" in flags_txt and "--batch_size=8" in flags_txt
+
+
+SERVE = r"""
+import json, sys, bson, numpy as np, tensorflow as tf
+model_dir, bson_path = sys.argv[1:3]
+docs = list(bson.decode_file_iter(open(bson_path, "rb")))[:6]
+images = [[i["picture"] for i in d["imgs"]][:4] for d in docs]
+mask = np.array([[1.0] * len(p) + [0.0] * (4 - len(p)) for p in images], np.float32)
+images = np.array([p + [b""] * (4 - len(p)) for p in images], dtype=object)
+serve = tf.saved_model.load(model_dir + "/export").signatures["serving_default"]
+out = serve(images=tf.constant(images), mask=tf.constant(mask))
+print(json.dumps({k: v.numpy().tolist() for k, v in out.items()}))
+"""
+
+
+def test_savedmodel_serves_jpeg_bytes_in_fresh_process(resumed_run):
+    model_dir = resumed_run["model_dir"]
+    result = subprocess.run([sys.executable, "-c", SERVE, model_dir, os.path.join(REPO, "data", "train_example.bson")],
+                            cwd=REPO, capture_output=True, text=True, timeout=120,
+                            env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = json.loads(result.stdout.strip().splitlines()[-1])
+    known = set(labels_lib.read_labels(os.path.join(model_dir, "labels.csv")).category_ids.tolist())
+    assert len(out["category_ids"]) == 6 and all(len(row) == 5 for row in out["category_ids"])
+    assert all(c in known for row in out["category_ids"] for c in row)
+    for row in out["probabilities"]:
+        assert row == sorted(row, reverse=True) and 0 < sum(row) <= 1.0001
+
+
+def test_library_trains_without_val_split(tmp_path, capsys):
+    import keras
+
+    from model import training
+
+    data = write_data_dir(str(tmp_path / "noval"), with_val=False)
+    config = training.TrainConfig(
+        data_dir=data, model_dir=str(tmp_path / "m"), backbone="tiny", image_size=32, batch_size=8,
+        epochs=1, steps_per_epoch=2, fusion="late", sample_products=0, cpu_devices=2, precision="mixed_bfloat16",
+    )
+    try:
+        state = training.train(config)
+        again = training.train(config)  # a finished run is never started over
+    finally:
+        keras.config.set_dtype_policy("float32")  # the policy is global: leave it as found
+    out = capsys.readouterr().out
+    assert "No val split" in out and "training without validation" in out
+    assert "Epoch 1/1" in out  # Keras alone prints nothing for a single epoch
+    assert state["optimizer_iterations"] == 2 and again == state
+    assert "already holds a finished run" in out
+    assert os.path.exists(tmp_path / "m" / "model.keras") and os.path.exists(tmp_path / "m" / "export")
+    assert not os.path.exists(tmp_path / "m" / "best.keras")

@@ -1,0 +1,117 @@
+"""Train the multi-image product classifier (CONTRACT section 4).
+
+    python train.py --flagfile=configs/cpu_tiny.flags --data_dir=DIR --model_dir=DIR [--flag=value ...]
+
+Flags after --flagfile override it. Bad flags fail here, at parse time, before any data is read.
+Re-running the same command after an interruption resumes from model_dir/backup/.
+"""
+
+import dataclasses
+import json
+import os
+import sys
+
+from absl import app, flags
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+from model import training  # noqa: E402  (after the log level, which TensorFlow reads at import)
+
+FLAGS = flags.FLAGS
+D = training.TrainConfig  # defaults live in one place: the dataclass
+
+flags.DEFINE_string("data_dir", None, "Output folder of `python -m beam_convert` (metadata.json, shards).")
+flags.DEFINE_string("model_dir", None, "Where checkpoints, logs, model.keras and export/ go.")
+
+flags.DEFINE_enum("backbone", D.backbone, training.BACKBONES, "Per-image network.")
+flags.DEFINE_enum("fusion", D.fusion, training.FUSIONS, "How a product's images are combined.")
+flags.DEFINE_bool("packed", D.packed, "Run the backbone on real images only (skip padded slots).")
+flags.DEFINE_integer("image_size", D.image_size, "Decoded image side (JPEGs are 180).", lower_bound=16)
+flags.DEFINE_integer("crop_size", D.crop_size, "Random crop side for training, 0 for none.", lower_bound=0)
+flags.DEFINE_string("weights", D.weights, '"" (random init), "imagenet" or a .weights.h5 file.')
+flags.DEFINE_float("dropout", D.dropout, "Dropout before the classifier.", lower_bound=0, upper_bound=0.9)
+
+flags.DEFINE_integer("epochs", D.epochs, "Training epochs.", lower_bound=1)
+flags.DEFINE_integer("batch_size", D.batch_size, "Global batch (products), split across replicas.", lower_bound=1)
+flags.DEFINE_integer("steps_per_epoch", D.steps_per_epoch, "0: train products // batch_size.", lower_bound=0)
+flags.DEFINE_integer("validation_steps", D.validation_steps, "0: the whole val split.", lower_bound=0)
+flags.DEFINE_enum("optimizer", D.optimizer, training.OPTIMIZERS, "adamw, or sgd with Nesterov momentum.")
+flags.DEFINE_float("base_lr", D.base_lr, "Peak learning rate per 256 products of global batch.", lower_bound=0)
+flags.DEFINE_float("warmup_epochs", D.warmup_epochs, "Linear warmup length before the cosine decay.", lower_bound=0)
+flags.DEFINE_float("min_lr_ratio", D.min_lr_ratio, "Final learning rate as a fraction of the peak.", lower_bound=0)
+flags.DEFINE_float("weight_decay", D.weight_decay, "Decoupled weight decay (not on biases/BN).", lower_bound=0)
+flags.DEFINE_float("momentum", D.momentum, "SGD momentum.", lower_bound=0, upper_bound=1)
+flags.DEFINE_float("label_smoothing", D.label_smoothing, "Label smoothing of every head.", lower_bound=0, upper_bound=1)
+flags.DEFINE_float("aux_loss_weight", D.aux_loss_weight, "Weight of the level1/level2 heads (0: none).", lower_bound=0)
+
+flags.DEFINE_enum("precision", D.precision, training.PRECISIONS, "Keras dtype policy.")
+flags.DEFINE_bool("jit_compile", D.jit_compile, "XLA-compile the train step.")
+flags.DEFINE_integer("steps_per_execution", D.steps_per_execution, "Train steps per tf.function call.", lower_bound=1)
+flags.DEFINE_integer("cpu_devices", D.cpu_devices, "Split the CPU into N logical devices (MirroredStrategy "
+                     "on a machine without GPUs); 0 or 1: one device.", lower_bound=0)
+flags.DEFINE_integer("shuffle_buffer", D.shuffle_buffer, "Products in the shuffle buffer.", lower_bound=1)
+flags.DEFINE_integer("seed", D.seed, "Seed of shuffling and augmentation.")
+
+flags.DEFINE_integer("backup_every_steps", D.backup_every_steps, "Back up the training state every N steps.",
+                     lower_bound=1)
+flags.DEFINE_string("profile_batches", D.profile_batches, 'Profile training batches "START,STOP" into logs/.')
+flags.DEFINE_integer("sample_products", D.sample_products, "Products in the TensorBoard sample grid.", lower_bound=0)
+flags.DEFINE_integer("export_top_k", D.export_top_k, "Categories returned by the SavedModel.", lower_bound=1)
+flags.DEFINE_integer("verbose", D.verbose, "Keras fit verbosity: 1 progress bar, 2 one line an epoch.")
+flags.DEFINE_float("seconds_per_step", D.seconds_per_step, "Test aid: sleep after each step.", lower_bound=0)
+
+flags.mark_flags_as_required(["data_dir", "model_dir"])
+
+
+@flags.validator("data_dir", message="--data_dir has no metadata.json: point it at a beam_convert output folder")
+def _has_metadata(data_dir):
+    if data_dir is None:
+        return True  # mark_flags_as_required reports that one
+    path = os.path.join(data_dir, "metadata.json")
+    if "://" in data_dir:
+        import tensorflow as tf
+
+        return tf.io.gfile.exists(path)
+    return os.path.isfile(path)
+
+
+@flags.validator("profile_batches", message='--profile_batches must be "START,STOP" (e.g. 10,20) or empty')
+def _profile_range(value):
+    if not value:
+        return True
+    parts = value.split(",")
+    return len(parts) == 2 and all(p.strip().isdigit() for p in parts) and 0 < int(parts[0]) <= int(parts[1])
+
+
+@flags.multi_flags_validator(["batch_size", "cpu_devices"])
+def _batch_divisible(values):
+    replicas = training.num_replicas_for(values["cpu_devices"])
+    if values["batch_size"] % replicas:
+        raise flags.ValidationError(
+            f"--batch_size={values['batch_size']} is not divisible by the {replicas} replicas: "
+            f"use a multiple of {replicas}"
+        )
+    return True
+
+
+def write_flags_file(path: str) -> None:
+    """The effective flags of this program, in flagfile format (re-usable with --flagfile)."""
+    own = FLAGS.get_flags_for_module(sys.modules[__name__])
+    with open(path, "w") as f:
+        f.write("".join(flag.serialize() + "\n" for flag in sorted(own, key=lambda fl: fl.name)))
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    # TensorFlow's INFO lines (one per all-reduce set-up...) would bury the epoch lines.
+    training.tf.get_logger().setLevel("WARNING")
+    config = training.TrainConfig(**{f.name: FLAGS[f.name].value for f in dataclasses.fields(training.TrainConfig)})
+    os.makedirs(config.model_dir, exist_ok=True)
+    write_flags_file(os.path.join(config.model_dir, training.FLAGS_FILE))
+    state = training.train(config)
+    print(json.dumps(state.get("final", {}), sort_keys=True))
+
+
+if __name__ == "__main__":
+    app.run(main)
