@@ -413,8 +413,8 @@ def make_callbacks(cfg: TrainConfig, has_val: bool, steps_per_epoch: int) -> lis
 # Export
 
 
-def export_serving_model(model: keras.Model, labels: labels_lib.Labels, image_size: int, path: str,
-                         top_k: int = 5) -> None:
+def export_serving_model(model: keras.Model, labels: labels_lib.Labels, path: str, *, image_size: int,
+                         crop_size: int = 0, top_k: int = 5) -> None:
     """SavedModel whose default signature maps raw JPEG bytes to the top-k category ids.
 
     serving_default(images: string [B, 4], mask: float32 [B, 4]) ->
@@ -426,7 +426,8 @@ def export_serving_model(model: keras.Model, labels: labels_lib.Labels, image_si
     n = record_schema.MAX_IMAGES
 
     def serve(images, mask):
-        decoded = input_pipeline.decode_images(images, mask, image_size)
+        # The evaluation decoding of the input pipeline: resize to image_size, centre crop_size.
+        decoded = input_pipeline.decode_images(images, mask, image_size, crop_size=crop_size or None)
         logits = model({"images": decoded, "mask": mask}, training=False)["category"]
         probabilities = tf.nn.softmax(tf.cast(logits, tf.float32))
         top = tf.math.top_k(probabilities, k=top_k)
@@ -545,8 +546,8 @@ def train(cfg: TrainConfig) -> dict:
 
     # Final artefacts, then drop the backup: from here a re-run has nothing left to do.
     model.save(os.path.join(model_dir, MODEL_FILE))
-    export_serving_model(model, labels, cfg.model_image_size, os.path.join(model_dir, EXPORT_DIR),
-                         cfg.export_top_k)
+    export_serving_model(model, labels, os.path.join(model_dir, EXPORT_DIR), image_size=cfg.image_size,
+                         crop_size=cfg.crop_size, top_k=cfg.export_top_k)
     resume = next(c for c in callbacks if isinstance(c, ResumeReport))
     state = {
         "epochs": cfg.epochs,
