@@ -52,6 +52,9 @@ flags.DEFINE_integer("cpu_devices", D.cpu_devices, "Split the CPU into N logical
 flags.DEFINE_integer("shuffle_buffer", D.shuffle_buffer, "Products in the shuffle buffer.", lower_bound=1)
 flags.DEFINE_integer("seed", D.seed, "Seed of shuffling and augmentation.")
 
+flags.DEFINE_integer("bn_recalibration_steps", D.bn_recalibration_steps, "After training, re-estimate "
+                     "BatchNorm statistics on this many training batches (0: keep the moving averages).",
+                     lower_bound=0)
 flags.DEFINE_integer("backup_every_steps", D.backup_every_steps, "Back up the training state every N steps.",
                      lower_bound=1)
 flags.DEFINE_string("profile_batches", D.profile_batches, 'Profile training batches "START,STOP" into logs/.')

@@ -18,7 +18,8 @@ import record_schema
 from model import labels as labels_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY = ["--backbone=tiny", "--image_size=32", "--batch_size=8", "--sample_products=4", "--warmup_epochs=0.5"]
+TINY = ["--backbone=tiny", "--image_size=32", "--batch_size=8", "--sample_products=4", "--warmup_epochs=0.5",
+        "--bn_recalibration_steps=2"]
 
 
 def _sample_documents():
@@ -184,6 +185,7 @@ def test_library_mirrored_two_cpu_devices_without_val_split(tmp_path, capsys):
     config = training.TrainConfig(
         data_dir=data, model_dir=str(tmp_path / "m"), backbone="tiny", image_size=32, batch_size=8,
         epochs=1, steps_per_epoch=2, fusion="late", sample_products=0, cpu_devices=2, precision="mixed_bfloat16",
+        bn_recalibration_steps=2,
     )
     try:
         state = training.train(config)
@@ -198,3 +200,19 @@ def test_library_mirrored_two_cpu_devices_without_val_split(tmp_path, capsys):
     assert "already holds a finished run" in out
     assert os.path.exists(tmp_path / "m" / "model.keras") and os.path.exists(tmp_path / "m" / "export")
     assert not os.path.exists(tmp_path / "m" / "best.keras")
+
+
+@pytest.mark.parametrize("flagfile", ["configs/cpu_tiny.flags", "configs/xception_gpu.flags"])
+def test_config_flagfiles_parse(flagfile, data_dir, tmp_path):
+    """Every line of the shipped configurations is a valid flag of train.py (parsed in-process)."""
+    from absl import flags
+
+    import train
+
+    values = flags.FlagValues()
+    for flag in train.FLAGS.get_flags_for_module(train):
+        values[flag.name] = flag  # the same Flag objects, in a registry of their own
+    values(["train.py", f"--flagfile={os.path.join(REPO, flagfile)}", f"--data_dir={data_dir}",
+            f"--model_dir={tmp_path}", "--epochs=2"])
+    assert values.epochs == 2  # flags after --flagfile override it
+    assert values.batch_size % 8 == 0 if "gpu" in flagfile else values.backbone == "tiny"
