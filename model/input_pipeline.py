@@ -7,14 +7,15 @@
 
 `side` is `image_size`, or `crop_size` when one is given (see `create_dataset`).
 
-Where the time goes, and so the shape of the pipeline: decoding a 180x180 JPEG costs ~150-300 us,
-and an output stack is 4 x 97 KB per product of which only 1.7 images are real on average. Every
-extra pass over that output (materialising zeros, stacking, scattering) costs a sizeable fraction
-of a decode, and so does a `tf.map_fn` iteration (~25 us of while-loop machinery on this CPU).
-So the pipeline parses serialized records a batch at a time (one `parse_example` call), then
-decodes each product's real images in a per-product map whose branch is picked by the image count
-(no decoder call, no loop and no zero tensor for a padded slot), and lets `padded_batch` write
-each image once into the final batch buffer and zero-fill the padded slots in the same pass.
+Where the time goes, and so the shape of the pipeline (figures: bench/RESULTS_pipeline.md): a
+180x180 JPEG costs ~200 us to decode here, a tf.data map element ~40 us of machinery, a
+`tf.map_fn` iteration ~25 us, and every pass over an output stack (4 x 97 KB a product, of which
+only 1.7 images are real on average) ~50 us. So records are parsed a batch at a time (one
+`parse_example` call), then each product is decoded in one map call where every slot is a branch
+on its mask: a real image is decoded, a padded slot is a constant block of zeros (no decoder
+call, loop iteration or fill), then one concat per product and the batch copy. `padded_batch`,
+ragged batches and scatter/gather assembly each cost one to three extra passes; a per-batch
+function with every product unrolled took 20 s to build and was no faster.
 """
 
 from __future__ import annotations
@@ -56,21 +57,13 @@ def parse_batch(serialized: tf.Tensor, max_images: int = record_schema.MAX_IMAGE
     "mask": float32 [B, M]}.
 
     One `parse_example` per batch amortises the per-call cost that dominates per-record parsing.
-    The decoder relies on the record's padding rule (real images first, CONTRACT section 2), so a
-    record that breaks it fails here with a clear message rather than decoding the wrong slots.
     """
     parsed = tf.io.parse_example(serialized, record_schema.feature_spec(max_images))
-    mask = parsed[record_schema.MASK]
-    count = tf.reduce_sum(mask, axis=1, keepdims=True)
-    prefix = tf.cast(tf.range(max_images, dtype=tf.int64)[tf.newaxis] < count, tf.int64)
-    with tf.control_dependencies([tf.debugging.assert_equal(
-            mask, prefix, message="record mask must be 1s then 0s (real images first, CONTRACT section 2)")]):
-        mask = tf.cast(mask, tf.float32)
     return {
         record_schema.PRODUCT_ID: tf.reshape(parsed[record_schema.PRODUCT_ID], [-1]),
         record_schema.LABEL: tf.reshape(parsed[record_schema.LABEL], [-1]),
         record_schema.IMAGES: parsed[record_schema.IMAGES],
-        record_schema.MASK: mask,
+        record_schema.MASK: tf.cast(parsed[record_schema.MASK], tf.float32),
     }
 
 
@@ -95,121 +88,136 @@ def _resize(image: tf.Tensor, size: int) -> tf.Tensor:
     return tf.saturate_cast(tf.round(resized), tf.uint8)
 
 
-def center_crop(image: tf.Tensor, crop_size: int) -> tf.Tensor:
-    """[..., H, W, C] -> [..., crop_size, crop_size, C], the evaluation counterpart of a random crop."""
-    height, width = tf.shape(image)[-3], tf.shape(image)[-2]
-    top, left = (height - crop_size) // 2, (width - crop_size) // 2
-    return image[..., top:top + crop_size, left:left + crop_size, :]
+def random_augmentation(seed: tf.Tensor, shape, *, image_size: int, crop_size: int | None = None,
+                        flip: bool = True) -> tuple[tf.Tensor, tf.Tensor]:
+    """Random parameters for a [*shape] block of images: (mirror: bool [*shape], offset: int32
+    [*shape, 2], the top-left corner of the crop_size window in the image_size picture).
+
+    Drawn for a whole batch at once from one [2] seed (stateless: reproducible, safe in parallel
+    maps): two vectorised ops instead of a dozen small random ops per image. Without crop_size
+    the offset is 0; with flip=False no image is mirrored.
+    """
+    seeds = tf.random.experimental.stateless_split(seed, num=2)
+    shape = tf.convert_to_tensor(shape, tf.int32)
+    mirror = tf.random.stateless_uniform(shape, seeds[0]) < 0.5 if flip else tf.zeros(shape, tf.bool)
+    offset_shape = tf.concat([shape, [2]], 0)
+    if crop_size:
+        offset = tf.random.stateless_uniform(offset_shape, seeds[1], minval=0,
+                                             maxval=image_size - crop_size + 1, dtype=tf.int32)
+    else:
+        offset = tf.zeros(offset_shape, tf.int32)
+    return mirror, offset
 
 
-def augment_image(image: tf.Tensor, seed: tf.Tensor, *, crop_size: int | None = None,
-                  flip: bool = True) -> tf.Tensor:
-    """One uint8 [H, W, 3] image -> a random crop_size window (or the whole image), randomly
-    mirrored left-right. Stateless: the same seed ([2] int) gives the same result, so it is
-    reproducible and safe in parallel maps; fresh seeds come from the pipeline per image."""
-    crop_seed, flip_seed = tf.unstack(tf.random.experimental.stateless_split(seed, num=2))
-    if crop_size is not None:
-        image = tf.image.stateless_random_crop(image, [crop_size, crop_size, 3], seed=crop_seed)
-    if flip:
-        image = tf.image.stateless_random_flip_left_right(image, seed=flip_seed)
-    return image
+def augment_image(image: tf.Tensor, mirror: tf.Tensor, offset: tf.Tensor, crop_size: int | None = None) -> tf.Tensor:
+    """uint8 [H, W, 3] -> its crop_size window at `offset` (or the whole image), mirrored
+    left-right when `mirror`. Pure; `random_augmentation` draws the parameters."""
+    if crop_size:
+        image = tf.slice(image, tf.concat([offset, [0]], 0), [crop_size, crop_size, 3])
+    return tf.cond(mirror, lambda: tf.reverse(image, [1]), lambda: image)
 
 
 def augment(images: tf.Tensor, seed: tf.Tensor, *, crop_size: int | None = None,
             flip: bool = True) -> tf.Tensor:
-    """`augment_image` on every image of a uint8 [..., H, W, 3] stack, each with its own seed.
+    """Random crop_size windows and mirrors of every image of a uint8 [..., S, S, 3] stack.
 
-    Zero (padded) slots stay exactly zero: a window or mirror of zeros is zeros. The pipeline
-    itself calls `augment_image` on real images only and pads afterwards.
+    Zero (padded) slots stay exactly zero: a window or mirror of zeros is zeros. For eager use
+    and tests; the pipeline draws the same parameters per batch and applies them while decoding.
     """
     images = tf.convert_to_tensor(images)
+    size = images.shape[-2]
     shape = tf.shape(images)
     flat = tf.reshape(images, tf.concat([[-1], shape[-3:]], 0))
-    seeds = _image_seeds(seed, tf.shape(flat)[0])
-    out_hw = [crop_size, crop_size] if crop_size else images.shape[-3:-1].as_list()
-    out = tf.map_fn(lambda args: augment_image(args[0], args[1], crop_size=crop_size, flip=flip),
-                    (flat, seeds), fn_output_signature=tf.TensorSpec(out_hw + [3], tf.uint8))
-    out_shape = tf.concat([shape[:-3], [crop_size, crop_size, 3]], 0) if crop_size else shape
-    return tf.reshape(out, out_shape)
+    mirror, offset = random_augmentation(seed, tf.shape(flat)[:1], image_size=size, crop_size=crop_size, flip=flip)
+    side = crop_size or size
+    out = tf.map_fn(lambda args: augment_image(args[0], args[1], args[2], crop_size),
+                    (flat, mirror, offset), fn_output_signature=tf.TensorSpec([side, side, 3], tf.uint8))
+    return tf.reshape(out, tf.concat([shape[:-3], [side, side, 3]], 0))
 
 
 def decode_product(images: tf.Tensor, mask: tf.Tensor, image_size: int, *,
-                   crop_size: int | None = None, training: bool = False, flip: bool = True,
-                   seed: tf.Tensor | None = None) -> tf.Tensor:
-    """One product's string [M] slots + mask [M] -> uint8 [n, side, side, 3], its n real images.
+                   crop_size: int | None = None, mirror: tf.Tensor | None = None,
+                   offset: tf.Tensor | None = None) -> tf.Tensor:
+    """One product's string [M] slots + mask [M] -> uint8 [M, side, side, 3], zeros where mask is 0.
 
-    Real images come first (CONTRACT section 2), so the count picks a branch that decodes exactly
-    those slots: padded slots never reach the decoder and no zeros are made here (`padded_batch`
-    or `decode_images` pads). With training, each image gets its own random window of crop_size
-    and mirror, drawn from `seed`; without, a crop_size is the centre window.
+    Each slot is a branch on its mask: a real image is decoded, a padded slot is a constant block
+    of zeros built once with the graph, so it costs no decoder call, no loop iteration and no
+    fill, only its share of the one concat that assembles the product. (One branch per slot
+    rather than one per image count: the executor still walks the untaken branches, and 4 small
+    ones cost half as much as 5 that hold 10 decoders between them.)
+    Augmentation (training): `mirror` bool [M] and `offset` int32 [M, 2] from
+    `random_augmentation`. Without an offset, a crop_size takes the centre window (evaluation).
     """
     max_images = images.shape[0]
-    count = tf.reduce_sum(tf.cast(mask > 0, tf.int32))
-    if training and seed is None:  # eager convenience; the pipeline always passes one
-        seed = tf.random.uniform([2], maxval=tf.int64.max, dtype=tf.int64)
-    seeds = _image_seeds(seed, max_images) if training else tf.zeros([max_images, 2], tf.int64)
+    one = _image_fn(image_size, crop_size, mirror is not None)
+    if mirror is None:
+        mirror = tf.zeros([max_images], tf.bool)
+    if offset is None:
+        offset = tf.fill([max_images, 2], (image_size - crop_size) // 2 if crop_size else 0)
     side = crop_size or image_size
-    one = _image_fn(image_size, crop_size, training, flip)
-
-    def first(k):
-        def branch():
-            if k == 0:
-                return tf.zeros([0, side, side, 3], tf.uint8)
-            decoded = [one(images[i], seeds[i]) for i in range(k)]
-            # One image (the common case) is expanded, not copied by a stack.
-            return decoded[0][tf.newaxis] if k == 1 else tf.stack(decoded)
-        return branch
-
-    out = tf.switch_case(count, [first(k) for k in range(max_images + 1)])
-    return tf.ensure_shape(out, [None, side, side, 3])
+    zeros = tf.constant(0, tf.uint8, shape=[1, side, side, 3])  # a Const, not a per-call Fill
+    real = mask > 0
+    slots = [tf.cond(real[i], lambda i=i: one(images[i], mirror[i], offset[i])[tf.newaxis], lambda: zeros)
+             for i in range(max_images)]
+    return tf.ensure_shape(tf.concat(slots, 0), [max_images, side, side, 3])
 
 
 @functools.lru_cache(maxsize=None)
-def _image_fn(image_size: int, crop_size: int | None, training: bool, flip: bool):
-    """JPEG + seed -> one model-ready image, as a function traced once: the branches above call
-    it 10 times, and inlining its graph in each made building a dataset take seconds."""
+def _image_fn(image_size: int, crop_size: int | None, mirrors: bool):
+    """(JPEG, mirror, offset) -> one model-ready image, as a function traced once per setting and
+    called from every slot (tracing it into each slot made building a dataset take seconds).
+    Without mirrors (evaluation, flip=False) the mirror step is left out of the graph."""
 
-    @tf.function(autograph=False, input_signature=[tf.TensorSpec([], tf.string), tf.TensorSpec([2], tf.int64)])
-    def one(jpeg, seed):
-        image = decode_image(jpeg, image_size)
-        if training:
-            return augment_image(image, seed, crop_size=crop_size, flip=flip)
-        return center_crop(image, crop_size) if crop_size else image
+    @tf.function(autograph=False, input_signature=[
+        tf.TensorSpec([], tf.string), tf.TensorSpec([], tf.bool), tf.TensorSpec([2], tf.int32)])
+    def one(jpeg, mirror, offset):
+        if crop_size:
+            image = _decode_window(jpeg, offset, image_size, crop_size)
+        else:
+            image = decode_image(jpeg, image_size)
+        return augment_image(image, mirror, offset, None) if mirrors else image
 
     return one
 
 
+def _decode_window(jpeg: tf.Tensor, offset: tf.Tensor, image_size: int, crop_size: int) -> tf.Tensor:
+    """The crop_size window at `offset` of the picture brought to image_size.
+
+    When the picture already has that size (every Cdiscount picture at the default 180) the
+    window is decoded straight from the JPEG: libjpeg-turbo skips the rows and MCU columns
+    outside it, and no separate crop copy is made. The pixels are those of decode-then-slice
+    except in the window's first and last columns, where libjpeg upsamples the chroma by
+    replicating the edge (a few levels in a column, < 0.03 on average over the window); evaluation
+    and serving take their centre window the same way, so all of them agree.
+    """
+    native = tf.reduce_all(tf.equal(tf.io.extract_jpeg_shape(jpeg)[:2], image_size))
+
+    def direct():
+        window = tf.concat([offset, [crop_size, crop_size]], 0)
+        return tf.io.decode_and_crop_jpeg(jpeg, window, channels=3, dct_method=_DCT_METHOD,
+                                          try_recover_truncated=_TRY_RECOVER_TRUNCATED,
+                                          acceptable_fraction=_ACCEPTABLE_FRACTION)
+
+    def resized():
+        return augment_image(decode_image(jpeg, image_size), tf.constant(False), offset, crop_size)
+
+    return tf.ensure_shape(tf.cond(native, direct, resized), [crop_size, crop_size, 3])
+
+
 def decode_images(images: tf.Tensor, mask: tf.Tensor, image_size: int = 180, *,
                   crop_size: int | None = None) -> tf.Tensor:
-    """string [B, M] (or [M]) + mask -> uint8 [B, M, side, side, 3], zeros where mask is 0.
+    """string [B, M] (or [M]) + mask [B, M] -> uint8 [B, M, side, side, 3], zeros where mask is 0
+    (any mask: slots are decoded one by one).
 
     The deterministic (evaluation) decoding of whole batches, for the serving signature and for
-    tests; pass the same image_size / crop_size as the evaluation pipeline to see its pixels. The
-    pipeline does the same per product and pads in `padded_batch`, which is faster.
+    tests; pass the same image_size / crop_size as the evaluation pipeline to see its pixels.
     """
     images, mask = tf.convert_to_tensor(images), tf.convert_to_tensor(mask)
     if images.shape.rank == 1:
         return decode_images(images[tf.newaxis], mask[tf.newaxis], image_size, crop_size=crop_size)[0]
-    max_images = images.shape[1]
     side = crop_size or image_size
-    real = tf.cast(mask > 0, tf.int32)
-    count = tf.reduce_sum(real, axis=1, keepdims=True)
-    check = tf.debugging.assert_equal(real, tf.cast(tf.range(max_images)[tf.newaxis] < count, tf.int32),
-                                      message="mask must be 1s then 0s (real images first)")
-
-    def product(args):
-        decoded = decode_product(args[0], args[1], image_size, crop_size=crop_size)
-        padding = max_images - tf.shape(decoded)[0]
-        return tf.pad(decoded, [[0, padding], [0, 0], [0, 0], [0, 0]])
-
-    with tf.control_dependencies([check]):
-        return tf.map_fn(product, (images, mask),
-                         fn_output_signature=tf.TensorSpec([max_images, side, side, 3], tf.uint8))
-
-
-def _image_seeds(seed: tf.Tensor, count) -> tf.Tensor:
-    """[count, 2] independent stateless seeds derived from one [2] seed."""
-    return tf.random.stateless_uniform([count, 2], seed=seed, minval=None, maxval=None, dtype=tf.int64)
+    return tf.map_fn(lambda args: decode_product(args[0], args[1], image_size, crop_size=crop_size),
+                     (images, mask), fn_output_signature=tf.TensorSpec([images.shape[1], side, side, 3], tf.uint8))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -285,8 +293,8 @@ def create_dataset(
     else:
         ds = ds.flat_map(read)  # one file after the other: file order, then record order
 
-    # Parse a batch at a time, then go back to products for decoding. The parse batch carries
-    # one [2] augmentation seed per product, drawn from a seeded stream that gives new numbers
+    # Parse a batch at a time, then go back to products for decoding. In training the parse step
+    # also draws the batch's augmentation parameters, from a seed stream that gives new numbers
     # every epoch (stateful random ops in a map would replay the same numbers each epoch).
     ds = ds.batch(batch_size)
     if training:
@@ -296,7 +304,12 @@ def create_dataset(
         @_plain
         def parse(serialized, batch_seed):
             parsed = parse_batch(serialized, max_images)
-            parsed["seed"] = _image_seeds(batch_seed, tf.shape(serialized)[0])
+            mirror, offset = random_augmentation(batch_seed, tf.shape(parsed[record_schema.IMAGES]),
+                                                  image_size=image_size, crop_size=crop_size, flip=flip)
+            if flip:  # else leave the mirror step out of the decode graph
+                parsed["mirror"] = mirror
+            if crop_size:
+                parsed["offset"] = offset
             return parsed
     else:
         @_plain
@@ -307,20 +320,13 @@ def create_dataset(
     @_plain
     def decode(product):
         images = decode_product(product[record_schema.IMAGES], product[record_schema.MASK], image_size,
-                                crop_size=crop_size, training=training, flip=flip,
-                                seed=product.get("seed"))
+                                crop_size=crop_size, mirror=product.get("mirror"), offset=product.get("offset"))
         features = {record_schema.IMAGES: images, record_schema.MASK: product[record_schema.MASK],
                     record_schema.PRODUCT_ID: product[record_schema.PRODUCT_ID]}
         return features, product[record_schema.LABEL]
 
-    side = crop_size or image_size
     ds = ds.map(decode, num_parallel_calls=AUTOTUNE)
-    ds = ds.padded_batch(
-        batch_size,
-        padded_shapes=({record_schema.IMAGES: [max_images, side, side, 3], record_schema.MASK: [max_images],
-                        record_schema.PRODUCT_ID: []}, []),
-        drop_remainder=training,
-    )
+    ds = ds.batch(batch_size, drop_remainder=training)
 
     options = tf.data.Options()
     # Order only matters for evaluation (ids line up with predictions) and for seeded runs. In
@@ -329,7 +335,7 @@ def create_dataset(
     options.deterministic = not training or seed is not None
     options.autotune.ram_budget = _RAM_BUDGET
     # Parallelism comes from the parallel maps across products; letting single ops (resize,
-    # padded_batch's copy) fan out inside an element only adds scheduling on a few cores.
+    # concat) fan out inside an element only adds scheduling on a few cores.
     options.threading.max_intra_op_parallelism = 1
     # No private thread pool: on a CPU host the model step and the pipeline share the same cores
     # whatever the pools, and on an accelerator host the shared pool is the pipeline's anyway.
