@@ -10,7 +10,7 @@ row for every product of the input, rejected ones included (most frequent traini
 
 import os
 
-from absl import app, flags
+from absl import app, flags, logging
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -46,6 +46,7 @@ def main(argv):
     from model import evaluation
 
     tf.get_logger().setLevel("WARNING")
+    logging.set_verbosity(logging.WARNING)
     evaluation.evaluate(
         data_dir=FLAGS.data_dir, model_dir=FLAGS.model_dir, split=FLAGS.split, output_dir=FLAGS.output_dir,
         batch_size=FLAGS.batch_size, flip_tta=FLAGS.flip_tta, dup_lookup=FLAGS.dup_lookup,

@@ -7,11 +7,10 @@ Re-running the same command after an interruption resumes from model_dir/backup/
 """
 
 import dataclasses
-import json
 import os
 import sys
 
-from absl import app, flags
+from absl import app, flags, logging
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -107,13 +106,21 @@ def write_flags_file(path: str) -> None:
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-    # TensorFlow's INFO lines (one per all-reduce set-up...) would bury the epoch lines.
+    # TensorFlow's INFO lines (one per all-reduce set-up, per SavedModel function...) would bury
+    # the epoch lines; some go through TensorFlow's logger, some straight through absl's.
     training.tf.get_logger().setLevel("WARNING")
+    logging.set_verbosity(logging.WARNING)
     config = training.TrainConfig(**{f.name: FLAGS[f.name].value for f in dataclasses.fields(training.TrainConfig)})
     os.makedirs(config.model_dir, exist_ok=True)
     write_flags_file(os.path.join(config.model_dir, training.FLAGS_FILE))
     state = training.train(config)
-    print(json.dumps(state.get("final", {}), sort_keys=True))
+    final = state.get("final", {})
+    val = state.get("final_val", {}).get(training.TOP1)
+    print(
+        f"Done: {state['epochs']} epochs, {state['optimizer_iterations']} optimizer steps; last epoch train top-1 "
+        f"{final.get(training.TOP1, float('nan')):.4f}, {final.get('products_per_second', float('nan')):.0f} "
+        f"products/s" + (f"; final model val top-1 {val:.4f}" if val is not None else "")
+    )
 
 
 if __name__ == "__main__":

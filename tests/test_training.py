@@ -4,6 +4,7 @@ The data is the real sample BSON written as records with record_schema in a plai
 tests do not depend on the converter. Everything runs the tiny backbone on 32x32 images.
 """
 
+import glob
 import json
 import os
 import signal
@@ -13,6 +14,7 @@ import time
 
 import bson
 import pytest
+import tensorflow as tf
 
 import record_schema
 from model import labels as labels_lib
@@ -88,7 +90,7 @@ def resumed_run(data_dir, tmp_path_factory):
     model_dir = str(tmp_path_factory.mktemp("model"))
     args = [sys.executable, "train.py", f"--data_dir={data_dir}", f"--model_dir={model_dir}", *TINY,
             "--epochs=3", "--steps_per_epoch=6", "--backup_every_steps=2",
-            "--seconds_per_step=0.4", "--fusion=mean_max"]
+            "--seconds_per_step=0.4", "--fusion=mean_max", "--profile_batches=2,3"]
     metadata = os.path.join(model_dir, "backup", "training_metadata.json")
     first = subprocess.Popen(args, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                              env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"})
@@ -141,8 +143,15 @@ def test_artifacts_after_training(resumed_run):
     model_dir = resumed_run["model_dir"]
     for name in ("model.keras", "best.keras", "labels.csv", "train_config.json", "export/saved_model.pb"):
         assert os.path.exists(os.path.join(model_dir, name)), name
-    events = [f for _, _, files in os.walk(os.path.join(model_dir, "logs")) for f in files if "tfevents" in f]
-    assert len(events) >= 3  # train, validation, samples
+    tags = {}
+    for run in ("train", "validation", "samples"):
+        for path in glob.glob(os.path.join(model_dir, "logs", run, "*tfevents*")):
+            for event in tf.compat.v1.train.summary_iterator(path):
+                tags.setdefault(run, set()).update(v.tag for v in event.summary.value)
+    assert {"epoch_loss", "epoch_category_top1", "epoch_category_top5", "epoch_learning_rate",
+            "epoch_products_per_second"} <= tags["train"]
+    assert "epoch_category_top1" in tags["validation"] and tags["samples"] == {"training_products"}
+    assert glob.glob(os.path.join(model_dir, "logs", "train", "plugins", "profile", "*", "*.xplane.pb"))
     with open(os.path.join(model_dir, "flags.txt")) as f:
         flags_txt = f.read().splitlines()
     assert "--fusion=mean_max" in flags_txt and "--epochs=3" in flags_txt and "--batch_size=8" in flags_txt
