@@ -21,13 +21,13 @@ FUSIONS = ("mean", "max", "mean_max", "gated", "late")
 
 
 def masked_mean(features, mask):
-    weights = ops.expand_dims(ops.cast(mask, features.dtype), -1)
-    count = ops.maximum(ops.sum(weights, axis=1), 1.0)
-    return ops.sum(features * weights, axis=1) / count
+    real = ops.expand_dims(_real(mask), -1)
+    total = ops.sum(ops.where(real, features, ops.zeros_like(features)), axis=1)
+    return total / ops.maximum(ops.sum(ops.cast(real, features.dtype), axis=1), 1.0)
 
 
 def masked_max(features, mask):
-    real = ops.expand_dims(ops.cast(mask, "bool"), -1)
+    real = ops.expand_dims(_real(mask), -1)
     lowest = ops.full_like(features, _lowest(features.dtype))
     pooled = ops.max(ops.where(real, features, lowest), axis=1)
     return ops.where(ops.any(real, axis=1), pooled, ops.zeros_like(pooled))
@@ -35,15 +35,17 @@ def masked_max(features, mask):
 
 def masked_softmax(scores, mask):
     """Softmax over the image axis of [B, M] scores, zero weight for padded slots."""
-    real = ops.cast(mask, "bool")
+    real = _real(mask)
     scores = ops.where(real, scores, ops.full_like(scores, _lowest(scores.dtype)))
     # exp(lowest - max) underflows to exactly 0, so padded slots get no weight at all.
     return ops.softmax(scores, axis=1) * ops.cast(real, scores.dtype)
 
 
 def attention_pool(features, scores, mask):
-    weights = masked_softmax(scores, mask)
-    return ops.sum(features * ops.expand_dims(weights, -1), axis=1)
+    weights = ops.expand_dims(masked_softmax(scores, mask), -1)
+    real = ops.expand_dims(_real(mask), -1)
+    # where, not a product with the zero weight: 0 * inf would still be NaN.
+    return ops.sum(ops.where(real, features * weights, ops.zeros_like(features)), axis=1)
 
 
 def late_log_probs(logits, mask):
@@ -53,10 +55,14 @@ def late_log_probs(logits, mask):
     vector's probabilities), and is computed as a log-sum-exp so it never takes log(0).
     """
     log_probs = ops.log_softmax(logits, axis=-1)
-    real = ops.expand_dims(ops.cast(mask, "bool"), -1)
+    real = ops.expand_dims(_real(mask), -1)
     log_probs = ops.where(real, log_probs, ops.full_like(log_probs, _lowest(log_probs.dtype)))
-    count = ops.maximum(ops.sum(ops.cast(mask, logits.dtype), axis=1, keepdims=True), 1.0)
-    return ops.logsumexp(log_probs, axis=1) - ops.log(count)
+    count = ops.sum(ops.cast(real, log_probs.dtype), axis=1)
+    return ops.logsumexp(log_probs, axis=1) - ops.log(ops.maximum(count, 1.0))
+
+
+def _real(mask):
+    return ops.greater(mask, 0.5)
 
 
 def _lowest(dtype) -> float:

@@ -92,7 +92,7 @@ class ImageEncoder(keras.layers.Layer):
             features = tf.scatter_nd(index, features, shape)  # zeros in the padded slots
         else:
             features = self.backbone(self._scale(flat), training=training)
-            features = features * tf.cast(real, features.dtype)[:, None]
+            features = tf.where(real[:, None], features, tf.zeros_like(features))
         return tf.reshape(features, [batch, slots, self.features_dim])
 
     def _scale(self, images):
