@@ -109,11 +109,15 @@ def random_augmentation(seed: tf.Tensor, shape, *, image_size: int, crop_size: i
     return mirror, offset
 
 
-def augment_image(image: tf.Tensor, mirror: tf.Tensor, offset: tf.Tensor, crop_size: int | None = None) -> tf.Tensor:
+def augment_image(image: tf.Tensor, mirror: tf.Tensor | None, offset: tf.Tensor,
+                  crop_size: int | None = None) -> tf.Tensor:
     """uint8 [H, W, 3] -> its crop_size window at `offset` (or the whole image), mirrored
-    left-right when `mirror`. Pure; `random_augmentation` draws the parameters."""
+    left-right when `mirror` (None: no mirror step at all). Pure; `random_augmentation` draws
+    the parameters."""
     if crop_size:
         image = tf.slice(image, tf.concat([offset, [0]], 0), [crop_size, crop_size, 3])
+    if mirror is None:
+        return image
     return tf.cond(mirror, lambda: tf.reverse(image, [1]), lambda: image)
 
 
@@ -166,42 +170,18 @@ def decode_product(images: tf.Tensor, mask: tf.Tensor, image_size: int, *,
 def _image_fn(image_size: int, crop_size: int | None, mirrors: bool):
     """(JPEG, mirror, offset) -> one model-ready image, as a function traced once per setting and
     called from every slot (tracing it into each slot made building a dataset take seconds).
-    Without mirrors (evaluation, flip=False) the mirror step is left out of the graph."""
+    Without mirrors (evaluation, flip=False) the mirror step is left out of the graph.
+
+    The crop is a slice of the full decode. `decode_and_crop_jpeg` would save that copy (~35 us)
+    but its window's edge columns come out up to 42 levels off (libjpeg upsamples the chroma at
+    the window's edge by replication), so a crop would not be a crop of the picture."""
 
     @tf.function(autograph=False, input_signature=[
         tf.TensorSpec([], tf.string), tf.TensorSpec([], tf.bool), tf.TensorSpec([2], tf.int32)])
     def one(jpeg, mirror, offset):
-        if crop_size:
-            image = _decode_window(jpeg, offset, image_size, crop_size)
-        else:
-            image = decode_image(jpeg, image_size)
-        return augment_image(image, mirror, offset, None) if mirrors else image
+        return augment_image(decode_image(jpeg, image_size), mirror if mirrors else None, offset, crop_size)
 
     return one
-
-
-def _decode_window(jpeg: tf.Tensor, offset: tf.Tensor, image_size: int, crop_size: int) -> tf.Tensor:
-    """The crop_size window at `offset` of the picture brought to image_size.
-
-    When the picture already has that size (every Cdiscount picture at the default 180) the
-    window is decoded straight from the JPEG: libjpeg-turbo skips the rows and MCU columns
-    outside it, and no separate crop copy is made. The pixels are those of decode-then-slice
-    except in the window's first and last columns, where libjpeg upsamples the chroma by
-    replicating the edge (a few levels in a column, < 0.03 on average over the window); evaluation
-    and serving take their centre window the same way, so all of them agree.
-    """
-    native = tf.reduce_all(tf.equal(tf.io.extract_jpeg_shape(jpeg)[:2], image_size))
-
-    def direct():
-        window = tf.concat([offset, [crop_size, crop_size]], 0)
-        return tf.io.decode_and_crop_jpeg(jpeg, window, channels=3, dct_method=_DCT_METHOD,
-                                          try_recover_truncated=_TRY_RECOVER_TRUNCATED,
-                                          acceptable_fraction=_ACCEPTABLE_FRACTION)
-
-    def resized():
-        return augment_image(decode_image(jpeg, image_size), tf.constant(False), offset, crop_size)
-
-    return tf.ensure_shape(tf.cond(native, direct, resized), [crop_size, crop_size, 3])
 
 
 def decode_images(images: tf.Tensor, mask: tf.Tensor, image_size: int = 180, *,

@@ -6,7 +6,6 @@ images stay with their product through the nondeterministic parallel stages).
 """
 
 import io
-import os
 
 import bson
 import numpy as np
@@ -168,11 +167,10 @@ def test_decode_images_eager_and_in_tf_data(products, reference):
     for i, (pid, _, _, jpegs) in enumerate(batch):
         assert np.abs(eager[i, :len(jpegs)].astype(int) - reference[pid]).mean() < 1.0
 
-    # One product ([M] slots) works too; a crop_size gives the centre window (decoded directly,
-    # so its last column may differ slightly, see _window_of).
+    # One product ([M] slots) works too; a crop_size gives the centre window.
     single = ip.decode_images(images[0], mask[0], SIZE, crop_size=160).numpy()
     assert single.shape == (4, 160, 160, 3) and not single[1:].any()
-    assert _window_of(single[0], eager[0, 0], edge=True) == (10, 10, False)
+    np.testing.assert_array_equal(single[0], eager[0, 0, 10:170, 10:170])
     # Another size is a resize: right shape, same picture (compare to Pillow's own resize).
     small = ip.decode_images(images[:1], mask[:1], 90).numpy()
     assert small.shape == (1, 4, 90, 90, 3)
@@ -188,26 +186,15 @@ def test_decode_image_recovers_a_truncated_jpeg(products):
         ip.decode_image(b"not a picture at all", SIZE)
 
 
-def _window_of(image, full, edge=False):
-    """(top, left, mirrored) such that `image` is that window of `full`, maybe mirrored; else None.
-
-    edge: the window was decoded straight from the JPEG (decode_and_crop_jpeg), whose first and
-    last columns may differ slightly from a slice of the full decode (libjpeg upsamples chroma at
-    the window's edges by replication), so those two columns only have to be close.
-    """
+def _window_of(image, full):
+    """(top, left, mirrored) such that `image` is that window of `full`, maybe mirrored; else None."""
     c = image.shape[0]
-    trim = 1 if edge else 0
     for mirrored in (False, True):
         upright = image[:, ::-1] if mirrored else image
-        body = upright[:, trim:c - trim]
         # Candidates from the first row only (cheap), then the whole window.
-        rows = np.lib.stride_tricks.sliding_window_view(full[: full.shape[0] - c + 1], body.shape[1:], axis=(1, 2))
-        for top, start in zip(*np.nonzero((rows[:, :, 0] == body[0]).all(axis=(-2, -1)))):
-            left = start - trim
-            window = full[top:top + c, max(left, 0):left + c]
-            if left < 0 or window.shape[1] != c or not np.array_equal(window[:, trim:c - trim], body):
-                continue
-            if np.abs(window.astype(int) - upright).mean() < 0.05:  # edge columns: close
+        rows = np.lib.stride_tricks.sliding_window_view(full[: full.shape[0] - c + 1], upright.shape[1:], axis=(1, 2))
+        for top, left in zip(*np.nonzero((rows[:, :, 0] == upright[0]).all(axis=(-2, -1)))):
+            if np.array_equal(full[top:top + c, left:left + c], upright):
                 return int(top), int(left), mirrored
     return None
 
@@ -251,7 +238,7 @@ def test_training_batches_augment_real_images_only(data, products):
         n = int(mask.sum())
         assert n == sum(1 for p in products if p[0] == pid for _ in p[3])
         for slot in range(n):
-            window = _window_of(images[slot], full[pid][slot], edge=True)
+            window = _window_of(images[slot], full[pid][slot])
             assert window is not None, f"product {pid} slot {slot} is not a window of its own picture"
             mirrored += window[2]
             offsets.add(window[:2])
