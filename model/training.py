@@ -112,8 +112,8 @@ def make_strategy(cpu_devices: int = 0) -> tf.distribute.Strategy:
     """MultiWorkerMirrored when TF_CONFIG is set, else Mirrored over GPUs or logical CPUs."""
     if os.environ.get("TF_CONFIG"):
         # Keras 3 model.fit under MultiWorkerMirroredStrategy is an open upstream problem
-        # (keras-team/keras#20585, tensorflow/tensorflow#72388); see train() for how it is handled.
-        return tf.distribute.MultiWorkerMirroredStrategy()
+        # (keras-team/keras#20585, tensorflow/tensorflow#72388): see _patch_nested_reduce.
+        return _patch_nested_reduce(tf.distribute.MultiWorkerMirroredStrategy())
     if tf.config.list_physical_devices("GPU"):  # does not initialise the runtime
         return tf.distribute.MirroredStrategy()
     configure_cpu_devices(cpu_devices)
@@ -125,6 +125,47 @@ def make_strategy(cpu_devices: int = 0) -> tf.distribute.Strategy:
             cross_device_ops=tf.distribute.ReductionToOneDevice(),
         )
     return tf.distribute.MirroredStrategy([cpus[0].name])
+
+
+def _patch_nested_reduce(strategy: tf.distribute.Strategy) -> tf.distribute.Strategy:
+    """Lets Keras 3 fit() start under MultiWorkerMirroredStrategy.
+
+    Before the first step, fit() (trainer._maybe_symbolic_build, Keras 3.15) pulls one input
+    batch and calls strategy.reduce("MEAN", batch, axis=None) on the whole nested batch, only
+    to learn its shapes. CollectiveAllReduceStrategy.reduce takes a single tensor, so it raises
+    "Attempt to convert a value ({'images': PerReplica...}) ... to a Tensor" (keras-team/keras
+    #20585). For a nested value this returns the first local replica's batch, which has the
+    shapes Keras wants, with no collective at all.
+    Then every train step reduces its scalar logs (loss, metrics) with reduce("MEAN", v, axis=0)
+    when multi-worker (trainer.reduce_per_replica), which fails on a 0-d value ("Invalid
+    reduction dimension 0 for input with 0 dimensions"): a scalar is reduced with axis=None.
+    """
+    reduce = strategy.reduce
+
+    def nested_safe_reduce(reduce_op, value, axis=None):
+        if tf.nest.is_nested(value):
+            return tf.nest.map_structure(lambda v: strategy.experimental_local_results(v)[0], value)
+        if axis is not None and strategy.experimental_local_results(value)[0].shape.rank == 0:
+            axis = None
+        return reduce(reduce_op, value, axis)
+
+    strategy.reduce = nested_safe_reduce
+    return strategy
+
+
+def worker_model_dir(model_dir: str, strategy: tf.distribute.Strategy) -> str:
+    """Where this process writes: model_dir for the chief (or the only worker); under
+    multi-worker training the others write the same files to model_dir/workers/TYPE_ID, since
+    every worker must take part in each save (they are collective) but only one may own the
+    files."""
+    resolver = getattr(strategy, "cluster_resolver", None)
+    if resolver is None or not resolver.task_type:
+        return model_dir
+    cluster = resolver.cluster_spec().as_dict()
+    chief = ("chief", 0) if "chief" in cluster else ("worker", 0)
+    if (resolver.task_type, resolver.task_id) == chief:
+        return model_dir
+    return os.path.join(model_dir, "workers", f"{resolver.task_type}_{resolver.task_id}")
 
 
 def num_replicas_for(cpu_devices: int) -> int:
@@ -202,6 +243,11 @@ def eval_dataset(cfg: TrainConfig, split: str, targets):
         image_size=cfg.image_size,
         crop_size=cfg.crop_size or None,
     )
+    # Multi-worker: every worker evaluates the same batches. Redundant, but exact, and valid for
+    # a val split of one file (AUTO sharding would demand a file per worker).
+    options = tf.data.Options()
+    options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.OFF
+    ds = ds.with_options(options)
     return ds.map(targets, num_parallel_calls=tf.data.AUTOTUNE).prefetch(tf.data.AUTOTUNE)
 
 
@@ -470,6 +516,10 @@ def train(cfg: TrainConfig) -> dict:
             return state
 
     strategy = make_strategy(cfg.cpu_devices)
+    if worker_model_dir(model_dir, strategy) != model_dir:
+        cfg = dataclasses.replace(cfg, model_dir=worker_model_dir(model_dir, strategy))
+        model_dir = cfg.model_dir
+        os.makedirs(model_dir, exist_ok=True)
     replicas = strategy.num_replicas_in_sync
     if cfg.batch_size % replicas:
         raise ValueError(
@@ -536,7 +586,8 @@ def train(cfg: TrainConfig) -> dict:
         if isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
             raise RuntimeError(
                 "model.fit failed under MultiWorkerMirroredStrategy (TF_CONFIG is set). Keras 3 has "
-                "open issues there (keras-team/keras#20585, tensorflow/tensorflow#72388); unset "
+                "open issues there (keras-team/keras#20585, tensorflow/tensorflow#72388); the two met "
+                "with Keras 3.15 are worked around (_patch_nested_reduce), this one is not. Unset "
                 f"TF_CONFIG to train on this machine's devices. Original error: {e}"
             ) from e
         raise
