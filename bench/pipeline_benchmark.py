@@ -1,0 +1,299 @@
+"""Input pipeline throughput against the decode ceiling and a seed-style loader, on one data set.
+
+    python -m bench.pipeline_benchmark [--products=6000] [--bson=PATH] [--batches=40]
+        [--warmup=8] [--rounds=3] [--allocators=default,bfc] [--work_dir=DIR]
+        [--results=bench/RESULTS_pipeline.md]
+
+Without --bson it writes a synthetic Cdiscount-like BSON (beam_convert.synthetic.write_bson) and
+converts it to TFRecords with a plain loop over record_schema.encode_example, so the figures do not
+depend on the Beam job. Then, on the same JPEGs:
+
+  ceiling     every image of the data decoded by tf.io.decode_jpeg in a parallel tf.data map
+              (AUTOTUNE), nothing else; turned into products/s at the data's images per product.
+  pipeline    model.input_pipeline.create_dataset(training=True, batch 64, augmentation on:
+              random mirror; a second row adds random 160 px crops), and the evaluation mode.
+  seed-style  a Python generator over a BSON offset index (4-byte length, seek, read) decoding with
+              PIL into uint8 [4, 180, 180, 3] stacks + mask, in tf.data.Dataset.from_generator.
+
+P1 = pipeline / ceiling (goal >= 0.85), P1b = pipeline / seed-style (goal >= 4).
+
+Each allocator setting runs in its own process (TensorFlow reads TF_CPU_ALLOCATOR_USE_BFC once):
+`default` is glibc malloc, whose fresh 25 MB batch buffers page-fault on every batch on some
+machines; `bfc` is TensorFlow's pooling allocator. The machine may be shared, so each loader runs
+`rounds` times, interleaved with the others, for a fixed number of batches after a warm-up; the
+tables give the median round, the best round, and products per CPU-second (process user + system
+time), which other processes disturb much less than wall time. On 2 dedicated cores a loader that
+keeps both busy has wall rate ~2x its CPU rate, the single-threaded seed-style loader ~1x.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import pathlib
+import shutil
+import statistics
+import struct
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+BATCH = 64
+IMAGE_SIZE = 180
+RESULTS = pathlib.Path(__file__).resolve().parent / "RESULTS_pipeline.md"
+CEILING, TRAIN, TRAIN_CROP, EVAL, SEED = (
+    "ceiling: decode_jpeg map", "pipeline train (mirror)", "pipeline train (mirror + crop 160)",
+    "pipeline eval (in order)", "seed-style PIL generator")
+ALLOCATORS = {"default": None, "bfc": "true"}
+
+
+# ---------------------------------------------------------------------------------------------
+# Data
+
+
+def bson_offsets(path: str) -> list[tuple[int, int]]:
+    """(offset, length) of every document: a BSON document starts with its int32 length."""
+    offsets = []
+    with open(path, "rb") as f:
+        offset = 0
+        while header := f.read(4):
+            (length,) = struct.unpack("<i", header)
+            offsets.append((offset, length))
+            offset += length
+            f.seek(offset)
+    return offsets
+
+
+def prepare(bson_path: str, out_dir: str, shards: int) -> dict:
+    """BSON -> `shards` TFRecord files of contiguous products, with a plain loop."""
+    import bson
+    import tensorflow as tf
+
+    import record_schema
+
+    with open(bson_path, "rb") as f:
+        docs = list(bson.decode_file_iter(f))
+    labels = {c: i for i, c in enumerate(sorted({d["category_id"] for d in docs if "category_id" in d}))}
+    per_shard = -(-len(docs) // shards)
+    images = 0
+    for s in range(shards):
+        path = os.path.join(out_dir, record_schema.shard_name("train", s, shards))
+        with tf.io.TFRecordWriter(path) as writer:
+            for d in docs[s * per_shard:(s + 1) * per_shard]:
+                pictures = [im["picture"] for im in d["imgs"]][:record_schema.MAX_IMAGES]
+                images += len(pictures)
+                category = d.get("category_id", record_schema.UNLABELLED)
+                label = labels.get(category, record_schema.UNLABELLED)
+                writer.write(record_schema.encode_example(d["_id"], category, label, pictures))
+    return {"pattern": os.path.join(out_dir, record_schema.shard_pattern("train")), "bson": bson_path,
+            "products": len(docs), "images": images,
+            "jpeg_kb": os.path.getsize(bson_path) / max(images, 1) / 1024}
+
+
+# ---------------------------------------------------------------------------------------------
+# Loaders (worker process): each returns (infinite dataset, products per element)
+
+
+def ceiling_loader(pattern: str, images_per_product: float):
+    import tensorflow as tf
+
+    import record_schema
+
+    jpegs = []
+    for serialized in tf.data.TFRecordDataset(sorted(tf.io.gfile.glob(pattern))).batch(1024):
+        parsed = tf.io.parse_example(serialized, record_schema.feature_spec())
+        jpegs.append(tf.boolean_mask(parsed[record_schema.IMAGES], parsed[record_schema.MASK] > 0))
+    images_per_batch = round(BATCH * images_per_product)
+    ds = tf.data.Dataset.from_tensor_slices(tf.concat(jpegs, 0)).repeat()
+    ds = ds.map(lambda b: tf.io.decode_jpeg(b, channels=3), num_parallel_calls=tf.data.AUTOTUNE)
+    return ds.batch(images_per_batch).prefetch(tf.data.AUTOTUNE), images_per_batch / images_per_product
+
+
+def pipeline_loader(pattern: str, training: bool, **kwargs):
+    from model import input_pipeline
+
+    return input_pipeline.create_dataset(pattern, batch_size=BATCH, training=training, repeat=True, **kwargs), BATCH
+
+
+def seed_style_loader(bson_path: str):
+    """The kind of loader Kaggle kernels started from: random access through an offset index,
+    PIL decode, numpy stacks, one lock around the shared file handle."""
+    import bson
+    import numpy as np
+    import tensorflow as tf
+    from PIL import Image
+
+    offsets = bson_offsets(bson_path)
+    lock = threading.Lock()
+    handle = open(bson_path, "rb")
+    order = np.random.default_rng(0).permutation(len(offsets))
+    n = 4
+
+    def generate():
+        i = 0
+        while True:
+            offset, length = offsets[order[i % len(order)]]
+            i += 1
+            with lock:
+                handle.seek(offset)
+                doc = bson.decode(handle.read(length))
+            images = np.zeros((n, IMAGE_SIZE, IMAGE_SIZE, 3), np.uint8)
+            mask = np.zeros(n, np.float32)
+            for j, im in enumerate(doc["imgs"][:n]):
+                picture = Image.open(io.BytesIO(im["picture"]))
+                # convert() copies even an RGB picture; the fair seed-style skips it when it can.
+                images[j] = np.asarray(picture if picture.mode == "RGB" else picture.convert("RGB"))
+                mask[j] = 1.0
+            yield {"images": images, "mask": mask}, doc.get("category_id", -1)
+
+    spec = ({"images": tf.TensorSpec([n, IMAGE_SIZE, IMAGE_SIZE, 3], tf.uint8),
+             "mask": tf.TensorSpec([n], tf.float32)}, tf.TensorSpec([], tf.int64))
+    ds = tf.data.Dataset.from_generator(generate, output_signature=spec)
+    return ds.batch(BATCH).prefetch(tf.data.AUTOTUNE), BATCH
+
+
+def timed(iterator, per_element: float, batches: int) -> tuple[float, float]:
+    """(products per wall second, products per CPU second of this process) over `batches`."""
+    cpu, wall = time.process_time(), time.perf_counter()
+    for _ in range(batches):
+        next(iterator)
+    cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
+    return per_element * batches / wall, per_element * batches / cpu
+
+
+def worker(data: dict, args) -> dict:
+    """Each round times every loader in turn on a fresh iterator (datasets are built once): a
+    kept-alive iterator would fill its buffers while the others run and hand them out for free."""
+    ipp = data["images"] / data["products"]
+    loaders = {
+        CEILING: ceiling_loader(data["pattern"], ipp),
+        TRAIN: pipeline_loader(data["pattern"], True),
+        TRAIN_CROP: pipeline_loader(data["pattern"], True, crop_size=160),
+        EVAL: pipeline_loader(data["pattern"], False),
+        SEED: seed_style_loader(data["bson"]),
+    }
+    rates = {name: [] for name in loaders}
+    for r in range(args.rounds):
+        for name, (ds, per_element) in loaders.items():
+            slow = name == SEED
+            iterator = iter(ds)
+            for _ in range(2 if slow else args.warmup):  # fills buffers, lets the autotuner settle
+                next(iterator)
+            wall, cpu = timed(iterator, per_element, args.seed_batches if slow else args.batches)
+            del iterator
+            rates[name].append((wall, cpu))
+            print(f"  [{args.worker}] round {r + 1}: {name:36s} {wall:7.0f} products/s, "
+                  f"{cpu:7.0f} per CPU-s", file=sys.stderr, flush=True)
+    return {"rates": rates, "load": os.getloadavg()[0]}
+
+
+# ---------------------------------------------------------------------------------------------
+# Report
+
+
+def report(data: dict, results: dict, args, seconds: float) -> str:
+    ipp = data["images"] / data["products"]
+    out = [f"{data['products']} synthetic products, {data['images']} JPEGs ({ipp:.2f} a product, "
+           f"~{data['jpeg_kb']:.1f} KB), {args.shards} shards; batch {BATCH}; {args.rounds} rounds of "
+           f"{args.batches} timed batches a loader ({args.seed_batches} for seed-style) after {args.warmup} untimed; "
+           f"{os.cpu_count()} CPUs; load average at the end of each run: "
+           + ", ".join(f"{k} {v['load']:.1f}" for k, v in results.items()) + f"; {seconds:.0f} s in all."]
+    for allocator, result in results.items():
+        rates = result["rates"]
+        med = {k: statistics.median(w for w, _ in v) for k, v in rates.items()}
+        best = {k: max(w for w, _ in v) for k, v in rates.items()}
+        cpu = {k: statistics.median(c for _, c in v) for k, v in rates.items()}
+        out += ["", f"Allocator `{allocator}`:", "",
+                "| loader | products/s median | best round | products per CPU-s | vs ceiling (median / CPU) |",
+                "|---|---:|---:|---:|---:|"]
+        for name in rates:
+            out.append(f"| {name} | {med[name]:,.0f} | {best[name]:,.0f} | {cpu[name]:,.0f} | "
+                       f"{med[name] / med[CEILING]:.2f} / {cpu[name] / cpu[CEILING]:.2f} |")
+        out += ["",
+                f"- P1  pipeline train / ceiling = **{med[TRAIN] / med[CEILING]:.2f}** (median rounds; best rounds "
+                f"{best[TRAIN] / best[CEILING]:.2f}; per CPU-s {cpu[TRAIN] / cpu[CEILING]:.2f}; with crop 160: "
+                f"{med[TRAIN_CROP] / med[CEILING]:.2f}; eval mode: {med[EVAL] / med[CEILING]:.2f})   goal >= 0.85",
+                f"- P1b pipeline train / seed-style = **{med[TRAIN] / med[SEED]:.1f}x** (best rounds "
+                f"{best[TRAIN] / best[SEED]:.1f}x; per CPU-s {cpu[TRAIN] / cpu[SEED]:.1f}x)   goal >= 4x"]
+    return "\n".join(out) + "\n"
+
+
+def write_results(path: str, figures: str) -> None:
+    """Puts the figures between the markers of the results file, keeping any notes around them."""
+    begin, end = "<!-- pipeline_benchmark:begin -->", "<!-- pipeline_benchmark:end -->"
+    text = pathlib.Path(path).read_text() if os.path.exists(path) else "## Input pipeline (issue 3)\n\n"
+    if begin in text and end in text:
+        text = text[:text.index(begin)] + begin + "\n" + figures + text[text.index(end):]
+    else:
+        text = text.rstrip("\n") + "\n\n" + begin + "\n" + figures + end + "\n"
+    pathlib.Path(path).write_text(text)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--products", type=int, default=6000, help="synthetic products to write")
+    parser.add_argument("--bson", help="use this BSON instead of writing a synthetic one")
+    parser.add_argument("--shards", type=int, default=8)
+    parser.add_argument("--batches", type=int, default=40, help="timed batches of 64 per loader and round")
+    parser.add_argument("--warmup", type=int, default=8, help="untimed batches before each timed run")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--seed_batches", type=int, default=8, help="timed batches for the slow seed-style loader")
+    parser.add_argument("--allocators", default="default,bfc", help=f"comma list of {sorted(ALLOCATORS)}")
+    parser.add_argument("--work_dir", help="keep data here (default: a temporary folder, removed)")
+    parser.add_argument("--results", default=str(RESULTS), help="markdown file to write ('' for none)")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)  # internal: measure in this process
+    parser.add_argument("--data", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+
+    if args.worker:
+        print(json.dumps(worker(json.loads(args.data), args)))
+        return 0
+
+    start = time.perf_counter()
+    work = args.work_dir or tempfile.mkdtemp(prefix="pipeline_bench_")
+    os.makedirs(work, exist_ok=True)
+    try:
+        bson_path = args.bson
+        if not bson_path:
+            bson_path = os.path.join(work, "synthetic.bson")
+            if not os.path.exists(bson_path):
+                from beam_convert.synthetic import write_bson
+
+                write_bson(bson_path, args.products, num_classes=20, seed=0, labelled=True)
+        data = prepare(bson_path, work, args.shards)
+        print(f"data: {data['products']} products, {data['images']} JPEGs, {args.shards} shards in {work} "
+              f"({time.perf_counter() - start:.0f} s)", flush=True)
+
+        results = {}
+        for allocator in args.allocators.split(","):
+            env = dict(os.environ)
+            env.pop("TF_CPU_ALLOCATOR_USE_BFC", None)
+            if ALLOCATORS[allocator]:
+                env["TF_CPU_ALLOCATOR_USE_BFC"] = ALLOCATORS[allocator]
+            child = [a for a in (argv if argv is not None else sys.argv[1:])]
+            command = [sys.executable, "-m", "bench.pipeline_benchmark", *child,
+                       f"--worker={allocator}", f"--data={json.dumps(data)}"]
+            done = subprocess.run(command, env=env, stdout=subprocess.PIPE, text=True, check=True,
+                                  cwd=pathlib.Path(__file__).resolve().parent.parent)
+            results[allocator] = json.loads(done.stdout.strip().splitlines()[-1])
+    finally:
+        if not args.work_dir:
+            shutil.rmtree(work, ignore_errors=True)
+
+    figures = report(data, results, args, time.perf_counter() - start)
+    print("\n" + figures)
+    if args.results:
+        command = " ".join(["python -m bench.pipeline_benchmark", *(argv if argv is not None else sys.argv[1:])])
+        write_results(args.results, f"`{command.strip()}`\n\n{figures}")
+        print(f"wrote {args.results}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
