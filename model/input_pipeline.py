@@ -27,15 +27,15 @@ import tensorflow as tf
 import record_schema
 
 AUTOTUNE = tf.data.AUTOTUNE
-# The mapped functions hold no Python control flow on tensors (branches are explicit tf.cond /
-# tf.switch_case), so AutoGraph has nothing to convert; skipping it saves seconds of tracing
+# The mapped functions hold no Python control flow on tensors (branches are explicit tf.cond),
+# so AutoGraph has nothing to convert; skipping it saves seconds of tracing
 # per dataset.
 _plain = tf.autograph.experimental.do_not_convert
 
 # TensorFlow's default ("") is libjpeg's IFAST; INTEGER_ACCURATE is ISLOW, what Pillow and most
 # JPEG tools use: bit-identical to Pillow on the sample pictures (IFAST is off by up to 5 levels),
-# so models trained here and any PIL-based tooling see the same pixels, for no measurable cost
-# with libjpeg-turbo's SIMD ISLOW (bench/RESULTS_pipeline.md).
+# so models trained here and any PIL-based tooling see the same pixels, for at most ~5% more
+# decode time with libjpeg-turbo's SIMD ISLOW (within this machine's noise; bench/RESULTS_pipeline.md).
 _DCT_METHOD = "INTEGER_ACCURATE"
 # The record holds the BSON bytes verbatim. A truncated picture should cost one grey-bottomed image,
 # not a multi-day training run or a submission missing rows; garbage still fails loudly.
