@@ -28,9 +28,10 @@ import record_schema
 from beam_convert import files, labels
 from beam_convert.pipeline import ConvertConfig, build
 
-# Below this much input, the in-process runner wins: worker processes cost ~7.5 s to start and
-# every element crossing between processes is serialized (BUILD_NOTES.md, conversion benchmark).
-IN_MEMORY_MAX_BYTES = 2 * 1024**3
+# Below this much input (~50,000 products) the in-process runner wins: worker processes cost
+# several seconds to start. Above it one worker per core wins: 1.2x the in-process rate on
+# 100,000 products (1 GB), more as the start-up is amortised (BUILD_NOTES.md, conversion benchmark).
+IN_MEMORY_MAX_BYTES = 512 * 1024**2
 PROGRESS_SECONDS = 10.0
 
 
