@@ -96,6 +96,13 @@ def _batch_divisible(values):
     return True
 
 
+@flags.multi_flags_validator(["jit_compile", "cpu_devices"], message="--jit_compile cannot run on logical CPU "
+                             "devices (XLA sees one CPU: variables on CPU:1 are unreachable from CPU:0): drop "
+                             "--jit_compile or --cpu_devices")
+def _no_xla_on_logical_cpus(values):
+    return not (values["jit_compile"] and values["cpu_devices"] > 1)
+
+
 def write_flags_file(path: str) -> None:
     """The effective flags of this program, in flagfile format (re-usable with --flagfile)."""
     own = FLAGS.get_flags_for_module(sys.modules[__name__])

@@ -13,6 +13,7 @@ import math
 import os
 import shutil
 import time
+import warnings
 
 import numpy as np
 import tensorflow as tf
@@ -542,12 +543,17 @@ def train(cfg: TrainConfig) -> dict:
     targets = make_targets(labels, aux)
     train_ds = train_dataset(cfg, strategy, targets)
     has_val = has_split(cfg.data_dir, metadata, "val")
-    # Validation repeats and fit is told its length. Keras 3.15 evaluate() pulls one batch from
-    # its cached iterator before resetting it; under a distribution strategy that iterator is
-    # the exhausted one of the last pass, so a finite val set raises StopIteration at the second
-    # validation. A repeated set with a step count gives exactly one pass each time.
-    val_steps = cfg.validation_steps or math.ceil(split_products(metadata, "val") / cfg.batch_size)
-    val_ds = eval_dataset(cfg, "val", targets).repeat() if has_val else None
+    # Validation is a finite dataset and fit is NOT told its length: with a step count, Keras
+    # 3.15 evaluate() pulls a batch from its cached iterator before resetting it, and under a
+    # distribution strategy that is the exhausted iterator of the previous pass (StopIteration
+    # at the second validation); and steps_per_execution > 1 rounds a count up past the end.
+    # A shorter validation is a take() of the batches instead.
+    val_ds = eval_dataset(cfg, "val", targets) if has_val else None
+    if val_ds is not None and cfg.validation_steps:
+        val_ds = val_ds.take(cfg.validation_steps)
+    # Keras says this after every complete pass over a dataset of unknown length; the training
+    # stream is infinite, so it can only be about validation, where it means nothing.
+    warnings.filterwarnings("ignore", message="Your input ran out of data")
     print(
         f"{replicas} replica(s) ({strategy.__class__.__name__}); {train_products} training products, "
         f"{labels.num_classes} classes{' + level1/level2 heads' if aux else ''}; "
@@ -577,7 +583,6 @@ def train(cfg: TrainConfig) -> dict:
             epochs=cfg.epochs,
             steps_per_epoch=steps_per_epoch,
             validation_data=val_ds,
-            validation_steps=val_steps if has_val else None,
             callbacks=callbacks,
             verbose=cfg.verbose,
             shuffle=False,  # the pipeline shuffles; Keras cannot shuffle a tf.data stream anyway
@@ -608,7 +613,7 @@ def train(cfg: TrainConfig) -> dict:
     final_val = {}
     if has_val:
         compile_model(final, cfg, keras.optimizers.SGD(), aux)  # for evaluate(); never trained
-        final_val = final.evaluate(val_ds, steps=val_steps, return_dict=True, verbose=0)
+        final_val = final.evaluate(val_ds, return_dict=True, verbose=0)
         print(
             f"Final model (BatchNorm recalibrated on {recalibrated} batches): val top-1 "
             f"{final_val[TOP1]:.4f}, top-5 {final_val['category_top5']:.4f}",
