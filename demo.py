@@ -57,7 +57,8 @@ def make_inputs(inputs: str) -> tuple[list, str]:
     os.makedirs(train_dir)
     os.makedirs(test_dir)
     summary = synthetic.write_bson(os.path.join(train_dir, "synthetic_train.bson"), TRAIN_PRODUCTS,
-                                   num_classes=NUM_CLASSES, num_split_classes=NUM_SPLIT_CLASSES, seed=0)
+                                   num_classes=NUM_CLASSES, num_split_classes=NUM_SPLIT_CLASSES, seed=0,
+                                   first_id=1_000_000)  # above the real sample's _ids (0..101)
     sample = os.path.join(REPO, "data", "train_example.bson")
     shutil.copy(sample, os.path.join(train_dir, "train_example.bson"))
     with open(sample, "rb") as f:

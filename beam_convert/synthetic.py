@@ -207,6 +207,7 @@ def plan_products(
     num_split_classes: int = 4,
     duplicate_fraction: float = DUPLICATE_FRACTION,
     categories_csv=DEFAULT_CATEGORIES_CSV,
+    first_id: int = 0,
 ) -> Iterator[ProductPlan]:
     """The products `generate_products` renders: classes, ids, image counts, cues, seeds, copies.
 
@@ -218,7 +219,7 @@ def plan_products(
     regular_counts, split_counts = images_per_product_distributions(num_split_classes / num_classes)
     rng = random.Random(seed)
     recent = collections.defaultdict(lambda: collections.deque(maxlen=_RELIST_WINDOW))
-    product_id = 0
+    product_id = first_id  # files meant to be converted together need disjoint ids
     for _ in range(num_products):
         label = rng.randrange(num_classes)
         if recent[label] and rng.random() < duplicate_fraction:
@@ -337,6 +338,7 @@ def generate_products(
     num_split_classes: int = 4,
     duplicate_fraction: float = DUPLICATE_FRACTION,
     categories_csv=DEFAULT_CATEGORIES_CSV,
+    first_id: int = 0,
 ) -> Iterator[dict]:
     """The BSON documents of `num_products` synthetic products.
 
@@ -349,6 +351,7 @@ def generate_products(
         seed=seed,
         num_split_classes=num_split_classes,
         duplicate_fraction=duplicate_fraction,
+        first_id=first_id,
         categories_csv=categories_csv,
     ):
         yield to_document(plan, labelled=labelled)
@@ -364,6 +367,7 @@ def write_bson(
     num_split_classes: int = 4,
     duplicate_fraction: float = DUPLICATE_FRACTION,
     categories_csv=DEFAULT_CATEGORIES_CSV,
+    first_id: int = 0,
 ) -> dict:
     """Writes a mongodump-style file and returns a summary of what is in it.
 
@@ -383,6 +387,7 @@ def write_bson(
         labelled=labelled,
         num_split_classes=num_split_classes,
         duplicate_fraction=duplicate_fraction,
+        first_id=first_id,
         categories_csv=categories_csv,
     )
     try:
