@@ -225,3 +225,34 @@ def test_config_flagfiles_parse(flagfile, data_dir, tmp_path):
             f"--model_dir={tmp_path}", "--epochs=2"])
     assert values.epochs == 2  # flags after --flagfile override it
     assert values.batch_size % 8 == 0 if "gpu" in flagfile else values.backbone == "tiny"
+
+
+def test_submission_from_an_unlabelled_bson_with_bad_products(resumed_run, tmp_path):
+    """beam_convert on a test BSON holding bad products, then evaluate.py's submission: a row per _id."""
+    import csv
+
+    from beam_convert.__main__ import main as convert
+    from model import evaluation
+    from tests.convert_helpers import png_bytes, product, write_bson
+
+    docs = _sample_documents()[:20]
+    documents = [product(d["_id"], [i["picture"] for i in d["imgs"]], category_id=None) for d in docs]
+    documents += [
+        product(500, [png_bytes()], category_id=None),  # not a JPEG
+        product(501, [], category_id=None),  # no images
+        {"_id": 502, "imgs": "nope"},  # imgs not a list
+        product(docs[0]["_id"], [docs[1]["imgs"][0]["picture"]], category_id=None),  # duplicate _id
+    ]
+    write_bson(tmp_path / "test.bson", documents)
+    test_dir = tmp_path / "test_data"
+    assert convert([f"--input={tmp_path / 'test.bson'}", f"--output_dir={test_dir}"]) == 0
+    evaluation.evaluate(data_dir=str(test_dir), model_dir=resumed_run["model_dir"], split="test",
+                        output_dir=str(tmp_path / "eval"), log=lambda *a, **k: None)
+    with open(tmp_path / "eval" / "submission.csv", newline="") as f:
+        rows = list(csv.reader(f))
+    assert rows[0] == ["_id", "category_id"]
+    ids = [int(r[0]) for r in rows[1:]]
+    assert sorted(ids) == sorted({d["_id"] for d in documents})
+    known = set(labels_lib.read_labels(os.path.join(resumed_run["model_dir"], record_schema.LABELS_FILE))
+                .category_ids.tolist())
+    assert all(int(r[1]) in known for r in rows[1:])
