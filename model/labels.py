@@ -67,22 +67,3 @@ def read_labels(path: str) -> Labels:
         level1_names=level1_names,
         level2_names=level2_names,
     )
-
-
-def write_labels(path: str, category_ids, tree: dict | None = None) -> None:
-    """Writes a labels.csv (tests and tools); `tree` maps category_id -> (level1, level2, level3)."""
-    tree = tree or {}
-    with open(path, "w", newline="", encoding="utf-8") as f:
-        writer = csv.writer(f)
-        writer.writerow(record_schema.LABELS_HEADER)
-        for label, category_id in enumerate(sorted(int(c) for c in category_ids)):
-            writer.writerow([label, category_id, *tree.get(category_id, ("", "", ""))])
-
-
-def read_category_tree(categories_csv: str) -> dict:
-    """category_names.csv -> {category_id: (level1, level2, level3)}."""
-    with open(categories_csv, newline="", encoding="utf-8") as f:
-        return {
-            int(r["category_id"]): (r["category_level1"], r["category_level2"], r["category_level3"])
-            for r in csv.DictReader(f)
-        }

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 import record_schema
+from beam_convert import labels as categories_lib
 from model import evaluation
 from model import labels as labels_lib
 
@@ -22,7 +23,8 @@ TREE = {
 @pytest.fixture
 def labels(tmp_path):
     path = tmp_path / "labels.csv"
-    labels_lib.write_labels(path, TREE, TREE)
+    path.write_text(categories_lib.labels_csv([categories_lib.Category(c, *TREE[c]) for c in sorted(TREE)]),
+                    encoding="utf-8")
     return labels_lib.read_labels(str(path))
 
 
@@ -33,11 +35,12 @@ def test_labels_csv_quoted_fields_and_tree(labels, tmp_path):
     assert labels.level2_index.tolist() == [0, 1, 2, 2]
     assert labels.has_hierarchy
     # The real file: quoted fields with commas and doubled quotes survive the round trip.
-    real = labels_lib.read_category_tree("data/category_names.csv")
-    ids = sorted(real)[:50]
-    labels_lib.write_labels(tmp_path / "real.csv", ids, real)
+    with open("data/category_names.csv", encoding="utf-8") as f:
+        real = categories_lib.read_categories(f.read(), "category_names.csv")
+    (tmp_path / "real.csv").write_text(categories_lib.labels_csv(real), encoding="utf-8")
     back = labels_lib.read_labels(str(tmp_path / "real.csv"))
-    assert [real[c][2] for c in ids] == list(back.level3)
+    assert [c.level3 for c in real] == list(back.level3)
+    assert any('""' in c.level3 or "," in c.level3 for c in real)
 
 
 def test_metrics_hand_computed(labels):

@@ -17,6 +17,7 @@ import pytest
 import tensorflow as tf
 
 import record_schema
+from beam_convert import labels as categories_lib
 from model import labels as labels_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -36,8 +37,10 @@ def write_data_dir(path, *, with_val=True):
     os.makedirs(path, exist_ok=True)
     docs = _sample_documents()
     category_ids = sorted({d["category_id"] for d in docs})
-    tree = labels_lib.read_category_tree(os.path.join(REPO, "data", "category_names.csv"))
-    labels_lib.write_labels(os.path.join(path, record_schema.LABELS_FILE), category_ids, tree)
+    with open(os.path.join(REPO, "data", "category_names.csv"), encoding="utf-8") as f:
+        tree = categories_lib.read_categories(f.read(), "category_names.csv")
+    with open(os.path.join(path, record_schema.LABELS_FILE), "w", encoding="utf-8") as f:
+        f.write(categories_lib.labels_csv([c for c in tree if c.category_id in set(category_ids)]))
     label_of = {c: i for i, c in enumerate(category_ids)}
     counts = {"train": 0, "val": 0}
     writers = {s: tf.io.TFRecordWriter(os.path.join(path, record_schema.shard_name(s, 0, 1))) for s in counts}
