@@ -8,28 +8,24 @@
 `side` is `image_size`, or `crop_size` when one is given (see `create_dataset`).
 
 Where the time goes, and so the shape of the pipeline (figures: bench/RESULTS_pipeline.md): a
-180x180 JPEG costs ~200 us to decode here, a tf.data map element ~40 us of machinery, a
-`tf.map_fn` iteration ~25 us, and every pass over an output stack (4 x 97 KB a product, of which
-only 1.7 images are real on average) ~50 us. So records are parsed a batch at a time (one
-`parse_example` call), then each product is decoded in one map call where every slot is a branch
-on its mask: a real image is decoded, a padded slot is a constant block of zeros (no decoder
-call, loop iteration or fill), then one concat per product and the batch copy. `padded_batch`,
-ragged batches and scatter/gather assembly each cost one to three extra passes; a per-batch
-function with every product unrolled took 20 s to build and was no faster.
+180x180 JPEG costs ~150 us to decode here, a tf.data element ~40-100 us of machinery, and a pass
+over a batch's output (4 slots x 97 KB a product, only 1.7 of them real on average) ~60 us a
+product, as much as a third of a decode. So a batch of records is one element from reading to
+the end: one `parse_example` call, then one function decodes the batch's real images (several at
+once) into a pool and writes the padded stack with one gather. Per-product elements with a branch
+per slot, `padded_batch`, ragged batches and scatter assembly each cost one to three more passes
+or more machinery: 0.6-0.7 of the decode ceiling against 0.8-0.9 for this shape.
 """
 
 from __future__ import annotations
-
-import functools
 
 import tensorflow as tf
 
 import record_schema
 
 AUTOTUNE = tf.data.AUTOTUNE
-# The mapped functions hold no Python control flow on tensors (branches are explicit tf.cond),
-# so AutoGraph has nothing to convert; skipping it saves seconds of tracing
-# per dataset.
+# The mapped functions hold no Python control flow on tensors (branches and loops are explicit
+# tf.cond / tf.while_loop), so AutoGraph has nothing to convert; skipping it saves tracing time.
 _plain = tf.autograph.experimental.do_not_convert
 
 # TensorFlow's default ("") is libjpeg's IFAST; INTEGER_ACCURATE is ISLOW, what Pillow and most
@@ -46,6 +42,10 @@ _ACCEPTABLE_FRACTION = 0.5
 # batch of 64 products at 180 px is 25 MB; the default budget is half the host's RAM, which on a
 # shared machine or with one pipeline per replica lets prefetch buffers grow far beyond any use.
 _RAM_BUDGET = 2 << 30
+
+# Images of one batch decoding at once (the while loop's parallel iterations). Batches in flight
+# (the map's num_parallel_calls, autotuned) multiply it; 8 was the best of 4-64 on 2 cores.
+_PARALLEL_DECODES = 8
 
 
 # ---------------------------------------------------------------------------------------------
@@ -139,65 +139,50 @@ def augment(images: tf.Tensor, seed: tf.Tensor, *, crop_size: int | None = None,
     return tf.reshape(out, tf.concat([shape[:-3], [side, side, 3]], 0))
 
 
-def decode_product(images: tf.Tensor, mask: tf.Tensor, image_size: int, *,
-                   crop_size: int | None = None, mirror: tf.Tensor | None = None,
-                   offset: tf.Tensor | None = None) -> tf.Tensor:
-    """One product's string [M] slots + mask [M] -> uint8 [M, side, side, 3], zeros where mask is 0.
-
-    Each slot is a branch on its mask: a real image is decoded, a padded slot is a constant block
-    of zeros built once with the graph, so it costs no decoder call, no loop iteration and no
-    fill, only its share of the one concat that assembles the product. (One branch per slot
-    rather than one per image count: the executor still walks the untaken branches, and 4 small
-    ones cost half as much as 5 that hold 10 decoders between them.)
-    Augmentation (training): `mirror` bool [M] and `offset` int32 [M, 2] from
-    `random_augmentation`. Without an offset, a crop_size takes the centre window (evaluation).
-    """
-    max_images = images.shape[0]
-    one = _image_fn(image_size, crop_size, mirror is not None)
-    if mirror is None:
-        mirror = tf.zeros([max_images], tf.bool)
-    if offset is None:
-        offset = tf.fill([max_images, 2], (image_size - crop_size) // 2 if crop_size else 0)
-    side = crop_size or image_size
-    zeros = tf.constant(0, tf.uint8, shape=[1, side, side, 3])  # a Const, not a per-call Fill
-    real = mask > 0
-    slots = [tf.cond(real[i], lambda i=i: one(images[i], mirror[i], offset[i])[tf.newaxis], lambda: zeros)
-             for i in range(max_images)]
-    return tf.ensure_shape(tf.concat(slots, 0), [max_images, side, side, 3])
-
-
-@functools.lru_cache(maxsize=None)
-def _image_fn(image_size: int, crop_size: int | None, mirrors: bool):
-    """(JPEG, mirror, offset) -> one model-ready image, as a function traced once per setting and
-    called from every slot (tracing it into each slot made building a dataset take seconds).
-    Without mirrors (evaluation, flip=False) the mirror step is left out of the graph.
-
-    The crop is a slice of the full decode. `decode_and_crop_jpeg` would save that copy (~35 us)
-    but its window's edge columns come out up to 42 levels off (libjpeg upsamples the chroma at
-    the window's edge by replication), so a crop would not be a crop of the picture."""
-
-    @tf.function(autograph=False, input_signature=[
-        tf.TensorSpec([], tf.string), tf.TensorSpec([], tf.bool), tf.TensorSpec([2], tf.int32)])
-    def one(jpeg, mirror, offset):
-        return augment_image(decode_image(jpeg, image_size), mirror if mirrors else None, offset, crop_size)
-
-    return one
-
-
 def decode_images(images: tf.Tensor, mask: tf.Tensor, image_size: int = 180, *,
-                  crop_size: int | None = None) -> tf.Tensor:
-    """string [B, M] (or [M]) + mask [B, M] -> uint8 [B, M, side, side, 3], zeros where mask is 0
-    (any mask: slots are decoded one by one).
+                  crop_size: int | None = None, mirror: tf.Tensor | None = None,
+                  offset: tf.Tensor | None = None,
+                  parallel_decodes: int = _PARALLEL_DECODES) -> tf.Tensor:
+    """string [B, M] JPEG slots (or one product's [M]) + mask -> uint8 [B, M, side, side, 3], zeros
+    where mask is 0 (any mask: real slots need not come first).
 
-    The deterministic (evaluation) decoding of whole batches, for the serving signature and for
-    tests; pass the same image_size / crop_size as the evaluation pipeline to see its pixels.
+    Only the real images are decoded, `parallel_decodes` at a time, into a pool whose element 0
+    is a block of zeros; one gather then writes every slot of the output: a real slot from its
+    image, a padded one from the zeros. So the padded stack is written once, and nothing is
+    decoded, filled or looped over for a padded slot.
+
+    Augmentation (training): `mirror` bool [B, M] and `offset` int32 [B, M, 2] from
+    `random_augmentation`. Without an offset, a crop_size takes the centre window (evaluation and
+    serving); without a mirror, no mirror step is built.
     """
     images, mask = tf.convert_to_tensor(images), tf.convert_to_tensor(mask)
     if images.shape.rank == 1:
-        return decode_images(images[tf.newaxis], mask[tf.newaxis], image_size, crop_size=crop_size)[0]
+        one = lambda t: None if t is None else tf.convert_to_tensor(t)[tf.newaxis]
+        return decode_images(images[tf.newaxis], mask[tf.newaxis], image_size, crop_size=crop_size,
+                             mirror=one(mirror), offset=one(offset), parallel_decodes=parallel_decodes)[0]
     side = crop_size or image_size
-    return tf.map_fn(lambda args: decode_product(args[0], args[1], image_size, crop_size=crop_size),
-                     (images, mask), fn_output_signature=tf.TensorSpec([images.shape[1], side, side, 3], tf.uint8))
+    real = tf.reshape(mask > 0, [-1])
+    jpegs = tf.boolean_mask(tf.reshape(images, [-1]), real)
+    mirrors = None if mirror is None else tf.boolean_mask(tf.reshape(mirror, [-1]), real)
+    if offset is None:
+        offsets = tf.fill([tf.size(jpegs), 2], (image_size - crop_size) // 2 if crop_size else 0)
+    else:
+        offsets = tf.boolean_mask(tf.reshape(offset, [-1, 2]), real)
+    count = tf.size(jpegs)
+
+    zeros = tf.constant(0, tf.uint8, shape=[side, side, 3])  # a Const: no per-call fill
+    pool = tf.TensorArray(tf.uint8, size=count + 1, element_shape=[side, side, 3]).write(0, zeros)
+
+    def decode_next(i, pool):
+        image = decode_image(jpegs[i], image_size)
+        image = augment_image(image, None if mirrors is None else mirrors[i], offsets[i], crop_size)
+        return i + 1, pool.write(i + 1, image)
+
+    _, pool = tf.while_loop(lambda i, _: i < count, decode_next, (0, pool),
+                            parallel_iterations=parallel_decodes)
+    place = tf.where(real, tf.cumsum(tf.cast(real, tf.int32)), 0)  # a slot's element in the pool
+    stacked = tf.reshape(pool.gather(place), tf.concat([tf.shape(mask), [side, side, 3]], 0))
+    return tf.ensure_shape(stacked, mask.shape.concatenate([side, side, 3]))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -273,40 +258,33 @@ def create_dataset(
     else:
         ds = ds.flat_map(read)  # one file after the other: file order, then record order
 
-    # Parse a batch at a time, then go back to products for decoding. In training the parse step
-    # also draws the batch's augmentation parameters, from a seed stream that gives new numbers
-    # every epoch (stateful random ops in a map would replay the same numbers each epoch).
-    ds = ds.batch(batch_size)
+    # A batch of records is one element from here on: one parse_example call and one decode
+    # function per batch (per-product elements cost ~100 us each of tf.data and executor machinery,
+    # half a JPEG decode). Parallelism comes from several batches in flight (the map's
+    # num_parallel_calls) and several images decoding at once within each (parallel_decodes).
+    # In training the batch's augmentation parameters come from a seed stream that gives new
+    # numbers every epoch (stateful random ops in a map would replay the same numbers each epoch).
+    ds = ds.batch(batch_size, drop_remainder=training)
     if training:
         seeds = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True).batch(2)
         ds = tf.data.Dataset.zip(ds, seeds)
 
-        @_plain
-        def parse(serialized, batch_seed):
-            parsed = parse_batch(serialized, max_images)
+    @_plain
+    def parse_and_decode(serialized, batch_seed=None):
+        parsed = parse_batch(serialized, max_images)
+        mirror = offset = None
+        if batch_seed is not None:
             mirror, offset = random_augmentation(batch_seed, tf.shape(parsed[record_schema.IMAGES]),
                                                   image_size=image_size, crop_size=crop_size, flip=flip)
-            if flip:  # else leave the mirror step out of the decode graph
-                parsed["mirror"] = mirror
-            if crop_size:
-                parsed["offset"] = offset
-            return parsed
-    else:
-        @_plain
-        def parse(serialized):
-            return parse_batch(serialized, max_images)
-    ds = ds.map(parse, num_parallel_calls=AUTOTUNE).unbatch()
+            mirror = mirror if flip else None  # else leave the mirror step out of the graph
+            offset = offset if crop_size else None
+        images = decode_images(parsed[record_schema.IMAGES], parsed[record_schema.MASK], image_size,
+                               crop_size=crop_size, mirror=mirror, offset=offset)
+        features = {record_schema.IMAGES: images, record_schema.MASK: parsed[record_schema.MASK],
+                    record_schema.PRODUCT_ID: parsed[record_schema.PRODUCT_ID]}
+        return features, parsed[record_schema.LABEL]
 
-    @_plain
-    def decode(product):
-        images = decode_product(product[record_schema.IMAGES], product[record_schema.MASK], image_size,
-                                crop_size=crop_size, mirror=product.get("mirror"), offset=product.get("offset"))
-        features = {record_schema.IMAGES: images, record_schema.MASK: product[record_schema.MASK],
-                    record_schema.PRODUCT_ID: product[record_schema.PRODUCT_ID]}
-        return features, product[record_schema.LABEL]
-
-    ds = ds.map(decode, num_parallel_calls=AUTOTUNE)
-    ds = ds.batch(batch_size, drop_remainder=training)
+    ds = ds.map(parse_and_decode, num_parallel_calls=AUTOTUNE)
 
     options = tf.data.Options()
     # Order only matters for evaluation (ids line up with predictions) and for seeded runs. In
