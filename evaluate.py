@@ -13,6 +13,10 @@ import os
 from absl import app, flags, logging
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# TensorFlow's pooling allocator instead of malloc: the input pipeline's 25 MB batches otherwise
+# page-fault afresh on every batch (30-45 faults a product; bench/RESULTS_pipeline.md). Read once,
+# at import, so it is set here and not in a library module.
+os.environ.setdefault("TF_CPU_ALLOCATOR_USE_BFC", "true")
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("data_dir", None, "beam_convert output folder holding the split.")

@@ -13,6 +13,10 @@ import sys
 from absl import app, flags, logging
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# TensorFlow's pooling allocator instead of malloc: the input pipeline's 25 MB batches otherwise
+# page-fault afresh on every batch (30-45 faults a product; bench/RESULTS_pipeline.md). Read once,
+# at import, so it is set here and not in a library module.
+os.environ.setdefault("TF_CPU_ALLOCATOR_USE_BFC", "true")
 
 from model import training  # noqa: E402  (after the log level, which TensorFlow reads at import)
 
@@ -29,6 +33,8 @@ flags.DEFINE_integer("image_size", D.image_size, "Decoded image side (JPEGs are 
 flags.DEFINE_integer("crop_size", D.crop_size, "Random crop side for training, 0 for none.", lower_bound=0)
 flags.DEFINE_string("weights", D.weights, '"" (random init), "imagenet" or a .weights.h5 file.')
 flags.DEFINE_float("dropout", D.dropout, "Dropout before the classifier.", lower_bound=0, upper_bound=0.9)
+flags.DEFINE_float("bn_momentum", D.bn_momentum, "BatchNorm moving-average momentum: the statistics trail the "
+                   "weights by ~1/(1 - momentum) steps, so short runs want ~0.9.", lower_bound=0, upper_bound=0.999)
 
 flags.DEFINE_integer("epochs", D.epochs, "Training epochs.", lower_bound=1)
 flags.DEFINE_integer("batch_size", D.batch_size, "Global batch (products), split across replicas.", lower_bound=1)

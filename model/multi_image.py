@@ -29,6 +29,10 @@ class ModelConfig:
     weights: Optional[str] = None  # None, "imagenet" or a path to Xception notop weights
     dropout: float = 0.0
     max_images: int = 4
+    # The BatchNorm moving averages trail the weights by ~1 / (1 - momentum) steps: Keras' 0.99
+    # suits long runs; a run of a few hundred steps validates near chance with it, hence 0.9 in
+    # the CPU configuration.
+    bn_momentum: float = 0.99
 
     def __post_init__(self):
         if self.fusion not in fusion_lib.FUSIONS:
@@ -43,6 +47,8 @@ class ModelConfig:
             raise ValueError("num_classes must be >= 1 and num_level1/num_level2 >= 0")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        if not 0.0 <= self.bn_momentum < 1.0:
+            raise ValueError(f"bn_momentum must be in [0, 1), got {self.bn_momentum}")
         if self.max_images < 1 or self.image_size < 32:
             raise ValueError("max_images must be >= 1 and image_size >= 32")
 
@@ -67,7 +73,8 @@ class ImageEncoder(keras.layers.Layer):
     """
 
     def __init__(
-        self, backbone: str = "xception", image_size: int = 180, packed: bool = True, **kwargs
+        self, backbone: str = "xception", image_size: int = 180, packed: bool = True,
+        bn_momentum: float = 0.99, **kwargs
     ):
         super().__init__(**kwargs)
         self.backbone_name = backbone
@@ -75,6 +82,10 @@ class ImageEncoder(keras.layers.Layer):
         self.packed = packed
         spec = backbone_lib.SPECS[backbone]
         self.backbone = backbone_lib.xception(image_size, spec, name=backbone)
+        self.bn_momentum = bn_momentum
+        for layer in self.backbone.layers:
+            if isinstance(layer, keras.layers.BatchNormalization):
+                layer.momentum = bn_momentum
         self.features_dim = self.backbone.output_shape[-1]
         self.supports_jit = not packed
 
@@ -104,7 +115,8 @@ class ImageEncoder(keras.layers.Layer):
         return (images_shape[0], images_shape[1], self.features_dim)
 
     def get_config(self):
-        own = {"backbone": self.backbone_name, "image_size": self.image_size, "packed": self.packed}
+        own = {"backbone": self.backbone_name, "image_size": self.image_size, "packed": self.packed,
+               "bn_momentum": self.bn_momentum}
         return {**super().get_config(), **own}
 
 
@@ -113,7 +125,7 @@ def build_model(config: ModelConfig) -> keras.Model:
     size, slots = config.image_size, config.max_images
     images = keras.Input((slots, size, size, 3), dtype="uint8", name="images")
     mask = keras.Input((slots,), dtype="float32", name="mask")
-    encoder = ImageEncoder(config.backbone, size, config.packed, name="image_encoder")
+    encoder = ImageEncoder(config.backbone, size, config.packed, config.bn_momentum, name="image_encoder")
     if config.weights is not None:
         backbone_lib.load_weights(encoder.backbone, config.weights)
     features = encoder(images, mask)

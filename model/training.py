@@ -53,6 +53,7 @@ class TrainConfig:
     crop_size: int = 0  # 0: no random crop
     weights: str = ""  # "" or "imagenet" (for the xception backbone) or a .weights.h5 path
     dropout: float = 0.0
+    bn_momentum: float = 0.99  # BatchNorm moving averages; lower for short runs
     # Schedule.
     epochs: int = 10
     batch_size: int = 256  # global: split across replicas
@@ -267,6 +268,7 @@ def model_config(cfg: TrainConfig, labels: labels_lib.Labels, aux: bool) -> mult
         packed=cfg.packed,
         weights=cfg.weights or None,
         dropout=cfg.dropout,
+        bn_momentum=cfg.bn_momentum,
         max_images=record_schema.MAX_IMAGES,
     )
 

@@ -190,6 +190,29 @@ def test_keras_save_load_round_trip(models, fusion, packed, tmp_path):
     assert loaded.get_layer("image_encoder").packed == packed
 
 
+@pytest.mark.parametrize("momentum", [0.9, 0.5])
+def test_bn_momentum_sets_how_far_a_training_step_moves_the_statistics(momentum, tmp_path):
+    # Same initial weights, one training-mode call each: the moving mean starts at 0 and moves
+    # by (1 - momentum) x the batch mean, so its ratio to the default (0.99) model's is fixed.
+    moved = {}
+    for m in (0.99, momentum):
+        keras.utils.set_random_seed(3)
+        model = build_model(_config(bn_momentum=m))
+        model({"images": _images(MASK), "mask": MASK}, training=True)
+        bn = model.get_layer("image_encoder").backbone.get_layer("block1_conv1_bn")
+        moved[m] = bn.moving_mean.numpy()
+    np.testing.assert_allclose(moved[momentum], moved[0.99] * (1 - momentum) / 0.01, rtol=1e-3, atol=1e-9)
+    assert np.abs(moved[0.99]).max() > 1e-5  # the statistics did move
+
+    path = tmp_path / "model.keras"
+    model.save(path)
+    loaded = keras.saving.load_model(path)
+    bns = [l for l in loaded.get_layer("image_encoder").backbone.layers if isinstance(l, keras.layers.BatchNormalization)]
+    assert bns and all(l.momentum == momentum for l in bns)
+    with pytest.raises(ValueError, match="bn_momentum"):
+        _config(bn_momentum=1.0)
+
+
 def _batch(size=8, seed=4):
     counts = np.array([1, 2, 1, 4, 1, 3, 2, 1])[:size]
     mask = (np.arange(4)[None, :] < counts[:, None]).astype(np.float32)
