@@ -1,6 +1,6 @@
 """Training speed of the multi-image model, packed vs padded (issue 3, goal P3 >= 2.0x).
 
-    python -m bench.model_benchmark [--tiny_sizes=64,96] [--tiny_batch=32] [--full_size=180]
+    python -m bench.model_benchmark [--tiny_sizes=64,96] [--tiny_batch=64] [--full_size=180]
         [--full_batch=8] [--steps=3] [--full_steps=1] [--rounds=3] [--full_rounds=2]
         [--masks=exact|cdiscount] [--num_classes=5270] [--skip_full]
         [--results=bench/RESULTS_model.md]
@@ -185,7 +185,7 @@ def _tf_version() -> str:
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tiny_sizes", default="64,96", help="image sizes for the tiny backbone")
-    parser.add_argument("--tiny_batch", type=int, default=32)
+    parser.add_argument("--tiny_batch", type=int, default=64)  # configs/cpu_tiny.flags
     parser.add_argument("--full_size", type=int, default=180)
     parser.add_argument("--full_batch", type=int, default=8)
     parser.add_argument("--steps", type=int, default=3)

@@ -1,7 +1,7 @@
 """Input pipeline throughput against the decode ceiling and a seed-style loader, on one data set.
 
-    python -m bench.pipeline_benchmark [--products=6000] [--bson=PATH] [--batches=40]
-        [--warmup=8] [--rounds=3] [--allocators=default,bfc] [--work_dir=DIR]
+    python -m bench.pipeline_benchmark [--products=6000] [--bson=PATH] [--batches=100]
+        [--warmup=8] [--rounds=5] [--allocators=default,bfc] [--work_dir=DIR]
         [--results=bench/RESULTS_pipeline.md]
 
 Without --bson it writes a synthetic Cdiscount-like BSON (beam_convert.synthetic.write_bson) and
@@ -240,9 +240,9 @@ def main(argv=None) -> int:
     parser.add_argument("--products", type=int, default=6000, help="synthetic products to write")
     parser.add_argument("--bson", help="use this BSON instead of writing a synthetic one")
     parser.add_argument("--shards", type=int, default=8)
-    parser.add_argument("--batches", type=int, default=40, help="timed batches of 64 per loader and round")
+    parser.add_argument("--batches", type=int, default=100, help="timed batches of 64 per loader and round")
     parser.add_argument("--warmup", type=int, default=8, help="untimed batches before each timed run")
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--seed_batches", type=int, default=8, help="timed batches for the slow seed-style loader")
     parser.add_argument("--allocators", default="default,bfc", help=f"comma list of {sorted(ALLOCATORS)}")
     parser.add_argument("--work_dir", help="keep data here (default: a temporary folder, removed)")

@@ -164,10 +164,12 @@ def decode_images(images: tf.Tensor, mask: tf.Tensor, image_size: int = 180, *,
     real = tf.reshape(mask > 0, [-1])
     jpegs = tf.boolean_mask(tf.reshape(images, [-1]), real)
     mirrors = None if mirror is None else tf.boolean_mask(tf.reshape(mirror, [-1]), real)
-    if offset is None:
-        offsets = tf.fill([tf.size(jpegs), 2], (image_size - crop_size) // 2 if crop_size else 0)
-    else:
+    if crop_size and offset is not None:
         offsets = tf.boolean_mask(tf.reshape(offset, [-1, 2]), real)
+        offset_of = lambda i: offsets[i]
+    else:  # the centre window, or no crop at all: a constant, no per-image slicing
+        centre = tf.constant([(image_size - crop_size) // 2 if crop_size else 0] * 2)
+        offset_of = lambda i: centre
     count = tf.size(jpegs)
 
     zeros = tf.constant(0, tf.uint8, shape=[side, side, 3])  # a Const: no per-call fill
@@ -175,7 +177,7 @@ def decode_images(images: tf.Tensor, mask: tf.Tensor, image_size: int = 180, *,
 
     def decode_next(i, pool):
         image = decode_image(jpegs[i], image_size)
-        image = augment_image(image, None if mirrors is None else mirrors[i], offsets[i], crop_size)
+        image = augment_image(image, None if mirrors is None else mirrors[i], offset_of(i), crop_size)
         return i + 1, pool.write(i + 1, image)
 
     _, pool = tf.while_loop(lambda i, _: i < count, decode_next, (0, pool),
