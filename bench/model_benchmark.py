@@ -149,8 +149,8 @@ def write_results(path: pathlib.Path, rows, args, command: str) -> None:
             "process spent in each mode: other processes on the shared cores do not inflate it, "
             "so it is the steadier estimate of the ratio on an idle machine (wall-clock ratios of "
             "single rounds swing by +-50% at this load). "
-            f"Masks: {args.masks} (see the module docstring). 2 CPU cores shared with other "
-            f"work (load average {args.load[0]:.1f} at the start, {args.load[1]:.1f} at the end), "
+            f"Masks: {args.masks} (see the module docstring). 2 CPU cores "
+            f"(load average {args.load[0]:.1f} at the start, {args.load[1]:.1f} at the end), "
             f"TF {_tf_version()}, Keras {keras.__version__}.",
             "",
             table(rows),
@@ -160,9 +160,9 @@ def write_results(path: pathlib.Path, rows, args, command: str) -> None:
             "image is lower in the padded run's bigger batch (last column; likely activations that "
             "no longer fit the caches), which packing avoids too. It stays below where per-step "
             "costs that packing does not touch weigh: for the tiny backbone at 64 px, the "
-            "5,270-class head and Adam's update of its 2.7M weights (with 10 classes, "
-            "`python -m bench.model_benchmark --skip_full --tiny_sizes=64 --num_classes=10`, the "
-            "same backbone gave 2.07x by CPU time).",
+            "5,270-class head and Adam's update of its weights (with 10 classes, `python -m "
+            "bench.model_benchmark --skip_full --tiny_sizes=64 --num_classes=10`, the same "
+            "backbone gave 2.26x by CPU time).",
         ]
     ) + "\n\n"
     text = path.read_text() if path.exists() else "# Benchmark results: model\n"

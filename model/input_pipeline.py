@@ -8,13 +8,13 @@
 `side` is `image_size`, or `crop_size` when one is given (see `create_dataset`).
 
 Where the time goes, and so the shape of the pipeline (figures: bench/RESULTS_pipeline.md): a
-180x180 JPEG costs ~150 us to decode here, a tf.data element ~40-100 us of machinery, and a pass
-over a batch's output (4 slots x 97 KB a product, only 1.7 of them real on average) ~60 us a
-product, as much as a third of a decode. So a batch of records is one element from reading to
-the end: one `parse_example` call, then one function decodes the batch's real images (several at
-once) into a pool and writes the padded stack with one gather. Per-product elements with a branch
-per slot, `padded_batch`, ragged batches and scatter assembly each cost one to three more passes
-or more machinery: 0.6-0.7 of the decode ceiling against 0.8-0.9 for this shape.
+180x180 JPEG costs ~150 us to decode here, a tf.data element or a `tf.cond` with a big untaken
+branch tens of us, and a pass over a batch's output (4 slots x 97 KB a product, only 1.7 of them
+real on average) ~60 us a product. So a batch of records stays one element from reading to the
+end: one `parse_example` call, then one function decodes the batch's real images, several at
+once, into a pool and writes the padded stack with one gather. The earlier shape (products as
+elements, a branch per slot, a concat per product, then the batch copy) ran at 0.66-0.68 of the
+decode ceiling, this one at 0.70-0.82 with the random mirror and 0.87-1.05 in evaluation mode.
 """
 
 from __future__ import annotations
