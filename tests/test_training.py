@@ -1,4 +1,4 @@
-"""train.py and model.training: flags, a MirroredStrategy run killed and resumed, artefacts, serving.
+"""train.py and model.training: flags, a run killed and resumed, artefacts, serving, two workers in step.
 
 The data is the real sample BSON written as records with record_schema in a plain loop, so these
 tests do not depend on the converter. Everything runs the tiny backbone on 32x32 images.
@@ -8,11 +8,13 @@ import glob
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
 
 import bson
+import numpy as np
 import pytest
 import tensorflow as tf
 
@@ -259,3 +261,45 @@ def test_submission_from_an_unlabelled_bson_with_bad_products(resumed_run, tmp_p
     known = set(labels_lib.read_labels(os.path.join(resumed_run["model_dir"], record_schema.LABELS_FILE))
                 .category_ids.tolist())
     assert all(int(r[1]) in known for r in rows[1:])
+
+
+def _free_ports(n):
+    sockets = [socket.socket() for _ in range(n)]
+    for s in sockets:
+        s.bind(("localhost", 0))
+    ports = [s.getsockname()[1] for s in sockets]
+    for s in sockets:
+        s.close()
+    return ports
+
+
+def test_multi_worker_training_keeps_the_workers_in_step(data_dir, tmp_path):
+    # Two train.py processes on this host with TF_CONFIG: MultiWorkerMirroredStrategy over gRPC,
+    # as across hosts. Synchronous training: both end with the same trainable weights; the chief
+    # owns model_dir, the other worker writes under model_dir/workers/.
+    import keras
+
+    import model.multi_image  # noqa: F401  (registers the custom layers for load_model)
+
+    cluster = {"worker": [f"localhost:{port}" for port in _free_ports(2)]}
+    model_dir = tmp_path / "model"
+    workers = []
+    for index in range(2):
+        tf_config = json.dumps({"cluster": cluster, "task": {"type": "worker", "index": index}})
+        workers.append(subprocess.Popen(
+            [sys.executable, "train.py", f"--data_dir={data_dir}", f"--model_dir={model_dir}", *TINY,
+             "--epochs=2", "--steps_per_epoch=3", "--fusion=mean_max"],
+            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            env={**os.environ, "TF_CONFIG": tf_config, "TF_CPP_MIN_LOG_LEVEL": "2"}))
+    outputs = [worker.communicate(timeout=300)[0] for worker in workers]
+    for worker, output in zip(workers, outputs):
+        assert worker.returncode == 0, output[-3000:]
+        assert "2 replica(s) (CollectiveAllReduceStrategy)" in output
+        assert "Done: 2 epochs, 6 optimizer steps" in output
+
+    chief = keras.saving.load_model(model_dir / "model.keras")
+    other = keras.saving.load_model(model_dir / "workers" / "worker_1" / "model.keras")
+    assert len(chief.trainable_weights) == len(other.trainable_weights) > 0
+    for a, b in zip(chief.trainable_weights, other.trainable_weights):
+        np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-5, atol=1e-6, err_msg=a.path)
+    assert (model_dir / "export" / "saved_model.pb").exists()
