@@ -19,6 +19,7 @@ IMAGES = "images"
 MASK = "mask"
 
 SPLITS = ("train", "val", "test")
+# The files of a conversion's output folder (docs/FORMATS.md section 1), besides the shards.
 LABELS_FILE = "labels.csv"
 LABELS_HEADER = ("label", "category_id", "category_level1", "category_level2", "category_level3")
 METADATA_FILE = "metadata.json"
@@ -32,6 +33,18 @@ def shard_pattern(split: str) -> str:
 
 def shard_name(split: str, index: int, count: int, suffix: str = "tfrecord") -> str:
     return f"{split}-{index:05d}-of-{count:05d}.{suffix}"
+
+
+REJECTED = "rejected"  # rejected-SSSSS-of-NNNNN.jsonl: one JSON line per product not converted
+
+
+def rejected_pattern() -> str:
+    """Glob of the rejection reports inside an output folder."""
+    return f"{REJECTED}-*-of-*.jsonl"
+
+
+def rejected_name(index: int = 0, count: int = 1) -> str:
+    return shard_name(REJECTED, index, count, "jsonl")
 
 
 def image_digest(jpeg: bytes) -> int:

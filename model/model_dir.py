@@ -1,0 +1,30 @@
+"""The files of a train.py model_dir (docs/FORMATS.md section 4), for every reader and writer.
+
+Free of TensorFlow so that evaluate.py's flag checks, demo.py and the tests can name the files
+without loading it.
+"""
+
+import os
+
+FLAGS_FILE = "flags.txt"  # the effective flags, re-usable with --flagfile
+CONFIG_FILE = "train_config.json"  # model + input settings evaluate.py needs to rebuild inputs
+STATE_FILE = "train_state.json"  # written when training has finished
+MODEL_FILE = "model.keras"
+BEST_FILE = "best.keras"
+EXPORT_DIR = "export"
+BACKUP_DIR = "backup"
+LOGS_DIR = "logs"
+WORKERS_DIR = "workers"  # multi-worker runs: what the non-chief workers write
+
+# Inside an evaluation folder (default: model_dir/eval_SPLIT).
+METRICS_FILE = "metrics.json"
+REPORT_FILE = "report.png"
+SUBMISSION_FILE = "submission.csv"
+
+
+def eval_dir(model_dir: str, split: str) -> str:
+    return os.path.join(model_dir, f"eval_{split}")
+
+
+def worker_dir(model_dir: str, task_type: str, task_id: int) -> str:
+    return os.path.join(model_dir, WORKERS_DIR, f"{task_type}_{task_id}")
