@@ -21,8 +21,9 @@ import time
 
 import bson
 
-from beam_convert import synthetic
-from model import evaluation
+import record_schema
+from sample_data import synthetic
+from model import model_dir as model_dir_lib
 
 REPO = os.path.dirname(os.path.abspath(__file__))
 OUT = os.path.join(os.getcwd(), "demo_output")
@@ -31,6 +32,14 @@ TEST_PRODUCTS = 300
 NUM_CLASSES = 20
 NUM_SPLIT_CLASSES = 4
 FUSION_MODELS = ("mean_max", "late")  # the multi-image model, then the per-image baseline
+
+
+def accuracy_on(metrics: dict, category_ids) -> dict:
+    """Top-1 over the products of some categories (e.g. the synthetic split classes)."""
+    rows = [metrics["by_category"].get(str(int(c)), {"products": 0, "top1": 0.0}) for c in category_ids]
+    products = sum(r["products"] for r in rows)
+    correct = sum(r["products"] * r["top1"] for r in rows)
+    return {"products": products, "top1": correct / products if products else 0.0}
 
 
 def run(step: str, *args: str) -> float:
@@ -98,27 +107,27 @@ def main() -> None:
                                        f"--data_dir={data}", f"--model_dir={model_dir}", f"--fusion={fusion}")
         times[f"evaluate {fusion}"] = run(f"evaluate {fusion} on val", "evaluate.py", f"--data_dir={data}",
                                           f"--model_dir={model_dir}", "--split=val")
-        with open(os.path.join(model_dir, "eval_val", "metrics.json")) as f:
+        with open(os.path.join(model_dir_lib.eval_dir(model_dir, "val"), model_dir_lib.METRICS_FILE)) as f:
             results[fusion] = json.load(f)
     fusion_dir = os.path.join(models, FUSION_MODELS[0])
     times["submission"] = run("test submission", "evaluate.py", f"--data_dir={test_data}",
                               f"--model_dir={fusion_dir}", "--split=test")
 
-    with open(os.path.join(data, "labels.csv")) as f:
+    with open(os.path.join(data, record_schema.LABELS_FILE)) as f:
         num_classes = sum(1 for _ in f) - 1
-    with open(os.path.join(fusion_dir, "eval_test", "metrics.json")) as f:
+    with open(os.path.join(model_dir_lib.eval_dir(fusion_dir, "test"), model_dir_lib.METRICS_FILE)) as f:
         submission = json.load(f)["submission"]
     print("\n=== results (val split)")
     print(f"{'model':<28}{'top-1':>8}{'top-5':>8}{'split classes top-1':>22}")
     for fusion, metrics in results.items():
-        split = evaluation.accuracy_on(metrics, split_ids)
+        split = accuracy_on(metrics, split_ids)
         name = "multi-image fusion (" + fusion + ")" if fusion != "late" else "late fusion (per image)"
         print(f"{name:<28}{metrics['top1']:>8.3f}{metrics['top5']:>8.3f}{split['top1']:>15.3f} of {split['products']}")
     print(f"chance: top-1 {1 / num_classes:.3f} ({num_classes} classes). Split classes: each image alone is "
           "equally likely under both classes of its pair, so a model that cannot compare a product's images "
           "(late fusion) is expected at ~0.5 there")
-    fused = evaluation.accuracy_on(results[FUSION_MODELS[0]], split_ids)["top1"]
-    late = evaluation.accuracy_on(results["late"], split_ids)["top1"]
+    fused = accuracy_on(results[FUSION_MODELS[0]], split_ids)["top1"]
+    late = accuracy_on(results["late"], split_ids)["top1"]
     print(f"multi-image fusion {'beats' if fused > late else 'does NOT beat'} late fusion on the split classes "
           f"({fused:.3f} vs {late:.3f})")
 

@@ -1,7 +1,7 @@
 """The record both halves of the project agree on: one tf.train.Example per product.
 
 `beam_convert` writes it, `model.input_pipeline` reads it; neither knows the other, only this
-module. The format is fixed by CONTRACT.md section 2; change SCHEMA_VERSION with it.
+module. The format is fixed by docs/FORMATS.md section 2; change SCHEMA_VERSION with it.
 """
 
 import functools
@@ -10,6 +10,7 @@ from typing import Sequence
 
 SCHEMA_VERSION = 1
 MAX_IMAGES = 4
+IMAGE_SIZE = 180  # the side of every Cdiscount picture: the default decode size of the model side
 UNLABELLED = -1
 
 PRODUCT_ID = "product_id"

@@ -14,6 +14,8 @@ setuptools.setup(
     version="0.1.0",
     description=__doc__,
     python_requires=">=3.11",
+    # Listed by hand: sample_data (the synthetic data generator) stays out of the sdist that
+    # Dataflow workers install.
     packages=["beam_convert", "model"],
     py_modules=["record_schema"],
     install_requires=[

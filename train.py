@@ -1,4 +1,4 @@
-"""Train the multi-image product classifier (CONTRACT section 4).
+"""Train the multi-image product classifier (docs/FORMATS.md section 4).
 
     python train.py --flagfile=configs/cpu_tiny.flags --data_dir=DIR --model_dir=DIR [--flag=value ...]
 
@@ -10,15 +10,14 @@ import dataclasses
 import os
 import sys
 
-from absl import app, flags, logging
+from absl import app, flags
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-# TensorFlow's pooling allocator instead of malloc: the input pipeline's 25 MB batches otherwise
-# page-fault afresh on every batch (30-45 faults a product; bench/RESULTS_pipeline.md). Read once,
-# at import, so it is set here and not in a library module.
-os.environ.setdefault("TF_CPU_ALLOCATOR_USE_BFC", "true")
+from model import cli  # does not load TensorFlow
 
-from model import training  # noqa: E402  (after the log level, which TensorFlow reads at import)
+cli.configure_environment()  # before TensorFlow loads: it reads these at import
+
+from model import backbone, distribution, fusion, training  # noqa: E402
+from model import model_dir as model_dir_lib  # noqa: E402
 
 FLAGS = flags.FLAGS
 D = training.TrainConfig  # defaults live in one place: the dataclass
@@ -26,8 +25,8 @@ D = training.TrainConfig  # defaults live in one place: the dataclass
 flags.DEFINE_string("data_dir", None, "Output folder of `python -m beam_convert` (metadata.json, shards).")
 flags.DEFINE_string("model_dir", None, "Where checkpoints, logs, model.keras and export/ go.")
 
-flags.DEFINE_enum("backbone", D.backbone, training.BACKBONES, "Per-image network.")
-flags.DEFINE_enum("fusion", D.fusion, training.FUSIONS, "How a product's images are combined.")
+flags.DEFINE_enum("backbone", D.backbone, list(backbone.SPECS), "Per-image network.")
+flags.DEFINE_enum("fusion", D.fusion, fusion.FUSIONS, "How a product's images are combined.")
 flags.DEFINE_bool("packed", D.packed, "Run the backbone on real images only (skip padded slots).")
 flags.DEFINE_integer("image_size", D.image_size, "Decoded image side (JPEGs are 180).", lower_bound=16)
 flags.DEFINE_integer("crop_size", D.crop_size, "Random crop side for training, 0 for none.", lower_bound=0)
@@ -66,21 +65,11 @@ flags.DEFINE_string("profile_batches", D.profile_batches, 'Profile training batc
 flags.DEFINE_integer("sample_products", D.sample_products, "Products in the TensorBoard sample grid.", lower_bound=0)
 flags.DEFINE_integer("export_top_k", D.export_top_k, "Categories returned by the SavedModel.", lower_bound=1)
 flags.DEFINE_integer("verbose", D.verbose, "Keras fit verbosity: 1 progress bar, 2 one line an epoch.")
-flags.DEFINE_float("seconds_per_step", D.seconds_per_step, "Test aid: sleep after each step.", lower_bound=0)
 
 flags.mark_flags_as_required(["data_dir", "model_dir"])
 
 
-@flags.validator("data_dir", message="--data_dir has no metadata.json: point it at a beam_convert output folder")
-def _has_metadata(data_dir):
-    if data_dir is None:
-        return True  # mark_flags_as_required reports that one
-    path = os.path.join(data_dir, "metadata.json")
-    if "://" in data_dir:
-        import tensorflow as tf
-
-        return tf.io.gfile.exists(path)
-    return os.path.isfile(path)
+cli.check_folder_flags(model_must_exist=False)
 
 
 @flags.validator("profile_batches", message='--profile_batches must be "START,STOP" (e.g. 10,20) or empty')
@@ -93,12 +82,10 @@ def _profile_range(value):
 
 @flags.multi_flags_validator(["batch_size", "cpu_devices"])
 def _batch_divisible(values):
-    replicas = training.num_replicas_for(values["cpu_devices"])
-    if values["batch_size"] % replicas:
-        raise flags.ValidationError(
-            f"--batch_size={values['batch_size']} is not divisible by the {replicas} replicas: "
-            f"use a multiple of {replicas}"
-        )
+    try:
+        distribution.check_batch_divisible(values["batch_size"], distribution.num_replicas_for(values["cpu_devices"]))
+    except ValueError as error:
+        raise flags.ValidationError(str(error)) from None
     return True
 
 
@@ -119,13 +106,10 @@ def write_flags_file(path: str) -> None:
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-    # TensorFlow's INFO lines (one per all-reduce set-up, per SavedModel function...) would bury
-    # the epoch lines; some go through TensorFlow's logger, some straight through absl's.
-    training.tf.get_logger().setLevel("WARNING")
-    logging.set_verbosity(logging.WARNING)
+    cli.quiet_logs()
     config = training.TrainConfig(**{f.name: FLAGS[f.name].value for f in dataclasses.fields(training.TrainConfig)})
     os.makedirs(config.model_dir, exist_ok=True)
-    write_flags_file(os.path.join(config.model_dir, training.FLAGS_FILE))
+    write_flags_file(os.path.join(config.model_dir, model_dir_lib.FLAGS_FILE))
     state = training.train(config)
     final = state.get("final", {})
     val = state.get("final_val", {}).get(training.TOP1)

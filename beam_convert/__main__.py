@@ -1,6 +1,6 @@
 """python -m beam_convert --input=PATH_OR_GLOB --output_dir=DIR [options] [Beam pipeline options]
 
-Converts Cdiscount BSON files into sharded TFRecords (CONTRACT.md section 1). Any option this
+Converts Cdiscount BSON files into sharded TFRecords (docs/FORMATS.md section 1). Any option this
 parser does not know is handed to Beam, so `--runner=DataflowRunner --project=... --region=...
 --temp_location=gs://... --setup_file=./setup.py` works unchanged.
 """
@@ -26,13 +26,14 @@ from apache_beam.runners.portability.fn_api_runner import FnApiRunner
 
 import record_schema
 from beam_convert import files, labels
-from beam_convert.pipeline import ConvertConfig, build
+from beam_convert.pipeline import INDEX_MARKER, RANGE_MARKER, ConvertConfig, build, progress_marker
 
 # Below this much input (~50,000 products) the in-process runner wins: worker processes cost
 # several seconds to start. Above it one worker per core wins: 1.2x the in-process rate on
 # 100,000 products (1 GB), more as the start-up is amortised (BUILD_NOTES.md, conversion benchmark).
 IN_MEMORY_MAX_BYTES = 512 * 1024**2
 PROGRESS_SECONDS = 10.0
+TMP_PREFIX = "_tmp-"  # output_dir/_tmp-JOB: a job's temporary files, kept to resume it
 
 
 class UsageError(Exception):
@@ -44,10 +45,11 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     parser.add_argument("--input", required=True, help="BSON file, or a glob of them (local, gs://, ...)")
     parser.add_argument("--output_dir", required=True)
     parser.add_argument("--categories", help="category_names.csv: the class table (all its rows)")
-    parser.add_argument("--val_fraction", type=float, default=0.05)
-    parser.add_argument("--max_images", type=int, default=record_schema.MAX_IMAGES)
-    parser.add_argument("--num_shards", type=int, help="shards per split (default: one per index range)")
-    parser.add_argument("--range_size", type=int, default=10_000,
+    parser.add_argument("--val_fraction", type=float, default=ConvertConfig.val_fraction)
+    parser.add_argument("--max_images", type=int, default=ConvertConfig.max_images)
+    parser.add_argument("--num_shards", type=int, default=ConvertConfig.num_shards,
+                        help="shards per split (default: one per index range)")
+    parser.add_argument("--range_size", type=int, default=ConvertConfig.range_size,
                         help="products per index range: the unit of parallel work")
     parser.add_argument("--overwrite", action="store_true", help="replace an earlier conversion in output_dir")
     parser.add_argument("--skip_corrupt", action="store_true",
@@ -79,7 +81,7 @@ def check_output_dir(output_dir: str, overwrite: bool, tmp_dir: str) -> bool:
     """Refuses to mix with other output; returns whether an interrupted run of this job is there."""
     existing = files.list_dir(output_dir)
     resumable = tmp_dir in existing
-    stale = [p for p in existing if os.path.basename(p).startswith("_tmp-") and p != tmp_dir]
+    stale = [p for p in existing if os.path.basename(p).startswith(TMP_PREFIX) and p != tmp_dir]
     others = [p for p in existing if p not in stale and p != tmp_dir]
     if others and not overwrite:
         raise UsageError(f"{output_dir}: not empty ({len(others)} entries); pass --overwrite to replace its conversion")
@@ -117,9 +119,9 @@ class Progress(threading.Thread):
         self.stop = threading.Event()
         self.started = time.monotonic()
 
-    def _read(self, pattern: str) -> list[dict]:
+    def _read(self, kind: str) -> list[dict]:
         found = []
-        for path in files.glob(files.join(self.tmp_dir, "progress", pattern)):
+        for path in files.glob(progress_marker(self.tmp_dir, kind)):
             try:
                 found.append(json.loads(files.read_bytes(path)))
             except (OSError, ValueError):
@@ -128,8 +130,8 @@ class Progress(threading.Thread):
 
     def run(self) -> None:
         while not self.stop.wait(PROGRESS_SECONDS):
-            total = sum(entry["documents"] for entry in self._read("index-*.json"))
-            done = sum(entry["documents"] for entry in self._read("range-*.json"))
+            total = sum(entry["documents"] for entry in self._read(INDEX_MARKER))
+            done = sum(entry["documents"] for entry in self._read(RANGE_MARKER))
             elapsed = time.monotonic() - self.started
             share = f" of {total:,} ({100 * done / total:.0f}%)" if total else " (indexing)"
             print(f"beam_convert: {done:,} products{share}, {done / elapsed:,.0f} products/s, "
@@ -169,9 +171,9 @@ def convert(argv: list[str]) -> dict:
             categories = tuple(labels.read_categories(text, args.categories))
         except ValueError as error:
             raise UsageError(str(error)) from None
-    tmp_dir = files.join(output_dir, f"_tmp-{job_key(inputs, args, categories)}")
+    tmp_dir = files.join(output_dir, f"{TMP_PREFIX}{job_key(inputs, args, categories)}")
     if check_output_dir(output_dir, args.overwrite, tmp_dir):
-        done = len(files.glob(files.join(tmp_dir, "progress", "range-*.json")))
+        done = len(files.glob(progress_marker(tmp_dir, RANGE_MARKER)))
         print(f"beam_convert: resuming the interrupted run in {tmp_dir}: {done} range(s) already converted",
               file=sys.stderr, flush=True)
     config = ConvertConfig(

@@ -19,7 +19,15 @@ class Category:
 
 
 def read_categories(text: str, source: str) -> list[Category]:
-    """Parses category_names.csv (quoted fields hold commas), sorted by category_id."""
+    """Parses category_names.csv, sorted by category_id: the order of labels.csv."""
+    return sorted(categories_in_file_order(text, source), key=lambda category: category.category_id)
+
+
+def categories_in_file_order(text: str, source: str) -> list[Category]:
+    """Parses and checks category_names.csv (quoted fields hold commas); errors name the line.
+
+    In the file's order, which sample_data.synthetic numbers its classes by.
+    """
     reader = csv.reader(io.StringIO(text))
     header = tuple(next(reader, ()))
     if header != CATEGORIES_HEADER:
@@ -39,7 +47,7 @@ def read_categories(text: str, source: str) -> list[Category]:
         categories[category_id] = Category(category_id, *row[1:])
     if not categories:
         raise ValueError(f"{source}: no categories")
-    return [categories[key] for key in sorted(categories)]
+    return list(categories.values())
 
 
 def categories_from_ids(category_ids: Iterable[int]) -> list[Category]:

@@ -2,12 +2,15 @@
 
   files -> IndexFile -> ranges ---------> Reshuffle -> ConvertRange -> range results
                      \\-> file summaries -> dataset index (side input: labels, duplicate ids)
-  range results -> plan -> Reshuffle -> finalize tasks (shards, rejected, digests) -> metadata.json
+  range results -> delete previous output -> plan -> Reshuffle -> finalize tasks (shards,
+                   rejected, digests) -> labels.csv, metadata.json
 
 Elements are coarse (an index range of thousands of products), because Beam's per-element cost
 is paid per element, not per byte. Every range writes its own temporary files under
-`output_dir/_tmp-RUN/`; finalizing renames (or concatenates) them into the named shards and
-writes metadata.json last, so a failed run never leaves output that looks complete.
+`output_dir/_tmp-RUN/`, and a progress marker holding its RangeResult once they are complete, so
+that a re-run of an interrupted job skips it. Finalizing renames (or concatenates) the temporary
+files into the named shards and writes metadata.json last, so a failed run never leaves output
+that looks complete.
 """
 
 import collections
@@ -15,7 +18,7 @@ import dataclasses
 import io
 import json
 import time
-from typing import Iterable, Optional
+from typing import Iterable, Iterator, Optional
 
 import apache_beam as beam
 import bson
@@ -34,6 +37,8 @@ _SPLIT_CODES = {"train": 0, "val": 1}
 
 @dataclasses.dataclass(frozen=True)
 class ConvertConfig:
+    """The conversion's options; its defaults are the defaults of `python -m beam_convert`."""
+
     output_dir: str
     tmp_dir: str
     max_images: int = record_schema.MAX_IMAGES
@@ -79,6 +84,68 @@ class DatasetIndex:
     duplicate_keepers: dict  # product_id -> (file_index, offset) of the occurrence that is kept
     documents: int
     corrupt_rejections: int  # documents the index scan could not frame (--skip_corrupt)
+
+
+@dataclasses.dataclass(frozen=True)
+class SplitFile:
+    """One range's temporary TFRecord file of one split, and what it holds."""
+
+    path: str
+    products: int
+    images: int
+
+
+@dataclasses.dataclass(frozen=True)
+class RangeResult:
+    """What converting one index range produced: temporary files and counts.
+
+    Also stored as JSON in the range's progress marker, so that a re-run of an interrupted job
+    can take it from there instead of converting the range again.
+    """
+
+    range_id: str
+    records: dict[str, SplitFile]  # by split
+    images_per_product: dict[str, int]  # str(image count) -> products: JSON keys are strings
+    rejected: dict[str, int]  # reason -> products
+    too_many_images: int  # products converted without the pictures beyond max_images
+    digests: Optional[str] = None  # temporary .npy of _DIGEST_ROW rows; None without labelled products
+
+    @property
+    def products(self) -> int:
+        return sum(split_file.products for split_file in self.records.values())
+
+    def temporary_files(self) -> list[str]:
+        return [split_file.path for split_file in self.records.values()] + ([self.digests] if self.digests else [])
+
+    def to_json(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict) -> "RangeResult":
+        return cls(
+            range_id=data["range_id"],
+            records={split: SplitFile(**split_file) for split, split_file in data["records"].items()},
+            images_per_product=data["images_per_product"],
+            rejected=data["rejected"],
+            too_many_images=data["too_many_images"],
+            digests=data.get("digests"),  # markers of earlier versions leave it out when there is none
+        )
+
+
+# Progress markers in tmp_dir/progress/: one per input file indexed, one per range converted (which
+# also stores the range's result). __main__ adds up their "documents" to print progress.
+INDEX_MARKER = "index"
+RANGE_MARKER = "range"
+
+
+def progress_marker(tmp_dir: str, kind: str, name: str = "*") -> str:
+    """The marker of one indexed file or converted range; with the default name, the glob of a kind."""
+    return files.join(tmp_dir, "progress", f"{kind}-{name}.json")
+
+
+def _rejection_report(tmp_dir: str, name: str = "*") -> str:
+    """A temporary rejection report (one per range, one per file cut short); "*": the glob of all."""
+    return files.join(tmp_dir, "rejected", f"{name}.jsonl")
 
 
 def _count(name: str, value: int = 1) -> None:
@@ -137,7 +204,7 @@ class IndexFile(beam.DoFn):
             count = min(self.config.range_size, summary.documents - number * self.config.range_size)
             yield IndexRange(path, file_index, start, range_end, count, labelled)
         files.write_bytes(
-            files.join(self.config.tmp_dir, "progress", f"index-{file_index:05d}.json"),
+            progress_marker(self.config.tmp_dir, INDEX_MARKER, f"{file_index:05d}"),
             json.dumps({"path": path, "documents": summary.documents}).encode(),
         )
         yield beam.pvalue.TaggedOutput(self.SUMMARY, summary)
@@ -145,7 +212,7 @@ class IndexFile(beam.DoFn):
     def _reject_rest_of_file(self, error: CorruptBsonError, file_index: int) -> None:
         _count(products.CORRUPT_BSON)
         files.write_bytes(
-            files.join(self.config.tmp_dir, "rejected", f"{file_index:05d}-index.jsonl"),
+            _rejection_report(self.config.tmp_dir, f"{file_index:05d}-index"),
             rejection_line(None, error.path, error.offset, products.CORRUPT_BSON, error.reason + "; rest of file skipped"),
         )
 
@@ -175,14 +242,13 @@ def build_dataset_index(summaries: list[FileSummary]) -> DatasetIndex:
                         sum(s.corrupt_rejections for s in summaries))
 
 
-def _finished_result(marker: str) -> Optional[dict]:
-    """The result of a range converted by an earlier, interrupted run, if its files are all there."""
+def _finished_result(marker: str) -> Optional[RangeResult]:
+    """The result that an earlier, interrupted run stored for a range, if its files are all there."""
     try:
-        result = json.loads(files.read_bytes(marker))["result"]
-    except (OSError, ValueError, KeyError):
+        result = RangeResult.from_json(json.loads(files.read_bytes(marker))["result"])
+    except (OSError, ValueError, KeyError, TypeError):
         return None
-    paths = [counts["path"] for counts in result["records"].values()] + [result.get("digests")]
-    if not all(files.FileSystems.exists(path) for path in paths if path):
+    if not all(files.FileSystems.exists(path) for path in result.temporary_files()):
         return None
     return result
 
@@ -202,33 +268,27 @@ class ConvertRange(beam.DoFn):
 
     def process(self, index_range: IndexRange, index: DatasetIndex):
         started = time.monotonic()
-        config = self.config
-        marker = files.join(config.tmp_dir, "progress", f"range-{index_range.range_id}.json")
+        marker = progress_marker(self.config.tmp_dir, RANGE_MARKER, index_range.range_id)
         finished = _finished_result(marker)
         if finished is not None:  # converted by an earlier run of the same job
             _count("ranges_resumed")
-            for reason, count in finished["rejected"].items():
+            for reason, count in finished.rejected.items():
                 _count(reason, count)
             yield finished
             return
+        result = self._convert(index_range, index)
+        for split, split_file in result.records.items():
+            _count(f"{split}_products", split_file.products)  # per range: a counter call costs ~20 us
+        # Written last: its presence means this range's files are complete (see _finished_result).
+        files.write_bytes(marker, json.dumps({
+            "documents": index_range.documents, "products": result.products,
+            "seconds": time.monotonic() - started, "result": result.to_json()}).encode())
+        yield result
+
+    def _convert(self, index_range: IndexRange, index: DatasetIndex) -> RangeResult:
+        config = self.config
         label_map = self._label_map(index) if index_range.labelled else None
-        range_id = index_range.range_id
-        writers: dict[str, files.BufferedWriter] = {}
-        rejected: list[bytes] = []
-        digest_rows: list[tuple[int, int, int]] = []
-        result = {
-            "range_id": range_id,
-            "records": {},  # split -> {"path", "products", "images"}
-            "images_per_product": collections.Counter(),
-            "rejected": collections.Counter(),
-            TOO_MANY_IMAGES: 0,
-        }
-
-        def reject(product_id, offset, reason, detail):
-            rejected.append(rejection_line(product_id, index_range.path, offset, reason, detail))
-            result["rejected"][reason] += 1
-            _count(reason)
-
+        output = _RangeOutput(config, index_range)
         with files.open_read(index_range.path) as stream:
             stream.seek(index_range.start)
             for offset, raw in iter_documents(stream, index_range.path, index_range.start, index_range.end):
@@ -237,39 +297,60 @@ class ConvertRange(beam.DoFn):
                 except Exception as error:  # noqa: BLE001 - bson raises several types
                     if not config.skip_corrupt:
                         raise CorruptBsonError(index_range.path, offset, f"invalid BSON: {error}") from None
-                    reject(None, offset, products.CORRUPT_BSON, f"invalid BSON: {error}")
+                    output.reject(None, offset, products.CORRUPT_BSON, f"invalid BSON: {error}")
                     continue
                 outcome = products.to_product(document, labels=label_map, max_images=config.max_images)
                 if isinstance(outcome, products.Rejection):
-                    reject(outcome.product_id, offset, outcome.reason, outcome.detail)
+                    output.reject(outcome.product_id, offset, outcome.reason, outcome.detail)
                     continue
                 keeper = index.duplicate_keepers.get(outcome.product_id)
                 if keeper is not None and keeper != (index_range.file_index, offset):
-                    reject(outcome.product_id, offset, products.DUPLICATE_ID,
-                           f"_id {outcome.product_id} also at byte offset {keeper[1]} of input file {keeper[0]}, kept there")
+                    output.reject(outcome.product_id, offset, products.DUPLICATE_ID,
+                                  f"_id {outcome.product_id} also at byte offset {keeper[1]} of input file "
+                                  f"{keeper[0]}, kept there")
                     continue
-                self._write(outcome, writers, result, digest_rows, range_id)
-        for writer in writers.values():
-            writer.close()
-        if rejected:
-            files.write_bytes(files.join(config.tmp_dir, "rejected", f"{range_id}.jsonl"), b"".join(rejected))
-        if digest_rows:
-            rows = np.array(digest_rows, dtype=_DIGEST_ROW)
-            buffer = io.BytesIO()
-            np.save(buffer, rows)
-            path = files.join(config.tmp_dir, "digests", f"{range_id}.npy")
-            files.write_bytes(path, buffer.getvalue())
-            result["digests"] = path
-        for split, counts in result["records"].items():
-            _count(f"{split}_products", counts["products"])  # per range: a counter call costs ~20 us
-        converted = sum(r["products"] for r in result["records"].values())
-        # Written last: its presence means this range's files are complete (see _finished_result).
-        files.write_bytes(marker, json.dumps({
-            "documents": index_range.documents, "products": converted,
-            "seconds": time.monotonic() - started, "result": result}).encode())
-        yield result
+                output.write(outcome)
+        return output.finish()
 
-    def _write(self, product: products.Product, writers, result, digest_rows, range_id) -> None:
+
+class _SplitWriter:
+    """A range's temporary TFRecord file of one split, open for writing, and its counts."""
+
+    def __init__(self, path: str):
+        self._writer = files.BufferedWriter(path)
+        self.products = 0
+        self.images = 0
+
+    def write(self, record: bytes, images: int) -> None:
+        self._writer.write(files.tfrecord_frame(record))
+        self.products += 1
+        self.images += images
+
+    def close(self) -> SplitFile:
+        self._writer.close()
+        return SplitFile(self._writer.path, self.products, self.images)
+
+
+class _RangeOutput:
+    """What one range has written and counted so far; `finish` closes it into a RangeResult."""
+
+    def __init__(self, config: ConvertConfig, index_range: IndexRange):
+        self.config = config
+        self.source = index_range.path
+        self.range_id = index_range.range_id
+        self.writers: dict[str, _SplitWriter] = {}
+        self.rejection_lines: list[bytes] = []
+        self.rejected = collections.Counter()
+        self.images_per_product = collections.Counter()
+        self.too_many_images = 0
+        self.digest_rows: list[tuple[int, int, int]] = []
+
+    def reject(self, product_id, offset: int, reason: str, detail: str) -> None:
+        self.rejection_lines.append(rejection_line(product_id, self.source, offset, reason, detail))
+        self.rejected[reason] += 1
+        _count(reason)
+
+    def write(self, product: products.Product) -> None:
         config = self.config
         if product.label == record_schema.UNLABELLED:
             split = "test"
@@ -277,70 +358,125 @@ class ConvertRange(beam.DoFn):
             digests = [record_schema.image_digest(image) for image in product.images]
             split = products.choose_split(products.split_key(digests), config.val_fraction)
             code = _SPLIT_CODES[split]
-            digest_rows.extend((digest, product.category_id, code) for digest in digests)
-        writer = writers.get(split)
+            self.digest_rows.extend((digest, product.category_id, code) for digest in digests)
+        writer = self.writers.get(split)
         if writer is None:
-            path = files.join(config.tmp_dir, "records", split, f"{range_id}.tfrecord")
-            writer = writers[split] = files.BufferedWriter(path)
-            result["records"][split] = {"path": path, "products": 0, "images": 0}
-        writer.write(files.tfrecord_frame(record_schema.encode_example(
-            product.product_id, product.category_id, product.label, product.images, config.max_images)))
-        counts = result["records"][split]
-        counts["products"] += 1
-        counts["images"] += len(product.images)
-        result["images_per_product"][str(len(product.images))] += 1  # str: the result goes through JSON
+            path = files.join(config.tmp_dir, "records", split, f"{self.range_id}.tfrecord")
+            writer = self.writers[split] = _SplitWriter(path)
+        writer.write(record_schema.encode_example(
+            product.product_id, product.category_id, product.label, product.images, config.max_images),
+            len(product.images))
+        self.images_per_product[str(len(product.images))] += 1
         if product.dropped_images:
-            result[TOO_MANY_IMAGES] += 1
+            self.too_many_images += 1
             _count(TOO_MANY_IMAGES)
+
+    def finish(self) -> RangeResult:
+        records = {split: writer.close() for split, writer in self.writers.items()}
+        if self.rejection_lines:
+            files.write_bytes(_rejection_report(self.config.tmp_dir, self.range_id), b"".join(self.rejection_lines))
+        return RangeResult(self.range_id, records, dict(self.images_per_product), dict(self.rejected),
+                           self.too_many_images, self._write_digest_rows())
+
+    def _write_digest_rows(self) -> Optional[str]:
+        if not self.digest_rows:
+            return None
+        buffer = io.BytesIO()
+        np.save(buffer, np.array(self.digest_rows, dtype=_DIGEST_ROW))
+        path = files.join(self.config.tmp_dir, "digests", f"{self.range_id}.npy")
+        files.write_bytes(path, buffer.getvalue())
+        return path
 
 
 # --- finalize -----------------------------------------------------------------------------------
 
-def plan_finalize(results: list[dict], config: ConvertConfig) -> Iterable[tuple]:
+@dataclasses.dataclass(frozen=True)
+class SplitOverlap:
+    """How many distinct images each side of the split has, and how many both (metadata.json)."""
+
+    train_distinct_images: int
+    val_distinct_images: int
+    images_on_both_sides: int
+
+
+@dataclasses.dataclass(frozen=True)
+class FinalizeTask:
+    """Turns temporary files into one output file; the tasks run in parallel."""
+
+    sources: tuple[str, ...]
+    destination: str
+
+    def run(self) -> Optional[SplitOverlap]:
+        raise NotImplementedError
+
+
+@dataclasses.dataclass(frozen=True)
+class ConcatFiles(FinalizeTask):
+    """Joins the sources, in order, into the destination: a rename when there is one."""
+
+    def run(self) -> None:
+        if len(self.sources) == 1:
+            files.FileSystems.rename(list(self.sources), [self.destination])
+            return
+        with files.create(self.destination) as out:
+            for source in self.sources:
+                with files.open_read(source) as f:
+                    while chunk := f.read(files.BufferedWriter.FLUSH_BYTES):
+                        out.write(chunk)
+        files.delete(list(self.sources))
+
+
+@dataclasses.dataclass(frozen=True)
+class WriteDigestTable(FinalizeTask):
+    """Turns the ranges' temporary digest rows into the output's image digest table."""
+
+    def run(self) -> SplitOverlap:
+        return write_digest_table(self.sources, self.destination)
+
+
+def delete_previous_output(results: list[RangeResult], config: ConvertConfig) -> list[RangeResult]:
+    """Removes an earlier run's output (--overwrite), metadata.json first so it never looks whole.
+
+    Takes and passes on every range's result so that it runs once all ranges are converted: a run
+    that fails before then leaves the earlier output as it was.
+    """
+    patterns = [record_schema.METADATA_FILE, record_schema.LABELS_FILE, record_schema.IMAGE_DIGESTS_FILE,
+                record_schema.rejected_pattern()]
+    patterns += [record_schema.shard_pattern(split) for split in record_schema.SPLITS]
+    for pattern in patterns:
+        files.delete(files.glob(files.join(config.output_dir, pattern)))
+    return results
+
+
+def plan_finalize(results: list[RangeResult], config: ConvertConfig) -> Iterator[FinalizeTask]:
     """Tasks that turn temporary files into the output: one per shard, plus rejected and digests."""
-    _delete_previous_output(config.output_dir)
+    yield from _plan_shards(results, config)
+    rejected_sources = files.glob(_rejection_report(config.tmp_dir))
+    yield ConcatFiles(tuple(rejected_sources), files.join(config.output_dir, record_schema.rejected_name()))
+    digest_sources = tuple(sorted(result.digests for result in results if result.digests))
+    if digest_sources:
+        yield WriteDigestTable(digest_sources, files.join(config.output_dir, record_schema.IMAGE_DIGESTS_FILE))
+
+
+def _plan_shards(results: list[RangeResult], config: ConvertConfig) -> Iterator[ConcatFiles]:
+    """Each split's range files, in range order, cut into num_shards consecutive groups."""
     by_split = collections.defaultdict(list)
-    for result in sorted(results, key=lambda r: r["range_id"]):
-        for split, counts in result["records"].items():
-            by_split[split].append(counts["path"])
+    for result in sorted(results, key=lambda r: r.range_id):
+        for split, split_file in result.records.items():
+            by_split[split].append(split_file.path)
     for split, paths in sorted(by_split.items()):
         count = config.num_shards or len(paths)
         for shard in range(count):
             group = paths[shard * len(paths) // count : (shard + 1) * len(paths) // count]
             destination = files.join(config.output_dir, record_schema.shard_name(split, shard, count))
-            yield ("concat", tuple(group), destination)
-    rejected_sources = files.glob(files.join(config.tmp_dir, "rejected", "*.jsonl"))
-    yield ("concat", tuple(rejected_sources), files.join(config.output_dir, record_schema.shard_name("rejected", 0, 1, "jsonl")))
-    digest_sources = sorted(r["digests"] for r in results if "digests" in r)
-    if digest_sources:
-        yield ("digests", tuple(digest_sources), files.join(config.output_dir, record_schema.IMAGE_DIGESTS_FILE))
+            yield ConcatFiles(tuple(group), destination)
 
 
-def _delete_previous_output(output_dir: str) -> None:
-    """Removes an earlier run's output (--overwrite), metadata.json first so it never looks whole."""
-    patterns = [record_schema.METADATA_FILE, record_schema.LABELS_FILE, record_schema.IMAGE_DIGESTS_FILE,
-                "rejected-*-of-*.jsonl"] + [record_schema.shard_pattern(split) for split in record_schema.SPLITS]
-    for pattern in patterns:
-        files.delete(files.glob(files.join(output_dir, pattern)))
+def run_finalize_task(task: FinalizeTask) -> Optional[SplitOverlap]:
+    return task.run()
 
 
-def run_finalize_task(task: tuple) -> dict:
-    kind, sources, destination = task
-    if kind == "digests":
-        return {"digests": write_digest_table(sources, destination)}
-    if len(sources) == 1:
-        files.FileSystems.rename(list(sources), [destination])
-    else:
-        with files.create(destination) as out:
-            for source in sources:
-                with files.open_read(source) as f:
-                    while chunk := f.read(files.BufferedWriter.FLUSH_BYTES):
-                        out.write(chunk)
-        files.delete(list(sources))
-    return {}
-
-
-def write_digest_table(sources: Iterable[str], destination: str) -> dict:
+def write_digest_table(sources: Iterable[str], destination: str) -> SplitOverlap:
     """Train image digest -> category ids with counts (the duplicate-image lookup at evaluation).
 
     npz arrays `digest` (int64, record_schema.image_digest of the JPEG bytes), `category_id`
@@ -355,50 +491,54 @@ def write_digest_table(sources: Iterable[str], destination: str) -> dict:
     files.write_bytes(destination, buffer.getvalue())
     train_digests = np.unique(train["digest"])
     val_digests = np.unique(rows[rows["split"] == _SPLIT_CODES["val"]]["digest"])
-    return {
-        "train_distinct_images": int(len(train_digests)),
-        "val_distinct_images": int(len(val_digests)),
-        "images_on_both_sides": int(len(np.intersect1d(train_digests, val_digests))),
-    }
+    return SplitOverlap(
+        train_distinct_images=int(len(train_digests)),
+        val_distinct_images=int(len(val_digests)),
+        images_on_both_sides=int(len(np.intersect1d(train_digests, val_digests))),
+    )
 
 
-def write_metadata(task_outputs: list[dict], results: list[dict], index: DatasetIndex,
+def _split_totals(results: list[RangeResult], output_dir: str) -> dict:
+    """split -> products, images and shards, in split order."""
+    splits = collections.defaultdict(lambda: {"products": 0, "images": 0, "shards": 0})
+    for result in results:
+        for split, split_file in result.records.items():
+            splits[split]["products"] += split_file.products
+            splits[split]["images"] += split_file.images
+    for split in splits:
+        splits[split]["shards"] = len(files.glob(files.join(output_dir, record_schema.shard_pattern(split))))
+    return dict(sorted(splits.items()))
+
+
+def write_metadata(task_outputs: list[Optional[SplitOverlap]], results: list[RangeResult], index: DatasetIndex,
                    config: ConvertConfig, inputs: list[str]) -> dict:
     categories = list(config.categories or labels.categories_from_ids(index.category_ids_seen))
     files.write_bytes(files.join(config.output_dir, record_schema.LABELS_FILE), labels.labels_csv(categories).encode())
-    splits = collections.defaultdict(lambda: {"products": 0, "images": 0, "shards": 0})
     images_per_product = collections.Counter()
     rejected = collections.Counter()
-    too_many = 0
     for result in results:
-        for split, counts in result["records"].items():
-            splits[split]["products"] += counts["products"]
-            splits[split]["images"] += counts["images"]
-        images_per_product.update(result["images_per_product"])
-        rejected.update(result["rejected"])
-        too_many += result[TOO_MANY_IMAGES]
+        images_per_product.update(result.images_per_product)
+        rejected.update(result.rejected)
     if index.corrupt_rejections:
         rejected[products.CORRUPT_BSON] += index.corrupt_rejections
-    for split in splits:
-        splits[split]["shards"] = len(files.glob(files.join(config.output_dir, record_schema.shard_pattern(split))))
-    digests = next((t["digests"] for t in task_outputs if "digests" in t), None)
+    overlap = next((output for output in task_outputs if output is not None), None)
     metadata = {
         "schema_version": record_schema.SCHEMA_VERSION,
         "num_classes": len(categories),
         "max_images": config.max_images,
-        "splits": dict(sorted(splits.items())),
+        "splits": _split_totals(results, config.output_dir),
         "images_per_product": {k: images_per_product[k] for k in sorted(images_per_product, key=int)},
         "rejected": dict(sorted(rejected.items())),
         "rejected_total": sum(rejected.values()),
-        TOO_MANY_IMAGES: too_many,
+        TOO_MANY_IMAGES: sum(result.too_many_images for result in results),
         "documents": index.documents,
         "inputs": inputs,
         "labelled_inputs": sorted(index.labelled_files),
         "categories": "file" if config.categories else "seen in the data",
         "val_fraction": config.val_fraction,
         "split_key": "smallest image digest of the product (beam_convert/products.py: split_key)",
-        "image_digests": (record_schema.IMAGE_DIGESTS_FILE if digests else None),
-        "split_overlap": digests,
+        "image_digests": record_schema.IMAGE_DIGESTS_FILE if overlap is not None else None,
+        "split_overlap": dataclasses.asdict(overlap) if overlap is not None else None,
     }
     # Last, so that its presence means the output is complete.
     files.write_bytes(files.join(config.output_dir, record_schema.METADATA_FILE),
@@ -427,6 +567,7 @@ def build(pipeline: beam.Pipeline, inputs: list[str], config: ConvertConfig) -> 
     )
     task_outputs = (
         results
+        | "DeletePreviousOutput" >> beam.Map(delete_previous_output, config)
         | "PlanFinalize" >> beam.FlatMap(plan_finalize, config)
         | "SpreadTasks" >> beam.Reshuffle()
         | "RunFinalize" >> beam.Map(run_finalize_task)

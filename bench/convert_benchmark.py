@@ -22,6 +22,9 @@ import time
 
 import psutil
 
+import record_schema
+from beam_convert.pipeline import ConvertConfig
+
 PLAIN_LOOP = r"""
 import csv, sys, time
 import bson
@@ -37,11 +40,11 @@ started = time.perf_counter()
 count = 0
 with open(source, "rb") as f:
     for doc in bson.decode_file_iter(f):
-        images = tuple(img["picture"] for img in doc["imgs"][:4])
+        images = tuple(img["picture"] for img in doc["imgs"][:record_schema.MAX_IMAGES])
         digests = [record_schema.image_digest(image) for image in images]
         split = products.choose_split(products.split_key(digests), val_fraction)
         if split not in writers:
-            writers[split] = tf.io.TFRecordWriter(f"{out_dir}/{split}-00000-of-00001.tfrecord")
+            writers[split] = tf.io.TFRecordWriter(f"{out_dir}/{record_schema.shard_name(split, 0, 1)}")
         writers[split].write(record_schema.encode_example(
             doc["_id"], doc["category_id"], label_of[doc["category_id"]], images))
         count += 1
@@ -91,13 +94,12 @@ def records_by_split(folder: str) -> collections.Counter:
 
 
 def make_input(work_dir: str, products: int) -> str:
-    from beam_convert import synthetic
+    from sample_data import synthetic
 
     path = os.path.join(work_dir, f"synthetic-{products}.bson")
-    if not os.path.exists(path):
+    if not os.path.exists(path):  # write_bson renames a finished file into place: this one is whole
         started = time.perf_counter()
-        synthetic.write_bson(path + ".partial", products, num_classes=20, seed=0)
-        os.replace(path + ".partial", path)
+        synthetic.write_bson(path, products, num_classes=20, seed=0)
         print(f"made {path} in {time.perf_counter() - started:.0f} s", file=sys.stderr)
     return path
 
@@ -138,9 +140,9 @@ def main() -> None:
     os.makedirs(plain_out, exist_ok=True)
     for stale in glob.glob(os.path.join(plain_out, "*")):
         os.remove(stale)
-    labels_csv = os.path.join(f"{beam_out}-{args.modes.split(',')[0]}", "labels.csv")
-    plain_seconds, plain_mb, plain_stdout = run_measured(
-        [sys.executable, "-c", PLAIN_LOOP, large, plain_out, labels_csv, "0.05"])
+    labels_csv = os.path.join(f"{beam_out}-{args.modes.split(',')[0]}", record_schema.LABELS_FILE)
+    plain_seconds, plain_mb, plain_stdout = run_measured(  # the Beam runs' split: their default val_fraction
+        [sys.executable, "-c", PLAIN_LOOP, large, plain_out, labels_csv, str(ConvertConfig.val_fraction)])
     rows.append(("plain loop", args.products, plain_seconds, plain_mb))
 
     small_runs = {}

@@ -266,7 +266,7 @@ def main(argv=None) -> int:
         if not bson_path:
             bson_path = os.path.join(work, "synthetic.bson")
             if not os.path.exists(bson_path):
-                from beam_convert.synthetic import write_bson
+                from sample_data.synthetic import write_bson
 
                 write_bson(bson_path, args.products, num_classes=20, seed=0, labelled=True)
         data = prepare(bson_path, work, args.shards)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import collections
 import csv
-import glob
+import dataclasses
 import json
 import os
 import time
@@ -16,7 +16,9 @@ import time
 import numpy as np
 
 import record_schema
+from model import data_folder
 from model import labels as labels_lib
+from model import model_dir as model_dir_lib
 
 TOP_K = 5
 FREQUENCY_BINS = (0, 10, 100, 1_000, 10_000, None)  # training images per class: [lo, hi)
@@ -32,9 +34,9 @@ def load_model(model_dir: str):
 
     from model import multi_image  # noqa: F401  (registers the custom layers for deserialisation)
 
-    with open(os.path.join(model_dir, "train_config.json")) as f:
+    with open(os.path.join(model_dir, model_dir_lib.CONFIG_FILE)) as f:
         config = json.load(f)
-    model = keras.models.load_model(os.path.join(model_dir, "model.keras"), compile=False)
+    model = keras.models.load_model(os.path.join(model_dir, model_dir_lib.MODEL_FILE), compile=False)
     return model, config
 
 
@@ -149,14 +151,6 @@ def compute_metrics(true_classes, top_classes, num_images, labels: labels_lib.La
     return metrics
 
 
-def accuracy_on(metrics: dict, category_ids) -> dict:
-    """Top-1 over the products of some categories (e.g. the synthetic split classes)."""
-    rows = [metrics["by_category"].get(str(int(c)), {"products": 0, "top1": 0.0}) for c in category_ids]
-    products = sum(r["products"] for r in rows)
-    correct = sum(r["products"] * r["top1"] for r in rows)
-    return {"products": products, "top1": correct / products if products else 0.0}
-
-
 def write_report(metrics: dict, path: str, title: str = "") -> None:
     """PNG: accuracy by number of images, and by training frequency of the true class."""
     import matplotlib
@@ -269,28 +263,13 @@ def apply_duplicate_lookup(predictions: dict, product_digests: dict, table: Dige
 # Submission
 
 
-def read_rejected(data_dir: str) -> list[dict]:
-    rows = []
-    for path in sorted(glob.glob(os.path.join(data_dir, "rejected-*.jsonl"))):
-        with open(path) as f:
-            rows += [json.loads(line) for line in f if line.strip()]
-    return rows
-
-
-def most_frequent_category(data_dir: str, labels: labels_lib.Labels, train_class_counts=None) -> int:
+def most_frequent_category(labels: labels_lib.Labels, train_class_counts=None) -> int:
     """The fallback prediction for products the model never saw: the commonest training category.
 
-    From train_image_digests.npz counts (training images) when present, else metadata.json
-    "category_counts" if the converter wrote it, else the first class.
+    From train_image_digests.npz counts (training images) when present, else the first class.
     """
     if train_class_counts is not None and np.sum(train_class_counts) > 0:
         return int(labels.category_ids[int(np.argmax(train_class_counts))])
-    meta_path = os.path.join(data_dir, record_schema.METADATA_FILE)
-    if os.path.exists(meta_path):
-        with open(meta_path) as f:
-            counts = json.load(f).get("category_counts")
-        if counts:
-            return int(max(counts, key=lambda c: counts[c]))
     return int(labels.category_ids[0])
 
 
@@ -328,9 +307,9 @@ def evaluate(*, data_dir: str, model_dir: str, split: str, output_dir: str | Non
     splits) and submission.csv (test). Returns the summary that is written to metrics.json."""
     import tensorflow as tf
 
-    from model import input_pipeline
+    from model import training
 
-    output_dir = output_dir or os.path.join(model_dir, f"eval_{split}")
+    output_dir = output_dir or model_dir_lib.eval_dir(model_dir, split)
     os.makedirs(output_dir, exist_ok=True)
     model, config = load_model(model_dir)
     # Class index <-> category id as the model learnt it (a test folder has its own labels.csv).
@@ -342,16 +321,13 @@ def evaluate(*, data_dir: str, model_dir: str, split: str, output_dir: str | Non
         raise FileNotFoundError(f"--dup_lookup needs {digests_path}")
     class_counts = table.class_counts(labels) if table is not None else None
 
-    pattern = os.path.join(data_dir, record_schema.shard_pattern(split))
+    pattern = data_folder.split_pattern(data_dir, split)
     if not tf.io.gfile.glob(pattern):
         raise FileNotFoundError(f"no {split} shards in {data_dir}")
-    with open(os.path.join(data_dir, record_schema.METADATA_FILE)) as f:
-        total = json.load(f).get("splits", {}).get(split, {}).get("products")
-    train = config["train"]
-    dataset = input_pipeline.create_dataset(
-        pattern, batch_size=batch_size, training=False, image_size=train["image_size"],
-        crop_size=train["crop_size"] or None,
-    )
+    total = data_folder.split_products(data_folder.read_metadata(data_dir), split)
+    trained = training.config_from_json(config["train"])
+    dataset = training.split_dataset(dataclasses.replace(trained, data_dir=data_dir), split, training=False,
+                                     batch_size=batch_size)
     log(f"Evaluating {model_dir} on {pattern}{' with flip TTA' if flip_tta else ''}")
     predictions = predict_top_k(model, dataset, flip_tta=flip_tta, total=total, log=log)
     top_classes = predictions["top_classes"]
@@ -376,20 +352,20 @@ def evaluate(*, data_dir: str, model_dir: str, split: str, output_dir: str | Non
                                      "top1_gain": metrics["top1"] - plain["top1"],
                                      "top5_gain": metrics["top5"] - plain["top5"]}
         summary.update(metrics)
-        write_report(metrics, os.path.join(output_dir, "report.png"),
+        write_report(metrics, os.path.join(output_dir, model_dir_lib.REPORT_FILE),
                      f"{split}: top-1 {metrics['top1']:.3f}, top-5 {metrics['top5']:.3f}, {metrics['products']} products")
         log(f"{split}: top-1 {metrics['top1']:.4f}  top-5 {metrics['top5']:.4f}  ({metrics['products']} products); "
             f"by image count: " + ", ".join(f"{n}: {m['top1']:.3f}" for n, m in metrics["by_image_count"].items()))
     if split == "test" or not labelled:
-        fallback = most_frequent_category(train_data_dir, labels, class_counts)
+        fallback = most_frequent_category(labels, class_counts)
         submission = write_submission(
-            os.path.join(output_dir, "submission.csv"), predictions["product_id"],
+            os.path.join(output_dir, model_dir_lib.SUBMISSION_FILE), predictions["product_id"],
             labels.category_ids[top_classes[:, 0]] if len(top_classes) else [],
-            read_rejected(data_dir), fallback)
+            data_folder.read_rejected(data_dir), fallback)
         summary["submission"] = submission
         log(f"submission.csv: {submission['rows']} rows ({submission['rejected_with_fallback']} rejected products "
             f"given the most frequent training category {fallback})")
-    with open(os.path.join(output_dir, "metrics.json"), "w") as f:
+    with open(os.path.join(output_dir, model_dir_lib.METRICS_FILE), "w") as f:
         json.dump(summary, f, indent=1)
     log(f"Wrote {output_dir}")
     return summary

@@ -1,6 +1,6 @@
 """labels.csv: class index <-> Cdiscount category id, and the category tree above each class.
 
-The file is written by `beam_convert` (CONTRACT section 1). It is read with the csv module because
+The file is written by `beam_convert` (docs/FORMATS.md section 1). It is read with the csv module because
 category names are quoted and some contain commas and doubled quotes.
 """
 

@@ -2,7 +2,8 @@
 
 strategy -> data -> model, losses, optimizer and schedule -> callbacks -> fit -> model.keras and a
 SavedModel that serves raw JPEG bytes. Tests call `train` directly; train.py only turns flags into
-a `TrainConfig`.
+a `TrainConfig`. Where it runs is model/distribution.py, what it reports model/callbacks.py, what
+it exports model/export.py.
 """
 
 from __future__ import annotations
@@ -12,33 +13,20 @@ import json
 import math
 import os
 import shutil
-import time
 import warnings
 
-import numpy as np
-import tensorflow as tf
 import keras
+import tensorflow as tf
 
 import record_schema
-from model import input_pipeline, labels as labels_lib, multi_image
+from model import callbacks as callbacks_lib
+from model import data_folder, distribution, export, input_pipeline, multi_image
+from model import labels as labels_lib
+from model import model_dir as model_dir_lib
 
-FUSIONS = ("mean_max", "mean", "max", "gated", "late")
-BACKBONES = ("xception", "tiny")
 PRECISIONS = ("float32", "mixed_bfloat16", "mixed_float16")
 OPTIMIZERS = ("adamw", "sgd")
-
-# Files inside model_dir.
-FLAGS_FILE = "flags.txt"
-CONFIG_FILE = "train_config.json"  # model + input settings evaluate.py needs to rebuild inputs
-STATE_FILE = "train_state.json"  # written when training has finished
-MODEL_FILE = "model.keras"
-BEST_FILE = "best.keras"
-EXPORT_DIR = "export"
-BACKUP_DIR = "backup"
-LOGS_DIR = "logs"
-
-# The monitored metric: Keras prefixes metric names with the output name for dict outputs.
-TOP1 = "category_top1"
+TOP1 = callbacks_lib.TOP1
 
 
 @dataclasses.dataclass
@@ -49,7 +37,7 @@ class TrainConfig:
     backbone: str = "xception"
     fusion: str = "mean_max"
     packed: bool = True
-    image_size: int = 180
+    image_size: int = record_schema.IMAGE_SIZE
     crop_size: int = 0  # 0: no random crop
     weights: str = ""  # "" or "imagenet" (for the xception backbone) or a .weights.h5 path
     dropout: float = 0.0
@@ -81,122 +69,33 @@ class TrainConfig:
     sample_products: int = 8  # products shown in the TensorBoard image grid at start
     export_top_k: int = 5
     verbose: int = 2
-    seconds_per_step: float = 0.0  # test aid: sleep after every batch so a run can be killed mid-epoch
 
     @property
     def model_image_size(self) -> int:
         return self.crop_size or self.image_size
 
 
-# ---------------------------------------------------------------------------------------------
-# Strategy
-
-
-def configure_cpu_devices(count: int) -> None:
-    """Splits the CPU into `count` logical devices; must run before TensorFlow initialises."""
-    if count <= 1:
-        return
-    cpus = tf.config.list_physical_devices("CPU")
-    try:
-        tf.config.set_logical_device_configuration(
-            cpus[0], [tf.config.LogicalDeviceConfiguration() for _ in range(count)]
-        )
-    except RuntimeError:
-        # Already initialised (for example by the tests' conftest): fine if the count matches.
-        have = len(tf.config.list_logical_devices("CPU"))
-        if have != count:
-            raise RuntimeError(
-                f"--cpu_devices={count} but TensorFlow is already initialised with {have} CPU devices"
-            ) from None
-
-
-def make_strategy(cpu_devices: int = 0) -> tf.distribute.Strategy:
-    """MultiWorkerMirrored when TF_CONFIG is set, else Mirrored over GPUs or logical CPUs."""
-    if os.environ.get("TF_CONFIG"):
-        # Keras 3 model.fit under MultiWorkerMirroredStrategy is an open upstream problem
-        # (keras-team/keras#20585, tensorflow/tensorflow#72388): see _patch_nested_reduce.
-        return _patch_nested_reduce(tf.distribute.MultiWorkerMirroredStrategy())
-    if tf.config.list_physical_devices("GPU"):  # does not initialise the runtime
-        return tf.distribute.MirroredStrategy()
-    configure_cpu_devices(cpu_devices)
-    cpus = tf.config.list_logical_devices("CPU")
-    if cpu_devices > 1:
-        # Several CPU replicas reduce through one device: NCCL is GPU only.
-        return tf.distribute.MirroredStrategy(
-            [d.name for d in cpus[:cpu_devices]],
-            cross_device_ops=tf.distribute.ReductionToOneDevice(),
-        )
-    return tf.distribute.MirroredStrategy([cpus[0].name])
-
-
-def _patch_nested_reduce(strategy: tf.distribute.Strategy) -> tf.distribute.Strategy:
-    """Lets Keras 3 fit() start under MultiWorkerMirroredStrategy.
-
-    Before the first step, fit() (trainer._maybe_symbolic_build, Keras 3.15) pulls one input
-    batch and calls strategy.reduce("MEAN", batch, axis=None) on the whole nested batch, only
-    to learn its shapes. CollectiveAllReduceStrategy.reduce takes a single tensor, so it raises
-    "Attempt to convert a value ({'images': PerReplica...}) ... to a Tensor" (keras-team/keras
-    #20585). For a nested value this returns the first local replica's batch, which has the
-    shapes Keras wants, with no collective at all.
-    Then every train step reduces its scalar logs (loss, metrics) with reduce("MEAN", v, axis=0)
-    when multi-worker (trainer.reduce_per_replica), which fails on a 0-d value ("Invalid
-    reduction dimension 0 for input with 0 dimensions"): a scalar is reduced with axis=None.
-    """
-    reduce = strategy.reduce
-
-    def nested_safe_reduce(reduce_op, value, axis=None):
-        if tf.nest.is_nested(value):
-            return tf.nest.map_structure(lambda v: strategy.experimental_local_results(v)[0], value)
-        if axis is not None and strategy.experimental_local_results(value)[0].shape.rank == 0:
-            axis = None
-        return reduce(reduce_op, value, axis)
-
-    strategy.reduce = nested_safe_reduce
-    return strategy
-
-
-def worker_model_dir(model_dir: str, strategy: tf.distribute.Strategy) -> str:
-    """Where this process writes: model_dir for the chief (or the only worker); under
-    multi-worker training the others write the same files to model_dir/workers/TYPE_ID, since
-    every worker must take part in each save (they are collective) but only one may own the
-    files."""
-    resolver = getattr(strategy, "cluster_resolver", None)
-    if resolver is None or not resolver.task_type:
-        return model_dir
-    cluster = resolver.cluster_spec().as_dict()
-    chief = ("chief", 0) if "chief" in cluster else ("worker", 0)
-    if (resolver.task_type, resolver.task_id) == chief:
-        return model_dir
-    return os.path.join(model_dir, "workers", f"{resolver.task_type}_{resolver.task_id}")
-
-
-def num_replicas_for(cpu_devices: int) -> int:
-    """Replicas the local strategy will have, known before TensorFlow builds anything."""
-    gpus = tf.config.list_physical_devices("GPU")
-    if gpus:
-        return len(gpus)
-    return max(1, cpu_devices)
+def config_from_json(values: dict) -> TrainConfig:
+    """The TrainConfig saved in train_config.json["train"]; keys no longer known are ignored."""
+    known = {field.name for field in dataclasses.fields(TrainConfig)}
+    return TrainConfig(**{name: value for name, value in values.items() if name in known})
 
 
 # ---------------------------------------------------------------------------------------------
 # Data
 
 
-def read_metadata(data_dir: str) -> dict:
-    with open(os.path.join(data_dir, record_schema.METADATA_FILE)) as f:
-        return json.load(f)
-
-
-def split_products(metadata: dict, split: str) -> int:
-    return int(metadata.get("splits", {}).get(split, {}).get("products", 0))
-
-
-def split_pattern(data_dir: str, split: str) -> str:
-    return os.path.join(data_dir, record_schema.shard_pattern(split))
+def split_dataset(cfg: TrainConfig, split: str, *, training: bool, batch_size: int, **options) -> tf.data.Dataset:
+    """create_dataset over one split of cfg.data_dir, with the config's image settings."""
+    return input_pipeline.create_dataset(
+        data_folder.split_pattern(cfg.data_dir, split), batch_size=batch_size, training=training,
+        image_size=cfg.image_size, crop_size=cfg.crop_size or None, **options,
+    )
 
 
 def has_split(data_dir: str, metadata: dict, split: str) -> bool:
-    return split_products(metadata, split) > 0 and bool(tf.io.gfile.glob(split_pattern(data_dir, split)))
+    return (data_folder.split_products(metadata, split) > 0
+            and bool(tf.io.gfile.glob(data_folder.split_pattern(data_dir, split))))
 
 
 def make_targets(labels: labels_lib.Labels, aux: bool):
@@ -220,15 +119,10 @@ def train_dataset(cfg: TrainConfig, strategy, targets):
     """Per-replica pipelines: each replica reads its own batch (global batch / replicas)."""
 
     def dataset_fn(input_context: tf.distribute.InputContext):
-        ds = input_pipeline.create_dataset(
-            split_pattern(cfg.data_dir, "train"),
+        ds = split_dataset(
+            cfg, "train", training=True,
             batch_size=input_context.get_per_replica_batch_size(cfg.batch_size),
-            training=True,
-            image_size=cfg.image_size,
-            crop_size=cfg.crop_size or None,
-            shuffle_buffer=cfg.shuffle_buffer,
-            seed=cfg.seed,
-            input_context=input_context,
+            shuffle_buffer=cfg.shuffle_buffer, seed=cfg.seed, input_context=input_context,
             repeat=True,  # fit counts steps_per_epoch; the stream never ends mid-epoch
         )
         return ds.map(targets, num_parallel_calls=tf.data.AUTOTUNE).prefetch(tf.data.AUTOTUNE)
@@ -238,13 +132,7 @@ def train_dataset(cfg: TrainConfig, strategy, targets):
 
 def eval_dataset(cfg: TrainConfig, split: str, targets):
     # A plain dataset of global batches: Keras distributes it, and handles the short last batch.
-    ds = input_pipeline.create_dataset(
-        split_pattern(cfg.data_dir, split),
-        batch_size=cfg.batch_size,
-        training=False,
-        image_size=cfg.image_size,
-        crop_size=cfg.crop_size or None,
-    )
+    ds = split_dataset(cfg, split, training=False, batch_size=cfg.batch_size)
     # Multi-worker: every worker evaluates the same batches. Redundant, but exact, and valid for
     # a val split of one file (AUTO sharding would demand a file per worker).
     options = tf.data.Options()
@@ -328,214 +216,38 @@ def compile_model(model: keras.Model, cfg: TrainConfig, optimizer, aux: bool) ->
 
 
 # ---------------------------------------------------------------------------------------------
-# Callbacks
-
-
-class EpochProgress(keras.callbacks.ProgbarLogger):
-    """Keras' progress logger, but `Epoch N/M` is printed even when M == 1 (Keras skips it)."""
-
-    def on_epoch_begin(self, epoch, logs=None):
-        if self.verbose and self.epochs == 1:
-            print(f"Epoch {epoch + 1}/{self.epochs}", flush=True)
-        super().on_epoch_begin(epoch, logs)
-
-
-class Throughput(keras.callbacks.Callback):
-    """Adds `products_per_second` (training steps only) to the epoch logs.
-
-    Timed from the end of an epoch's first batch, so tracing and compilation are not counted.
-    """
-
-    def __init__(self, global_batch: int):
-        super().__init__()
-        self.global_batch = global_batch
-
-    def on_epoch_begin(self, epoch, logs=None):
-        self._first = None
-
-    def on_train_batch_end(self, batch, logs=None):
-        now = time.perf_counter()
-        if self._first is None:
-            self._first = (batch, now)
-        self._last = (batch, now)
-
-    def on_epoch_end(self, epoch, logs=None):
-        if logs is None or self._first is None:
-            return
-        steps, seconds = self._last[0] - self._first[0], self._last[1] - self._first[1]
-        if steps > 0 and seconds > 0:
-            logs["products_per_second"] = steps * self.global_batch / seconds
-
-
-class ResumeReport(keras.callbacks.Callback):
-    """Says where training resumes after BackupAndRestore has loaded its state (runs after it)."""
-
-    def __init__(self, backup_dir: str, epochs: int):
-        super().__init__()
-        self.backup_dir, self.epochs = backup_dir, epochs
-        self.resumed_epoch, self.resumed_step = 0, 0
-
-    def on_train_begin(self, logs=None):
-        step = int(keras.ops.convert_to_numpy(self.model.optimizer.iterations))
-        epoch = self.model._initial_epoch or 0  # set by BackupAndRestore when it restored
-        if step or epoch:
-            self.resumed_epoch, self.resumed_step = epoch, step
-            print(
-                f"Resuming from {self.backup_dir}: epoch {epoch + 1}/{self.epochs}, "
-                f"optimizer step {step}",
-                flush=True,
-            )
-
-
-class SlowSteps(keras.callbacks.Callback):
-    def __init__(self, seconds: float):
-        super().__init__()
-        self.seconds = seconds
-
-    def on_train_batch_end(self, batch, logs=None):
-        time.sleep(self.seconds)
-
-
-def write_sample_grid(cfg: TrainConfig, log_dir: str) -> None:
-    """One image summary of training products as the model sees them: a row per product,
-    a column per image slot, padded slots outlined in red, real ones in green."""
-    if cfg.sample_products <= 0:
-        return
-    ds = input_pipeline.create_dataset(
-        split_pattern(cfg.data_dir, "train"), batch_size=cfg.sample_products, training=True,
-        image_size=cfg.image_size, crop_size=cfg.crop_size or None, shuffle_buffer=64, seed=cfg.seed,
-    )
-    features, _ = next(iter(ds))
-    images, mask = features["images"].numpy(), features["mask"].numpy()
-    b, n, s = images.shape[:3]
-    pad = 2
-    grid = np.full((b * (s + 2 * pad), n * (s + 2 * pad), 3), 0, np.uint8)
-    for i in range(b):
-        for j in range(n):
-            y, x = i * (s + 2 * pad), j * (s + 2 * pad)
-            grid[y:y + s + 2 * pad, x:x + s + 2 * pad] = (0, 200, 0) if mask[i, j] > 0 else (200, 0, 0)
-            grid[y + pad:y + pad + s, x + pad:x + pad + s] = images[i, j]
-    writer = tf.summary.create_file_writer(os.path.join(log_dir, "samples"))
-    with writer.as_default():
-        tf.summary.image(
-            "training_products", grid[None], step=0,
-            description="rows: products; columns: image slots; red border = padding (mask 0)",
-        )
-    writer.close()
-
-
-def make_callbacks(cfg: TrainConfig, has_val: bool, steps_per_epoch: int) -> list:
-    model_dir = cfg.model_dir
-    backup_dir = os.path.join(model_dir, BACKUP_DIR)
-    callbacks = [
-        keras.callbacks.TerminateOnNaN(),
-        # Restores weights, optimizer state (iterations included) and the epoch on re-run. Kept
-        # after fit (delete_checkpoint=False) and removed only once model.keras and export/ exist,
-        # so a kill at any moment leaves something to resume from.
-        keras.callbacks.BackupAndRestore(
-            backup_dir, save_freq=max(1, cfg.backup_every_steps), delete_checkpoint=False
-        ),
-        ResumeReport(backup_dir, cfg.epochs),
-        Throughput(cfg.batch_size),
-    ]
-    if cfg.seconds_per_step > 0:
-        callbacks.append(SlowSteps(cfg.seconds_per_step))
-    if has_val:
-        callbacks.append(
-            keras.callbacks.ModelCheckpoint(
-                os.path.join(model_dir, BEST_FILE), monitor=f"val_{TOP1}", mode="max",
-                save_best_only=True,
-            )
-        )
-    profile = tuple(int(b) for b in cfg.profile_batches.split(",")) if cfg.profile_batches else 0
-    callbacks += [
-        # Epoch-level scalars: loss, top-1/top-5, learning rate, products/s (Throughput runs first
-        # and adds it to the same logs dict).
-        keras.callbacks.TensorBoard(
-            os.path.join(model_dir, LOGS_DIR), profile_batch=profile, write_graph=False
-        ),
-        EpochProgress(),  # last, so its end-of-epoch line shows products_per_second too
-    ]
-    return callbacks
-
-
-# ---------------------------------------------------------------------------------------------
-# Export
-
-
-def export_serving_model(model: keras.Model, labels: labels_lib.Labels, path: str, *, image_size: int,
-                         crop_size: int = 0, top_k: int = 5) -> None:
-    """SavedModel whose default signature maps raw JPEG bytes to the top-k category ids.
-
-    serving_default(images: string [B, 4], mask: float32 [B, 4]) ->
-        {"category_ids": int64 [B, k], "probabilities": float32 [B, k], "classes": int32 [B, k]}
-    Decoding is the input pipeline's own function, so serving sees exactly what training saw.
-    """
-    top_k = min(top_k, labels.num_classes)
-    category_ids = tf.constant(labels.category_ids, dtype=tf.int64)
-    n = record_schema.MAX_IMAGES
-
-    def serve(images, mask):
-        # The evaluation decoding of the input pipeline: resize to image_size, centre crop_size.
-        decoded = input_pipeline.decode_images(images, mask, image_size, crop_size=crop_size or None)
-        logits = model({"images": decoded, "mask": mask}, training=False)["category"]
-        probabilities = tf.nn.softmax(tf.cast(logits, tf.float32))
-        top = tf.math.top_k(probabilities, k=top_k)
-        return {
-            "category_ids": tf.gather(category_ids, top.indices),
-            "probabilities": top.values,
-            "classes": top.indices,
-        }
-
-    archive = keras.export.ExportArchive()
-    archive.track(model)
-    archive.add_endpoint(
-        "serve",  # the first endpoint is also written as serving_default
-        serve,
-        input_signature=[
-            tf.TensorSpec([None, n], tf.string, name="images"),
-            tf.TensorSpec([None, n], tf.float32, name="mask"),
-        ],
-    )
-    if tf.io.gfile.exists(path):
-        tf.io.gfile.rmtree(path)
-    archive.write_out(path, verbose=False)
-
-
-# ---------------------------------------------------------------------------------------------
 # The training run
 
 
-def train(cfg: TrainConfig) -> dict:
-    """Trains (or resumes) into cfg.model_dir; returns the final state written to train_state.json."""
+def train(cfg: TrainConfig, extra_callbacks: tuple = ()) -> dict:
+    """Trains (or resumes) into cfg.model_dir; returns the final state written to train_state.json.
+
+    extra_callbacks: Keras callbacks to run besides the built-in ones (after them).
+    """
     model_dir = cfg.model_dir
     os.makedirs(model_dir, exist_ok=True)
-    state_path = os.path.join(model_dir, STATE_FILE)
-    if os.path.exists(state_path) and os.path.exists(os.path.join(model_dir, MODEL_FILE)):
+    state_path = os.path.join(model_dir, model_dir_lib.STATE_FILE)
+    if os.path.exists(state_path) and os.path.exists(os.path.join(model_dir, model_dir_lib.MODEL_FILE)):
         with open(state_path) as f:
             state = json.load(f)
         if state.get("epochs") == cfg.epochs:
             print(f"{model_dir} already holds a finished run of {cfg.epochs} epochs; nothing to do.")
             return state
 
-    strategy = make_strategy(cfg.cpu_devices)
-    if worker_model_dir(model_dir, strategy) != model_dir:
-        cfg = dataclasses.replace(cfg, model_dir=worker_model_dir(model_dir, strategy))
+    strategy = distribution.make_strategy(cfg.cpu_devices)
+    if distribution.worker_model_dir(model_dir, strategy) != model_dir:
+        cfg = dataclasses.replace(cfg, model_dir=distribution.worker_model_dir(model_dir, strategy))
         model_dir = cfg.model_dir
         os.makedirs(model_dir, exist_ok=True)
     replicas = strategy.num_replicas_in_sync
-    if cfg.batch_size % replicas:
-        raise ValueError(
-            f"--batch_size={cfg.batch_size} is not divisible by the {replicas} replicas: "
-            f"use a multiple of {replicas}"
-        )
+    distribution.check_batch_divisible(cfg.batch_size, replicas)
     keras.config.set_dtype_policy(cfg.precision)
 
     # Data: the sizes come from metadata.json, the classes and the tree from labels.csv.
-    metadata = read_metadata(cfg.data_dir)
+    metadata = data_folder.read_metadata(cfg.data_dir)
     labels = labels_lib.read_labels(cfg.data_dir)
     aux = labels.has_hierarchy and cfg.aux_loss_weight > 0
-    train_products = split_products(metadata, "train")
+    train_products = data_folder.split_products(metadata, "train")
     steps_per_epoch = cfg.steps_per_epoch or train_products // cfg.batch_size
     if steps_per_epoch < 1:
         raise ValueError(
@@ -569,16 +281,21 @@ def train(cfg: TrainConfig) -> dict:
     mconfig = model_config(cfg, labels, aux)
     # evaluate.py maps class indices back to category ids with the model's own copy.
     shutil.copy(os.path.join(cfg.data_dir, record_schema.LABELS_FILE), os.path.join(model_dir, record_schema.LABELS_FILE))
-    with open(os.path.join(model_dir, CONFIG_FILE), "w") as f:
+    with open(os.path.join(model_dir, model_dir_lib.CONFIG_FILE), "w") as f:
         json.dump({"model": dataclasses.asdict(mconfig), "train": dataclasses.asdict(cfg)}, f, indent=1)
     with strategy.scope():
         model = multi_image.build_model(mconfig)
         optimizer = make_optimizer(cfg, learning_rate_schedule(cfg, steps_per_epoch))
         compile_model(model, cfg, optimizer, aux)
 
-    log_dir = os.path.join(model_dir, LOGS_DIR)
-    write_sample_grid(cfg, log_dir)
-    callbacks = make_callbacks(cfg, has_val, steps_per_epoch)
+    if cfg.sample_products > 0:
+        samples = split_dataset(cfg, "train", training=True, batch_size=cfg.sample_products,
+                                shuffle_buffer=64, seed=cfg.seed)
+        callbacks_lib.write_sample_grid(next(iter(samples))[0], os.path.join(model_dir, model_dir_lib.LOGS_DIR))
+    callbacks = callbacks_lib.make_callbacks(
+        model_dir, epochs=cfg.epochs, global_batch=cfg.batch_size, backup_every_steps=cfg.backup_every_steps,
+        profile_batches=cfg.profile_batches, has_val=has_val,
+    ) + list(extra_callbacks)
     try:
         history = model.fit(
             train_ds,
@@ -590,11 +307,11 @@ def train(cfg: TrainConfig) -> dict:
             shuffle=False,  # the pipeline shuffles; Keras cannot shuffle a tf.data stream anyway
         )
     except Exception as e:
-        if isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
+        if distribution.is_multi_worker(strategy):
             raise RuntimeError(
                 "model.fit failed under MultiWorkerMirroredStrategy (TF_CONFIG is set). Keras 3 has "
                 "open issues there (keras-team/keras#20585, tensorflow/tensorflow#72388); the two met "
-                "with Keras 3.15 are worked around (_patch_nested_reduce), this one is not. Unset "
+                "with Keras 3.15 are worked around (model/distribution.py), this one is not. Unset "
                 f"TF_CONFIG to train on this machine's devices. Original error: {e}"
             ) from e
         raise
@@ -607,10 +324,8 @@ def train(cfg: TrainConfig) -> dict:
     # BatchNorm statistics recalibrated on training batches, measured once more on val.
     final = multi_image.build_model(mconfig)
     final.set_weights(model.get_weights())
-    calibration = input_pipeline.create_dataset(
-        split_pattern(cfg.data_dir, "train"), batch_size=cfg.batch_size, training=True,
-        image_size=cfg.image_size, crop_size=cfg.crop_size or None, seed=cfg.seed, repeat=True,
-    )
+    calibration = split_dataset(cfg, "train", training=True, batch_size=cfg.batch_size, seed=cfg.seed,
+                                repeat=True)
     recalibrated = recalibrate_batchnorm(final, calibration, cfg.bn_recalibration_steps)
     final_val = {}
     if has_val:
@@ -623,10 +338,12 @@ def train(cfg: TrainConfig) -> dict:
         )
 
     # Final artefacts, then drop the backup: from here a re-run has nothing left to do.
-    final.save(os.path.join(model_dir, MODEL_FILE))
-    export_serving_model(final, labels, os.path.join(model_dir, EXPORT_DIR), image_size=cfg.image_size,
-                         crop_size=cfg.crop_size, top_k=cfg.export_top_k)
-    resume = next(c for c in callbacks if isinstance(c, ResumeReport))
+    model_path = os.path.join(model_dir, model_dir_lib.MODEL_FILE)
+    export_path = os.path.join(model_dir, model_dir_lib.EXPORT_DIR)
+    final.save(model_path)
+    export.export_serving_model(final, labels, export_path, image_size=cfg.image_size,
+                                crop_size=cfg.crop_size, top_k=cfg.export_top_k)
+    resume = next(c for c in callbacks if isinstance(c, callbacks_lib.ResumeReport))
     state = {
         "epochs": cfg.epochs,
         "steps_per_epoch": steps_per_epoch,
@@ -639,8 +356,8 @@ def train(cfg: TrainConfig) -> dict:
     }
     with open(state_path, "w") as f:
         json.dump(state, f, indent=1)
-    shutil.rmtree(os.path.join(model_dir, BACKUP_DIR), ignore_errors=True)
-    print(f"Saved {os.path.join(model_dir, MODEL_FILE)} and the SavedModel {os.path.join(model_dir, EXPORT_DIR)}")
+    shutil.rmtree(os.path.join(model_dir, model_dir_lib.BACKUP_DIR), ignore_errors=True)
+    print(f"Saved {model_path} and the SavedModel {export_path}")
     return state
 
 

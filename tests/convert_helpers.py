@@ -83,7 +83,7 @@ def read_records(output_dir, split) -> list[dict]:
 
 def read_rejected(output_dir) -> list[dict]:
     rows = []
-    for path in sorted(glob.glob(os.path.join(output_dir, "rejected-*-of-*.jsonl"))):
+    for path in sorted(glob.glob(os.path.join(output_dir, record_schema.rejected_pattern()))):
         with open(path) as f:
             rows += [json.loads(line) for line in f if line.strip()]
     return rows

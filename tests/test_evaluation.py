@@ -8,7 +8,8 @@ import pytest
 
 import record_schema
 from beam_convert import labels as categories_lib
-from model import evaluation
+import demo
+from model import data_folder, evaluation
 from model import labels as labels_lib
 
 # Four classes under two level1 nodes; classes 2 and 3 share level1 "B" and level2 "x".
@@ -71,7 +72,7 @@ def test_metrics_hand_computed(labels):
     assert m["by_category"]["44"] == {"products": 2, "top1": 0.5}
     bins = {b["train_images"]: (b["products"], b["top1"]) for b in m["by_class_frequency"]}
     assert bins == {"0-9": (1, 1.0), "10-99": (1, 0.0), "100-999": (2, 0.0), "1000-9999": (2, 0.5)}
-    assert evaluation.accuracy_on(m, [33, 44]) == {"products": 4, "top1": 0.25}
+    assert demo.accuracy_on(m, [33, 44]) == {"products": 4, "top1": 0.25}
     json.dumps(m)  # metrics.json must be serialisable
 
 
@@ -120,8 +121,8 @@ def test_submission_has_every_input_product(labels, tmp_path):
         {"_id": None, "source": "test.bson", "offset": 900, "reason": "corrupt_bson", "detail": "rest skipped"},
     ]
     (data_dir / "rejected-00000-of-00001.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rejected))
-    entries = evaluation.read_rejected(str(data_dir))
-    fallback = evaluation.most_frequent_category(str(data_dir), labels, [1, 9, 3, 4])
+    entries = data_folder.read_rejected(str(data_dir))
+    fallback = evaluation.most_frequent_category(labels, [1, 9, 3, 4])
     assert fallback == 22
     path = tmp_path / "submission.csv"
     summary = evaluation.write_submission(str(path), [1, 2, 3], labels.category_ids[[3, 0, 0]], entries, fallback)

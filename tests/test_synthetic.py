@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from beam_convert import synthetic
+from sample_data import synthetic
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 DATA = REPO / "data"
@@ -197,7 +197,7 @@ def test_write_categories_csv_keeps_real_names_and_quoting(tmp_path):
 def test_command_line_writes_file_and_categories(tmp_path):
     out, cats = tmp_path / "cli.bson", tmp_path / "cats.csv"
     result = subprocess.run(
-        [sys.executable, "-m", "beam_convert.synthetic", f"--output={out}", "--products=30",
+        [sys.executable, "-m", "sample_data.synthetic", f"--output={out}", "--products=30",
          "--classes=6", "--split_classes=2", "--seed=1", "--unlabelled", f"--categories_out={cats}"],
         cwd=REPO, capture_output=True, text=True, timeout=120,
     )
@@ -212,7 +212,7 @@ def test_command_line_writes_file_and_categories(tmp_path):
 def test_command_line_rejects_impossible_classes_in_one_line(tmp_path):
     out = tmp_path / "bad.bson"
     result = subprocess.run(
-        [sys.executable, "-m", "beam_convert.synthetic", f"--output={out}", "--products=5", "--classes=2"],
+        [sys.executable, "-m", "sample_data.synthetic", f"--output={out}", "--products=5", "--classes=2"],
         cwd=REPO, capture_output=True, text=True, timeout=120,
     )
     assert result.returncode != 0

@@ -93,9 +93,9 @@ def resumed_run(data_dir, tmp_path_factory):
     command again. One replica: tracing for two costs ~20 s more, and the 2-device strategy has
     its own test below."""
     model_dir = str(tmp_path_factory.mktemp("model"))
-    args = [sys.executable, "train.py", f"--data_dir={data_dir}", f"--model_dir={model_dir}", *TINY,
-            "--epochs=3", "--steps_per_epoch=6", "--backup_every_steps=2",
-            "--seconds_per_step=0.4", "--fusion=mean_max", "--profile_batches=2,3"]
+    args = [sys.executable, "tests/slow_train.py", "0.4", f"--data_dir={data_dir}", f"--model_dir={model_dir}",
+            *TINY, "--epochs=3", "--steps_per_epoch=6", "--backup_every_steps=2", "--fusion=mean_max",
+            "--profile_batches=2,3"]
     metadata = os.path.join(model_dir, "backup", "training_metadata.json")
     first = subprocess.Popen(args, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                              env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"})

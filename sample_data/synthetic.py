@@ -20,8 +20,10 @@ Category ids are the first `num_classes` rows of data/category_names.csv, so
 the small equivalent. Output is a pure function of the arguments: every picture is rendered from
 its own seed, which the product plan fixes before any pixel is drawn.
 
-    python -m beam_convert.synthetic --output=/tmp/train.bson --products=10000 \
+    python -m sample_data.synthetic --output=/tmp/train.bson --products=10000 \
         [--classes=20] [--split_classes=4] [--seed=0] [--unlabelled] [--categories_out=PATH]
+
+(from the repository root: this package is not installed, see sample_data/__init__.py).
 """
 
 import collections
@@ -40,9 +42,15 @@ import bson
 import numpy as np
 from PIL import Image, ImageChops, ImageDraw
 
+from beam_convert import labels
+
 IMAGE_SIZE = 180
 DEFAULT_CATEGORIES_CSV = pathlib.Path(__file__).resolve().parent.parent / "data" / "category_names.csv"
-CATEGORIES_HEADER = ("category_id", "category_level1", "category_level2", "category_level3")
+CATEGORIES_HEADER = labels.CATEGORIES_HEADER  # of the file write_categories_csv writes
+
+# The default number of classes, and how many of them are split classes (see Classes above).
+DEFAULT_CLASSES = 20
+DEFAULT_SPLIT_CLASSES = 4
 
 # Images per product in the real train.bson: about 60% / 20% / 10% / 10%, mean 1.7.
 IMAGES_PER_PRODUCT = {1: 0.6, 2: 0.2, 3: 0.1, 4: 0.1}
@@ -95,21 +103,17 @@ class ProductPlan(NamedTuple):
 
 
 @functools.lru_cache(maxsize=None)
-def _csv_rows(path: str) -> tuple:
+def _categories(path: str) -> tuple[labels.Category, ...]:
     with open(path, newline="", encoding="utf-8") as f:
-        reader = csv.reader(f)
-        header = tuple(next(reader))
-        if header != CATEGORIES_HEADER:
-            raise ValueError(f"{path}: header {header}, expected {CATEGORIES_HEADER}")
-        return tuple(tuple(row) for row in reader)
+        return tuple(labels.categories_in_file_order(f.read(), path))
 
 
 def category_ids(num_classes: int, categories_csv=DEFAULT_CATEGORIES_CSV) -> list[int]:
     """The first `num_classes` real category ids, in file order (class index = position)."""
-    rows = _csv_rows(str(categories_csv))
-    if not 1 <= num_classes <= len(rows):
-        raise ValueError(f"num_classes={num_classes}: expected 1..{len(rows)}")
-    return [int(row[0]) for row in rows[:num_classes]]
+    categories = _categories(str(categories_csv))
+    if not 1 <= num_classes <= len(categories):
+        raise ValueError(f"num_classes={num_classes}: expected 1..{len(categories)}")
+    return [category.category_id for category in categories[:num_classes]]
 
 
 def _check_classes(num_classes: int, num_split_classes: int) -> None:
@@ -121,7 +125,9 @@ def _check_classes(num_classes: int, num_split_classes: int) -> None:
         raise ValueError(f"num_split_classes={num_split_classes} > num_classes={num_classes}")
 
 
-def class_cues(num_classes: int = 20, num_split_classes: int = 4) -> list[tuple[Cue, ...]]:
+def class_cues(
+    num_classes: int = DEFAULT_CLASSES, num_split_classes: int = DEFAULT_SPLIT_CLASSES
+) -> list[tuple[Cue, ...]]:
     """The cues of each class (label order): one for a regular class, the pair's two for a split one.
 
     Regular classes come first, split pairs last as (same, mixed). Consecutive regular classes
@@ -141,14 +147,22 @@ def class_cues(num_classes: int = 20, num_split_classes: int = 4) -> list[tuple[
     return cues
 
 
-def split_class_pairs(num_classes: int = 20, num_split_classes: int = 4, categories_csv=DEFAULT_CATEGORIES_CSV):
+def split_class_pairs(
+    num_classes: int = DEFAULT_CLASSES,
+    num_split_classes: int = DEFAULT_SPLIT_CLASSES,
+    categories_csv=DEFAULT_CATEGORIES_CSV,
+):
     """[(same_category_id, mixed_category_id), ...] for each split pair."""
     _check_classes(num_classes, num_split_classes)
     ids = category_ids(num_classes, categories_csv)[num_classes - num_split_classes :]
     return list(zip(ids[0::2], ids[1::2]))
 
 
-def split_category_ids(num_classes: int = 20, num_split_classes: int = 4, categories_csv=DEFAULT_CATEGORIES_CSV):
+def split_category_ids(
+    num_classes: int = DEFAULT_CLASSES,
+    num_split_classes: int = DEFAULT_SPLIT_CLASSES,
+    categories_csv=DEFAULT_CATEGORIES_CSV,
+):
     """The category ids whose evidence is split across a product's images."""
     return [cid for pair in split_class_pairs(num_classes, num_split_classes, categories_csv) for cid in pair]
 
@@ -202,14 +216,14 @@ def _split_cue_indices(rng: random.Random, n: int, mixed: bool) -> list[int]:
 def plan_products(
     num_products: int,
     *,
-    num_classes: int = 20,
+    num_classes: int = DEFAULT_CLASSES,
     seed: int = 0,
-    num_split_classes: int = 4,
+    num_split_classes: int = DEFAULT_SPLIT_CLASSES,
     duplicate_fraction: float = DUPLICATE_FRACTION,
     categories_csv=DEFAULT_CATEGORIES_CSV,
     first_id: int = 0,
 ) -> Iterator[ProductPlan]:
-    """The products `generate_products` renders: classes, ids, image counts, cues, seeds, copies.
+    """The products `write_bson` renders: classes, ids, image counts, cues, seeds, copies.
 
     Cheap (no pixels), so tests and analyses can check the design on many products.
     """
@@ -329,50 +343,23 @@ def to_document(plan: ProductPlan, *, labelled: bool = True) -> dict:
     return doc
 
 
-def generate_products(
-    num_products: int,
-    *,
-    num_classes: int = 20,
-    seed: int = 0,
-    labelled: bool = True,
-    num_split_classes: int = 4,
-    duplicate_fraction: float = DUPLICATE_FRACTION,
-    categories_csv=DEFAULT_CATEGORIES_CSV,
-    first_id: int = 0,
-) -> Iterator[dict]:
-    """The BSON documents of `num_products` synthetic products.
-
-    `labelled=False` gives the same products without `category_id` (a test file whose answers
-    are the labelled run with the same arguments).
-    """
-    for plan in plan_products(
-        num_products,
-        num_classes=num_classes,
-        seed=seed,
-        num_split_classes=num_split_classes,
-        duplicate_fraction=duplicate_fraction,
-        first_id=first_id,
-        categories_csv=categories_csv,
-    ):
-        yield to_document(plan, labelled=labelled)
-
-
 def write_bson(
     path,
     num_products: int,
     *,
-    num_classes: int = 20,
+    num_classes: int = DEFAULT_CLASSES,
     seed: int = 0,
     labelled: bool = True,
-    num_split_classes: int = 4,
+    num_split_classes: int = DEFAULT_SPLIT_CLASSES,
     duplicate_fraction: float = DUPLICATE_FRACTION,
     categories_csv=DEFAULT_CATEGORIES_CSV,
     first_id: int = 0,
 ) -> dict:
-    """Writes a mongodump-style file and returns a summary of what is in it.
+    """Writes a mongodump-style file of `num_products` products; returns a summary of what is in it.
 
-    Written to a temporary name and renamed, so an interrupted run never leaves a file that
-    looks complete.
+    `labelled=False` gives the same products without `category_id` (a test file whose answers
+    are the labelled run with the same arguments). Written to a temporary name and renamed, so an
+    interrupted run never leaves a file that looks complete.
     """
     start = time.perf_counter()
     histogram = collections.Counter()
@@ -380,11 +367,10 @@ def write_bson(
     images = 0
     path = os.fspath(path)
     partial = path + ".partial"
-    documents = generate_products(
+    plans = plan_products(
         num_products,
         num_classes=num_classes,
         seed=seed,
-        labelled=labelled,
         num_split_classes=num_split_classes,
         duplicate_fraction=duplicate_fraction,
         first_id=first_id,
@@ -392,7 +378,8 @@ def write_bson(
     )
     try:
         with open(partial, "wb") as f:
-            for doc in documents:
+            for plan in plans:
+                doc = to_document(plan, labelled=labelled)
                 f.write(bson.encode(doc))
                 pictures = [img["picture"] for img in doc["imgs"]]
                 histogram[len(pictures)] += 1
@@ -427,7 +414,7 @@ def write_categories_csv(path, category_ids: Sequence[int], categories_csv=DEFAU
     """
     known = {}
     if os.path.exists(categories_csv):
-        known = {int(row[0]): row[1:] for row in _csv_rows(str(categories_csv))}
+        known = {c.category_id: (c.level1, c.level2, c.level3) for c in _categories(str(categories_csv))}
     with open(path, "w", newline="", encoding="utf-8") as f:
         writer = csv.writer(f, lineterminator="\n")
         writer.writerow(CATEGORIES_HEADER)
@@ -446,8 +433,10 @@ def _define_flags():
 
     flags.DEFINE_string("output", None, "BSON file to write.", required=True)
     flags.DEFINE_integer("products", None, "Number of products.", required=True, lower_bound=1)
-    flags.DEFINE_integer("classes", 20, "Classes: the first rows of data/category_names.csv.", lower_bound=1)
-    flags.DEFINE_integer("split_classes", 4, "How many of them are split classes (even).", lower_bound=0)
+    flags.DEFINE_integer("classes", DEFAULT_CLASSES, "Classes: the first rows of data/category_names.csv.",
+                         lower_bound=1)
+    flags.DEFINE_integer("split_classes", DEFAULT_SPLIT_CLASSES, "How many of them are split classes (even).",
+                         lower_bound=0)
     flags.DEFINE_integer("seed", 0, "Random seed; the output is a pure function of the flags.")
     flags.DEFINE_bool("unlabelled", False, "Omit category_id, like the real test.bson.")
     flags.DEFINE_float("duplicate_fraction", DUPLICATE_FRACTION, "Share of products that relist pictures.")
@@ -471,7 +460,7 @@ def _main(argv) -> None:
             duplicate_fraction=FLAGS.duplicate_fraction,
         )
     except (ValueError, OSError) as e:
-        sys.exit(f"beam_convert.synthetic: {e}")
+        sys.exit(f"sample_data.synthetic: {e}")
     if FLAGS.categories_out:
         write_categories_csv(FLAGS.categories_out, summary["category_ids"])
     print(

@@ -1,0 +1,59 @@
+"""What train.py and evaluate.py share: the environment TensorFlow reads at import, quiet logs,
+and the checks of their folder flags.
+
+Importing this module does not load TensorFlow, so `configure_environment` can run first.
+"""
+
+import os
+
+import record_schema
+from model import model_dir as model_dir_lib
+
+
+def configure_environment() -> None:
+    """Call before TensorFlow is imported: it reads these once, at import. A user's own setting wins."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    # TensorFlow's pooling allocator instead of malloc: the input pipeline's 25 MB batches otherwise
+    # page-fault afresh on every batch (30-45 faults a product; bench/RESULTS_pipeline.md).
+    os.environ.setdefault("TF_CPU_ALLOCATOR_USE_BFC", "true")
+
+
+def quiet_logs() -> None:
+    """TensorFlow's INFO lines (one per all-reduce set-up, per SavedModel function...) would bury
+    the epoch lines; some go through TensorFlow's logger, some straight through absl's."""
+    import tensorflow as tf
+    from absl import logging
+
+    tf.get_logger().setLevel("WARNING")
+    logging.set_verbosity(logging.WARNING)
+
+
+def check_folder_flags(*, model_must_exist: bool) -> None:
+    """Registers the checks of --data_dir (and of --model_dir when it must hold a trained model)."""
+    from absl import flags
+
+    flags.register_validator(
+        "data_dir", has_metadata,
+        message=f"--data_dir has no {record_schema.METADATA_FILE}: point it at a beam_convert output folder")
+    if model_must_exist:
+        flags.register_validator(
+            "model_dir", has_model,
+            message=f"--model_dir has no {model_dir_lib.MODEL_FILE}: train first (python train.py ...)")
+
+
+def _file_exists(path: str) -> bool:
+    if "://" in path:  # gs://, s3://...: only TensorFlow's filesystems know them
+        import tensorflow as tf
+
+        return tf.io.gfile.exists(path)
+    return os.path.isfile(path)
+
+
+def has_metadata(data_dir) -> bool:
+    """Flag check: --data_dir is a beam_convert output folder (None is left to the required check)."""
+    return data_dir is None or _file_exists(os.path.join(data_dir, record_schema.METADATA_FILE))
+
+
+def has_model(model_dir) -> bool:
+    """Flag check: --model_dir holds a trained model (None is left to the required check)."""
+    return model_dir is None or _file_exists(os.path.join(model_dir, model_dir_lib.MODEL_FILE))
