@@ -8,6 +8,8 @@ category tree, most confused pairs) and report.png. test: submission.csv `_id,ca
 row for every product of the input, rejected ones included (most frequent training category).
 """
 
+import sys
+
 from absl import app, flags
 
 from model import cli  # does not load TensorFlow
@@ -35,11 +37,14 @@ def main(argv):
     from model import evaluation
 
     cli.quiet_logs()
-    evaluation.evaluate(
-        data_dir=FLAGS.data_dir, model_dir=FLAGS.model_dir, split=FLAGS.split, output_dir=FLAGS.output_dir,
-        batch_size=FLAGS.batch_size, flip_tta=FLAGS.flip_tta, dup_lookup=FLAGS.dup_lookup,
-        train_data_dir=FLAGS.train_data_dir,
-    )
+    try:
+        evaluation.evaluate(
+            data_dir=FLAGS.data_dir, model_dir=FLAGS.model_dir, split=FLAGS.split, output_dir=FLAGS.output_dir,
+            batch_size=FLAGS.batch_size, flip_tta=FLAGS.flip_tta, dup_lookup=FLAGS.dup_lookup,
+            train_data_dir=FLAGS.train_data_dir,
+        )
+    except cli.UserError as error:
+        sys.exit(f"evaluate.py: error: {error}")
 
 
 if __name__ == "__main__":

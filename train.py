@@ -7,7 +7,6 @@ Re-running the same command after an interruption resumes from model_dir/backup/
 """
 
 import dataclasses
-import os
 import sys
 
 from absl import app, flags
@@ -16,8 +15,7 @@ from model import cli  # does not load TensorFlow
 
 cli.configure_environment()  # before TensorFlow loads: it reads these at import
 
-from model import backbone, distribution, fusion, training  # noqa: E402
-from model import model_dir as model_dir_lib  # noqa: E402
+from model import backbone, distribution, fusion, optimization, training  # noqa: E402
 
 FLAGS = flags.FLAGS
 D = training.TrainConfig  # defaults live in one place: the dataclass
@@ -39,7 +37,7 @@ flags.DEFINE_integer("epochs", D.epochs, "Training epochs.", lower_bound=1)
 flags.DEFINE_integer("batch_size", D.batch_size, "Global batch (products), split across replicas.", lower_bound=1)
 flags.DEFINE_integer("steps_per_epoch", D.steps_per_epoch, "0: train products // batch_size.", lower_bound=0)
 flags.DEFINE_integer("validation_steps", D.validation_steps, "0: the whole val split.", lower_bound=0)
-flags.DEFINE_enum("optimizer", D.optimizer, training.OPTIMIZERS, "adamw, or sgd with Nesterov momentum.")
+flags.DEFINE_enum("optimizer", D.optimizer, optimization.OPTIMIZERS, "adamw, or sgd with Nesterov momentum.")
 flags.DEFINE_float("base_lr", D.base_lr, "Peak learning rate per 256 products of global batch.", lower_bound=0)
 flags.DEFINE_float("warmup_epochs", D.warmup_epochs, "Linear warmup length before the cosine decay.", lower_bound=0)
 flags.DEFINE_float("min_lr_ratio", D.min_lr_ratio, "Final learning rate as a fraction of the peak.", lower_bound=0)
@@ -96,11 +94,10 @@ def _no_xla_on_logical_cpus(values):
     return not (values["jit_compile"] and values["cpu_devices"] > 1)
 
 
-def write_flags_file(path: str) -> None:
+def flags_file_text() -> str:
     """The effective flags of this program, in flagfile format (re-usable with --flagfile)."""
     own = FLAGS.get_flags_for_module(sys.modules[__name__])
-    with open(path, "w") as f:
-        f.write("".join(flag.serialize() + "\n" for flag in sorted(own, key=lambda fl: fl.name)))
+    return "".join(flag.serialize() + "\n" for flag in sorted(own, key=lambda fl: fl.name))
 
 
 def main(argv):
@@ -108,9 +105,10 @@ def main(argv):
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     cli.quiet_logs()
     config = training.TrainConfig(**{f.name: FLAGS[f.name].value for f in dataclasses.fields(training.TrainConfig)})
-    os.makedirs(config.model_dir, exist_ok=True)
-    write_flags_file(os.path.join(config.model_dir, model_dir_lib.FLAGS_FILE))
-    state = training.train(config)
+    try:
+        state = training.train(config, flags_text=flags_file_text())
+    except cli.UserError as error:
+        sys.exit(f"train.py: error: {error}")
     final = state.get("final", {})
     val = state.get("final_val", {}).get(training.TOP1)
     print(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import time
 
@@ -16,7 +17,16 @@ TOP1 = "category_top1"
 
 
 class EpochProgress(keras.callbacks.ProgbarLogger):
-    """Keras' progress logger, but `Epoch N/M` is printed even when M == 1 (Keras skips it)."""
+    """Keras' progress logger, with `Epoch N/M` counted over the whole run (a resumed run trains in
+    more than one fit call) and printed even when M == 1 (Keras skips it then)."""
+
+    def __init__(self, epochs: int):
+        super().__init__()
+        self.total_epochs = epochs
+
+    def set_params(self, params):
+        super().set_params(params)
+        self.epochs = self.total_epochs
 
     def on_epoch_begin(self, epoch, logs=None):
         if self.verbose and self.epochs == 1:
@@ -51,38 +61,68 @@ class Throughput(keras.callbacks.Callback):
             logs["products_per_second"] = steps * self.global_batch / seconds
 
 
-class ResumeReport(keras.callbacks.Callback):
-    """Says where training resumes after BackupAndRestore has loaded its state (runs after it)."""
+BACKUP_WEIGHTS = "latest.weights.h5"  # weights and optimizer state (its step count included)
+BACKUP_PROGRESS = "progress.json"  # where the backup stands, for people and tests: no code reads it
 
-    def __init__(self, backup_dir: str, epochs: int):
+
+class Backup(keras.callbacks.Callback):
+    """Backs up weights and optimizer state every `every_steps` optimizer steps and at the end of
+    every epoch, so that a kill loses at most `every_steps` steps and never a finished epoch.
+
+    Keras' BackupAndRestore saves on one of the two schedules only, and its restore replays the
+    steps already done in an interrupted epoch; here the optimizer's step count is the whole
+    position (train() derives the epoch and the steps left in it), so nothing is redone. Each save
+    goes to a temporary name and is then renamed: a kill during a save leaves the last one whole.
+    """
+
+    def __init__(self, backup_dir: str, every_steps: int, steps_per_epoch: int):
         super().__init__()
-        self.backup_dir, self.epochs = backup_dir, epochs
-        self.resumed_epoch, self.resumed_step = 0, 0
+        self.backup_dir, self.every_steps, self.steps_per_epoch = backup_dir, every_steps, steps_per_epoch
+
+    def _step(self) -> int:
+        return int(keras.ops.convert_to_numpy(self.model.optimizer.iterations))
 
     def on_train_begin(self, logs=None):
-        step = int(keras.ops.convert_to_numpy(self.model.optimizer.iterations))
-        epoch = self.model._initial_epoch or 0  # set by BackupAndRestore when it restored
-        if step or epoch:
-            self.resumed_epoch, self.resumed_step = epoch, step
-            print(
-                f"Resuming from {self.backup_dir}: epoch {epoch + 1}/{self.epochs}, "
-                f"optimizer step {step}",
-                flush=True,
-            )
+        self._saved_at = self._step()
+
+    def on_train_batch_end(self, batch, logs=None):
+        step = self._step()
+        if step - self._saved_at >= self.every_steps:
+            self._save(step)
+
+    def on_epoch_end(self, epoch, logs=None):
+        self._save(self._step())
+
+    def _save(self, step: int) -> None:
+        tf.io.gfile.makedirs(self.backup_dir)
+        weights = os.path.join(self.backup_dir, BACKUP_WEIGHTS)
+        partial = os.path.join(self.backup_dir, "partial." + BACKUP_WEIGHTS)
+        self.model.save_weights(partial, overwrite=True)
+        tf.io.gfile.rename(partial, weights, overwrite=True)
+        epoch, in_epoch = divmod(step, self.steps_per_epoch)
+        with tf.io.gfile.GFile(os.path.join(self.backup_dir, BACKUP_PROGRESS), "w") as f:
+            json.dump({"optimizer_step": step, "epoch": epoch, "step_in_epoch": in_epoch}, f)
+        self._saved_at = step
 
 
-def make_callbacks(model_dir: str, *, epochs: int, global_batch: int, backup_every_steps: int,
-                   profile_batches: str, has_val: bool) -> list:
-    backup_dir = os.path.join(model_dir, model_dir_lib.BACKUP_DIR)
+def restore_backup(model: keras.Model, backup_dir: str) -> int:
+    """Loads the last backup into a compiled model, if there is one; returns its optimizer step."""
+    weights = os.path.join(backup_dir, BACKUP_WEIGHTS)
+    if not tf.io.gfile.exists(weights):
+        return 0
+    if not model.optimizer.built:
+        model.optimizer.build(model.trainable_variables)
+    model.load_weights(weights)
+    return int(keras.ops.convert_to_numpy(model.optimizer.iterations))
+
+
+def make_callbacks(model_dir: str, *, epochs: int, steps_per_epoch: int, global_batch: int,
+                   backup_every_steps: int, profile_batches: str, has_val: bool) -> list:
     callbacks = [
         keras.callbacks.TerminateOnNaN(),
-        # Restores weights, optimizer state (iterations included) and the epoch on re-run. Kept
-        # after fit (delete_checkpoint=False) and removed only once model.keras and export/ exist,
-        # so a kill at any moment leaves something to resume from.
-        keras.callbacks.BackupAndRestore(
-            backup_dir, save_freq=max(1, backup_every_steps), delete_checkpoint=False
-        ),
-        ResumeReport(backup_dir, epochs),
+        # Kept after fit and removed only once model.keras and export/ exist, so a kill at any
+        # moment leaves something to resume from.
+        Backup(os.path.join(model_dir, model_dir_lib.BACKUP_DIR), max(1, backup_every_steps), steps_per_epoch),
         Throughput(global_batch),
     ]
     if has_val:
@@ -99,7 +139,7 @@ def make_callbacks(model_dir: str, *, epochs: int, global_batch: int, backup_eve
         keras.callbacks.TensorBoard(
             os.path.join(model_dir, model_dir_lib.LOGS_DIR), profile_batch=profile, write_graph=False
         ),
-        EpochProgress(),  # last, so its end-of-epoch line shows products_per_second too
+        EpochProgress(epochs),  # last, so its end-of-epoch line shows products_per_second too
     ]
     return callbacks
 

@@ -16,7 +16,7 @@ import time
 import numpy as np
 
 import record_schema
-from model import data_folder
+from model import cli, data_folder
 from model import labels as labels_lib
 from model import model_dir as model_dir_lib
 
@@ -318,12 +318,12 @@ def evaluate(*, data_dir: str, model_dir: str, split: str, output_dir: str | Non
     digests_path = os.path.join(train_data_dir, record_schema.IMAGE_DIGESTS_FILE)
     table = DigestTable(digests_path) if os.path.exists(digests_path) else None
     if dup_lookup and table is None:
-        raise FileNotFoundError(f"--dup_lookup needs {digests_path}")
+        raise cli.UserError(f"--dup_lookup needs {digests_path}")
     class_counts = table.class_counts(labels) if table is not None else None
 
     pattern = data_folder.split_pattern(data_dir, split)
     if not tf.io.gfile.glob(pattern):
-        raise FileNotFoundError(f"no {split} shards in {data_dir}")
+        raise cli.UserError(f"no {split} shards in {data_dir}")
     total = data_folder.split_products(data_folder.read_metadata(data_dir), split)
     trained = training.config_from_json(config["train"])
     dataset = training.split_dataset(dataclasses.replace(trained, data_dir=data_dir), split, training=False,
@@ -343,7 +343,7 @@ def evaluate(*, data_dir: str, model_dir: str, split: str, output_dir: str | Non
     if labelled:
         data_labels = labels_lib.read_labels(data_dir)
         if not np.array_equal(data_labels.category_ids, labels.category_ids):
-            raise ValueError(f"{data_dir}/labels.csv differs from the model's classes ({model_dir}/labels.csv)")
+            raise cli.UserError(f"{data_dir}/labels.csv differs from the model's classes ({model_dir}/labels.csv)")
         metrics = compute_metrics(predictions["label"], top_classes, predictions["num_images"], labels, class_counts)
         if dup_lookup:
             plain = compute_metrics(predictions["label"], predictions["top_classes"], predictions["num_images"], labels)

@@ -20,12 +20,11 @@ import tensorflow as tf
 
 import record_schema
 from model import callbacks as callbacks_lib
-from model import data_folder, distribution, export, input_pipeline, multi_image
+from model import cli, data_folder, distribution, export, input_pipeline, multi_image, optimization
 from model import labels as labels_lib
 from model import model_dir as model_dir_lib
 
 PRECISIONS = ("float32", "mixed_bfloat16", "mixed_float16")
-OPTIMIZERS = ("adamw", "sgd")
 TOP1 = callbacks_lib.TOP1
 
 
@@ -98,18 +97,24 @@ def has_split(data_dir: str, metadata: dict, split: str) -> bool:
             and bool(tf.io.gfile.glob(data_folder.split_pattern(data_dir, split))))
 
 
-def make_targets(labels: labels_lib.Labels, aux: bool):
+def auxiliary_heads(labels: labels_lib.Labels, weight: float) -> dict:
+    """{"level1": classes, "level2": classes} of the category tree's levels worth a head: a level
+    with one class has nothing to learn (its loss is 0) and gets none."""
+    if weight <= 0:
+        return {}
+    sizes = {"level1": len(labels.level1_names), "level2": len(labels.level2_names)}
+    return {name: size for name, size in sizes.items() if size > 1}
+
+
+def make_targets(labels: labels_lib.Labels, aux_heads: dict):
     """Class index -> one-hot targets per head (CategoricalCrossentropy is the one with smoothing)."""
-    level1 = tf.constant(labels.level1_index)
-    level2 = tf.constant(labels.level2_index)
-    k1, k2 = len(labels.level1_names), len(labels.level2_names)
+    level_index = {"level1": tf.constant(labels.level1_index), "level2": tf.constant(labels.level2_index)}
 
     def targets(features, label):
         inputs = {"images": features["images"], "mask": features["mask"]}
         y = {"category": tf.one_hot(label, labels.num_classes)}
-        if aux:
-            y["level1"] = tf.one_hot(tf.gather(level1, label), k1)
-            y["level2"] = tf.one_hot(tf.gather(level2, label), k2)
+        for name, classes in aux_heads.items():
+            y[name] = tf.one_hot(tf.gather(level_index[name], label), classes)
         return inputs, y
 
     return targets
@@ -142,14 +147,14 @@ def eval_dataset(cfg: TrainConfig, split: str, targets):
 
 
 # ---------------------------------------------------------------------------------------------
-# Model, losses, optimizer
+# Model
 
 
-def model_config(cfg: TrainConfig, labels: labels_lib.Labels, aux: bool) -> multi_image.ModelConfig:
+def model_config(cfg: TrainConfig, labels: labels_lib.Labels, aux_heads: dict) -> multi_image.ModelConfig:
     return multi_image.ModelConfig(
         num_classes=labels.num_classes,
-        num_level1=len(labels.level1_names) if aux else 0,
-        num_level2=len(labels.level2_names) if aux else 0,
+        num_level1=aux_heads.get("level1", 0),
+        num_level2=aux_heads.get("level2", 0),
         image_size=cfg.model_image_size,
         backbone=cfg.backbone,
         fusion=cfg.fusion,
@@ -161,78 +166,58 @@ def model_config(cfg: TrainConfig, labels: labels_lib.Labels, aux: bool) -> mult
     )
 
 
-def learning_rate_schedule(cfg: TrainConfig, steps_per_epoch: int):
-    """Linear warmup to base_lr * batch/256, then cosine decay over the remaining steps."""
-    peak = cfg.base_lr * cfg.batch_size / 256.0
-    total = max(1, cfg.epochs * steps_per_epoch)
-    warmup = min(int(cfg.warmup_epochs * steps_per_epoch), total - 1)
-    return keras.optimizers.schedules.CosineDecay(
-        initial_learning_rate=0.0 if warmup else peak,
-        decay_steps=max(1, total - warmup),
-        alpha=cfg.min_lr_ratio,
-        warmup_target=peak if warmup else None,
-        warmup_steps=warmup,
-    )
-
-
-def make_optimizer(cfg: TrainConfig, schedule) -> keras.optimizers.Optimizer:
-    if cfg.optimizer == "adamw":
-        optimizer = keras.optimizers.AdamW(learning_rate=schedule, weight_decay=cfg.weight_decay)
-    elif cfg.optimizer == "sgd":
-        # Keras 3 applies weight_decay decoupled (like AdamW) for every optimizer.
-        optimizer = keras.optimizers.SGD(
-            learning_rate=schedule, momentum=cfg.momentum, nesterov=True,
-            weight_decay=cfg.weight_decay or None,
-        )
-    else:
-        raise ValueError(f"unknown optimizer {cfg.optimizer!r}: use one of {OPTIMIZERS}")
-    # Decaying BatchNorm scales/offsets and biases only fights the normalisation.
-    optimizer.exclude_from_weight_decay(var_names=["bias", "gamma", "beta"])
-    return optimizer
-
-
-def compile_model(model: keras.Model, cfg: TrainConfig, optimizer, aux: bool) -> None:
-    ce = lambda: keras.losses.CategoricalCrossentropy(  # noqa: E731
-        from_logits=True, label_smoothing=cfg.label_smoothing
-    )
-    losses = {"category": ce()}
-    weights = {"category": 1.0}
-    if aux:
-        losses.update(level1=ce(), level2=ce())
-        weights.update(level1=cfg.aux_loss_weight, level2=cfg.aux_loss_weight)
-    model.compile(
-        optimizer=optimizer,
-        loss=losses,
-        loss_weights=weights,
-        metrics={
-            "category": [
-                keras.metrics.CategoricalAccuracy(name="top1"),
-                keras.metrics.TopKCategoricalAccuracy(k=5, name="top5"),
-            ]
-        },
-        jit_compile=cfg.jit_compile,
-        steps_per_execution=cfg.steps_per_execution,
-    )
-
-
 # ---------------------------------------------------------------------------------------------
 # The training run
 
 
-def train(cfg: TrainConfig, extra_callbacks: tuple = ()) -> dict:
+# Settings that do not change what a run computes: a resumed or finished run may differ in them.
+RUN_INDEPENDENT = frozenset({"model_dir", "verbose", "profile_batches", "sample_products", "backup_every_steps",
+                             "export_top_k", "cpu_devices", "shuffle_buffer", "steps_per_execution"})
+
+
+def settings_differences(saved: dict, cfg: TrainConfig) -> list[str]:
+    """The settings of a saved train_config.json["train"] that differ from cfg, as flags."""
+    return [f"--{name}={saved[name]} (now {value})" for name, value in dataclasses.asdict(cfg).items()
+            if name not in RUN_INDEPENDENT and name in saved and saved[name] != value]
+
+
+def check_earlier_run(model_dir: str, cfg: TrainConfig) -> dict | None:
+    """The state of a finished run of this config in model_dir (None if there is none to reuse).
+
+    A finished or interrupted run made with other settings stops here with one line: resuming it
+    would mix two runs, and starting over would destroy it.
+    """
+    config_path = os.path.join(model_dir, model_dir_lib.CONFIG_FILE)
+    state_path = os.path.join(model_dir, model_dir_lib.STATE_FILE)
+    finished = os.path.exists(state_path) and os.path.exists(os.path.join(model_dir, model_dir_lib.MODEL_FILE))
+    interrupted = os.path.exists(os.path.join(model_dir, model_dir_lib.BACKUP_DIR, callbacks_lib.BACKUP_WEIGHTS))
+    if not (finished or interrupted) or not os.path.exists(config_path):
+        return None
+    with open(config_path) as f:
+        differences = settings_differences(json.load(f)["train"], cfg)
+    if differences:
+        kind = "a finished" if finished else "an interrupted"
+        raise cli.UserError(f"{model_dir} holds {kind} run with other settings: {'; '.join(differences)}. "
+                            "Use another --model_dir, or the same settings to "
+                            + ("reuse it" if finished else "resume it"))
+    if not finished:
+        return None
+    with open(state_path) as f:
+        return json.load(f)
+
+
+def train(cfg: TrainConfig, extra_callbacks: tuple = (), flags_text: str = "") -> dict:
     """Trains (or resumes) into cfg.model_dir; returns the final state written to train_state.json.
 
     extra_callbacks: Keras callbacks to run besides the built-in ones (after them).
+    flags_text: the command's flags, kept in model_dir/flags.txt beside train_config.json.
     """
     model_dir = cfg.model_dir
     os.makedirs(model_dir, exist_ok=True)
-    state_path = os.path.join(model_dir, model_dir_lib.STATE_FILE)
-    if os.path.exists(state_path) and os.path.exists(os.path.join(model_dir, model_dir_lib.MODEL_FILE)):
-        with open(state_path) as f:
-            state = json.load(f)
-        if state.get("epochs") == cfg.epochs:
-            print(f"{model_dir} already holds a finished run of {cfg.epochs} epochs; nothing to do.")
-            return state
+    finished = check_earlier_run(model_dir, cfg)
+    if finished is not None:
+        print(f"{model_dir} already holds a finished run of these settings ({cfg.epochs} epochs); nothing to do.")
+        return finished
 
     strategy = distribution.make_strategy(cfg.cpu_devices)
     if distribution.worker_model_dir(model_dir, strategy) != model_dir:
@@ -246,15 +231,13 @@ def train(cfg: TrainConfig, extra_callbacks: tuple = ()) -> dict:
     # Data: the sizes come from metadata.json, the classes and the tree from labels.csv.
     metadata = data_folder.read_metadata(cfg.data_dir)
     labels = labels_lib.read_labels(cfg.data_dir)
-    aux = labels.has_hierarchy and cfg.aux_loss_weight > 0
+    aux_heads = auxiliary_heads(labels, cfg.aux_loss_weight)
     train_products = data_folder.split_products(metadata, "train")
-    steps_per_epoch = cfg.steps_per_epoch or train_products // cfg.batch_size
-    if steps_per_epoch < 1:
-        raise ValueError(
-            f"{train_products} training products make no full batch of {cfg.batch_size}: "
-            "lower --batch_size or set --steps_per_epoch"
-        )
-    targets = make_targets(labels, aux)
+    if train_products < 1 or not has_split(cfg.data_dir, metadata, "train"):
+        raise cli.UserError(f"{cfg.data_dir} has no training products (metadata.json: {train_products}, "
+                            f"shards: {data_folder.split_pattern(cfg.data_dir, 'train')})")
+    steps_per_epoch = cfg.steps_per_epoch or max(1, train_products // cfg.batch_size)
+    targets = make_targets(labels, aux_heads)
     train_ds = train_dataset(cfg, strategy, targets)
     has_val = has_split(cfg.data_dir, metadata, "val")
     # Validation is a finite dataset and fit is NOT told its length: with a step count, Keras
@@ -268,57 +251,86 @@ def train(cfg: TrainConfig, extra_callbacks: tuple = ()) -> dict:
     # Keras says this after every complete pass over a dataset of unknown length; the training
     # stream is infinite, so it can only be about validation, where it means nothing.
     warnings.filterwarnings("ignore", message="Your input ran out of data")
+    heads = "".join(f" + {name} head ({classes})" for name, classes in aux_heads.items())
     print(
         f"{replicas} replica(s) ({strategy.__class__.__name__}); {train_products} training products, "
-        f"{labels.num_classes} classes{' + level1/level2 heads' if aux else ''}; "
+        f"{labels.num_classes} classes{heads}; "
         f"global batch {cfg.batch_size}, {steps_per_epoch} steps x {cfg.epochs} epochs",
         flush=True,
     )
+    if train_products < cfg.batch_size:
+        print(f"The train split has {train_products} products, fewer than one global batch of {cfg.batch_size}: "
+              "batches repeat products.", flush=True)
+    if cfg.aux_loss_weight > 0:
+        for name in ("level1", "level2"):
+            if name not in aux_heads:
+                print(f"No {name} head: labels.csv has one {name} class.", flush=True)
     if not has_val:
         print(f"No val split in {cfg.data_dir}: training without validation.", flush=True)
 
     # Model: built and compiled under the strategy so variables are mirrored on every replica.
-    mconfig = model_config(cfg, labels, aux)
+    mconfig = model_config(cfg, labels, aux_heads)
     # evaluate.py maps class indices back to category ids with the model's own copy.
     shutil.copy(os.path.join(cfg.data_dir, record_schema.LABELS_FILE), os.path.join(model_dir, record_schema.LABELS_FILE))
     with open(os.path.join(model_dir, model_dir_lib.CONFIG_FILE), "w") as f:
         json.dump({"model": dataclasses.asdict(mconfig), "train": dataclasses.asdict(cfg)}, f, indent=1)
+    if flags_text:
+        with open(os.path.join(model_dir, model_dir_lib.FLAGS_FILE), "w") as f:
+            f.write(flags_text)
+    backup_dir = os.path.join(model_dir, model_dir_lib.BACKUP_DIR)
     with strategy.scope():
         model = multi_image.build_model(mconfig)
-        optimizer = make_optimizer(cfg, learning_rate_schedule(cfg, steps_per_epoch))
-        compile_model(model, cfg, optimizer, aux)
+        optimizer = optimization.make_optimizer(cfg, optimization.learning_rate_schedule(cfg, steps_per_epoch))
+        optimization.compile_model(model, cfg, optimizer, aux_heads)
+        resumed_step = callbacks_lib.restore_backup(model, backup_dir)
+    # The optimizer's step count is the run's position: the epoch, and the steps left in it.
+    resumed_epoch, done_in_epoch = divmod(resumed_step, steps_per_epoch)
+    if resumed_step:
+        print(f"Resuming from {backup_dir}: epoch {min(resumed_epoch, cfg.epochs - 1) + 1}/{cfg.epochs}, "
+              f"optimizer step {resumed_step}", flush=True)
 
     if cfg.sample_products > 0:
         samples = split_dataset(cfg, "train", training=True, batch_size=cfg.sample_products,
                                 shuffle_buffer=64, seed=cfg.seed)
         callbacks_lib.write_sample_grid(next(iter(samples))[0], os.path.join(model_dir, model_dir_lib.LOGS_DIR))
     callbacks = callbacks_lib.make_callbacks(
-        model_dir, epochs=cfg.epochs, global_batch=cfg.batch_size, backup_every_steps=cfg.backup_every_steps,
-        profile_batches=cfg.profile_batches, has_val=has_val,
+        model_dir, epochs=cfg.epochs, steps_per_epoch=steps_per_epoch, global_batch=cfg.batch_size,
+        backup_every_steps=cfg.backup_every_steps, profile_batches=cfg.profile_batches, has_val=has_val,
     ) + list(extra_callbacks)
-    try:
-        history = model.fit(
-            train_ds,
-            epochs=cfg.epochs,
-            steps_per_epoch=steps_per_epoch,
-            validation_data=val_ds,
-            callbacks=callbacks,
-            verbose=cfg.verbose,
-            shuffle=False,  # the pipeline shuffles; Keras cannot shuffle a tf.data stream anyway
-        )
-    except Exception as e:
-        if distribution.is_multi_worker(strategy):
-            raise RuntimeError(
-                "model.fit failed under MultiWorkerMirroredStrategy (TF_CONFIG is set). Keras 3 has "
-                "open issues there (keras-team/keras#20585, tensorflow/tensorflow#72388); the two met "
-                "with Keras 3.15 are worked around (model/distribution.py), this one is not. Unset "
-                f"TF_CONFIG to train on this machine's devices. Original error: {e}"
-            ) from e
-        raise
-    if model.stop_training and any(
-        not math.isfinite(v[-1]) for v in history.history.values() if v
-    ):
-        raise RuntimeError("training stopped on a NaN loss; backup/ is kept, lower --base_lr")
+    # fit() runs whole epochs of one length: a run resumed inside an epoch first finishes that
+    # epoch's remaining steps in a fit call of its own, so that no optimizer step is run twice.
+    phases = []  # (first epoch, end epoch, steps per epoch)
+    if done_in_epoch:
+        phases.append((resumed_epoch, resumed_epoch + 1, steps_per_epoch - done_in_epoch))
+        resumed_epoch += 1
+    if resumed_epoch < cfg.epochs:
+        phases.append((resumed_epoch, cfg.epochs, steps_per_epoch))
+    history = {}
+    for first_epoch, end_epoch, steps in phases:
+        try:
+            fitted = model.fit(
+                train_ds,
+                initial_epoch=first_epoch,
+                epochs=end_epoch,
+                steps_per_epoch=steps,
+                validation_data=val_ds,
+                callbacks=callbacks,
+                verbose=cfg.verbose,
+                shuffle=False,  # the pipeline shuffles; Keras cannot shuffle a tf.data stream anyway
+            )
+        except Exception as e:
+            if distribution.is_multi_worker(strategy):
+                raise RuntimeError(
+                    "model.fit failed under MultiWorkerMirroredStrategy (TF_CONFIG is set). Keras 3 has "
+                    "open issues there (keras-team/keras#20585, tensorflow/tensorflow#72388); the two met "
+                    "with Keras 3.15 are worked around (model/distribution.py), this one is not. Unset "
+                    f"TF_CONFIG to train on this machine's devices. Original error: {e}"
+                ) from e
+            raise
+        for name, values in fitted.history.items():
+            history.setdefault(name, []).extend(values)
+        if model.stop_training and any(not math.isfinite(v[-1]) for v in history.values() if v):
+            raise RuntimeError("training stopped on a NaN loss; backup/ is kept, lower --base_lr")
 
     # The final model: a plain copy outside the strategy (what evaluation and serving load), its
     # BatchNorm statistics recalibrated on training batches, measured once more on val.
@@ -329,7 +341,7 @@ def train(cfg: TrainConfig, extra_callbacks: tuple = ()) -> dict:
     recalibrated = recalibrate_batchnorm(final, calibration, cfg.bn_recalibration_steps)
     final_val = {}
     if has_val:
-        compile_model(final, cfg, keras.optimizers.SGD(), aux)  # for evaluate(); never trained
+        optimization.compile_model(final, cfg, keras.optimizers.SGD(), aux_heads)  # for evaluate(); never trained
         final_val = final.evaluate(val_ds, return_dict=True, verbose=0)
         print(
             f"Final model (BatchNorm recalibrated on {recalibrated} batches): val top-1 "
@@ -343,20 +355,19 @@ def train(cfg: TrainConfig, extra_callbacks: tuple = ()) -> dict:
     final.save(model_path)
     export.export_serving_model(final, labels, export_path, image_size=cfg.image_size,
                                 crop_size=cfg.crop_size, top_k=cfg.export_top_k)
-    resume = next(c for c in callbacks if isinstance(c, callbacks_lib.ResumeReport))
     state = {
         "epochs": cfg.epochs,
         "steps_per_epoch": steps_per_epoch,
         "optimizer_iterations": int(keras.ops.convert_to_numpy(model.optimizer.iterations)),
-        "resumed_epoch": resume.resumed_epoch,
-        "resumed_step": resume.resumed_step,
+        "resumed_epoch": resumed_step // steps_per_epoch,
+        "resumed_step": resumed_step,
         "bn_recalibration_batches": recalibrated,
-        "final": {k: float(v[-1]) for k, v in history.history.items() if v},
+        "final": {k: float(v[-1]) for k, v in history.items() if v},
         "final_val": {k: float(v) for k, v in final_val.items()},
     }
-    with open(state_path, "w") as f:
+    with open(os.path.join(model_dir, model_dir_lib.STATE_FILE), "w") as f:
         json.dump(state, f, indent=1)
-    shutil.rmtree(os.path.join(model_dir, model_dir_lib.BACKUP_DIR), ignore_errors=True)
+    shutil.rmtree(backup_dir, ignore_errors=True)
     print(f"Saved {model_path} and the SavedModel {export_path}")
     return state
 

@@ -26,7 +26,7 @@ class SlowSteps(keras.callbacks.Callback):
 
 
 _train = training.train
-training.train = lambda config, extra_callbacks=(): _train(config, (*extra_callbacks, SlowSteps()))
+training.train = lambda config, extra_callbacks=(), **kwargs: _train(config, (*extra_callbacks, SlowSteps()), **kwargs)
 
 if __name__ == "__main__":
     app.run(train.main)

@@ -4,6 +4,7 @@ The data is the real sample BSON written as records with record_schema in a plai
 tests do not depend on the converter. Everything runs the tiny backbone on 32x32 images.
 """
 
+import dataclasses
 import glob
 import json
 import os
@@ -32,8 +33,9 @@ def _sample_documents():
         return list(bson.decode_file_iter(f))
 
 
-def write_data_dir(path, *, with_val=True):
-    """82 real products: every 5th to val (when with_val), the rest to train; tree from category_names.csv."""
+def write_data_dir(path, *, with_val=True, one_level1=False):
+    """82 real products: every 5th to val (when with_val), the rest to train; tree from category_names.csv
+    (with one_level1, every class moved under one level1 node)."""
     import tensorflow as tf
 
     os.makedirs(path, exist_ok=True)
@@ -41,8 +43,11 @@ def write_data_dir(path, *, with_val=True):
     category_ids = sorted({d["category_id"] for d in docs})
     with open(os.path.join(REPO, "data", "category_names.csv"), encoding="utf-8") as f:
         tree = categories_lib.read_categories(f.read(), "category_names.csv")
+    classes = [c for c in tree if c.category_id in set(category_ids)]
+    if one_level1:
+        classes = [dataclasses.replace(c, level1="ONE") for c in classes]
     with open(os.path.join(path, record_schema.LABELS_FILE), "w", encoding="utf-8") as f:
-        f.write(categories_lib.labels_csv([c for c in tree if c.category_id in set(category_ids)]))
+        f.write(categories_lib.labels_csv(classes))
     label_of = {c: i for i, c in enumerate(category_ids)}
     counts = {"train": 0, "val": 0}
     writers = {s: tf.io.TFRecordWriter(os.path.join(path, record_schema.shard_name(s, 0, 1))) for s in counts}
@@ -87,33 +92,29 @@ def test_bad_flags_fail_at_start_with_one_line(data_dir, tmp_path):
     assert not model_dir.exists()  # nothing written before the flags are right
 
 
-@pytest.fixture(scope="module")
-def resumed_run(data_dir, tmp_path_factory):
-    """3 epochs of 6 steps, SIGKILLed during epoch 2 (after a mid-epoch backup), then the same
-    command again. One replica: tracing for two costs ~20 s more, and the 2-device strategy has
-    its own test below."""
-    model_dir = str(tmp_path_factory.mktemp("model"))
+def kill_and_resume(data_dir, model_dir, extra_args, kill_when):
+    """Runs 3 epochs of 6 steps, SIGKILLs the run once backup/progress.json satisfies kill_when,
+    then runs the same command again to the end."""
     args = [sys.executable, "tests/slow_train.py", "0.4", f"--data_dir={data_dir}", f"--model_dir={model_dir}",
-            *TINY, "--epochs=3", "--steps_per_epoch=6", "--backup_every_steps=2", "--fusion=mean_max",
-            "--profile_batches=2,3"]
-    metadata = os.path.join(model_dir, "backup", "training_metadata.json")
+            *TINY, "--epochs=3", "--steps_per_epoch=6", *extra_args]
+    progress = os.path.join(model_dir, "backup", "progress.json")
     first = subprocess.Popen(args, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                              env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"})
     deadline = time.time() + 180
     killed_at = None
     while time.time() < deadline and first.poll() is None:
         try:
-            with open(metadata) as f:
+            with open(progress) as f:
                 state = json.load(f)
         except (OSError, ValueError):
             state = None
-        if state and state["epoch"] >= 1 and state["batch"] >= 1:  # a backup from inside epoch 2
+        if state and kill_when(state):
             first.send_signal(signal.SIGKILL)
             killed_at = state
             break
         time.sleep(0.05)
     first_output = first.communicate(timeout=30)[0]
-    assert killed_at, f"no mid-epoch backup to kill after:\n{first_output[-3000:]}"
+    assert killed_at, f"no backup to kill after:\n{first_output[-3000:]}"
     assert first.returncode == -signal.SIGKILL
     assert not os.path.exists(os.path.join(model_dir, "model.keras"))
 
@@ -124,6 +125,15 @@ def resumed_run(data_dir, tmp_path_factory):
         state = json.load(f)
     return {"model_dir": model_dir, "first": first_output, "second": second.stdout, "state": state,
             "killed_at": killed_at}
+
+
+@pytest.fixture(scope="module")
+def resumed_run(data_dir, tmp_path_factory):
+    """Killed during epoch 2, after a mid-epoch backup, then resumed. One replica: tracing for two
+    costs ~20 s more, and the 2-device strategy has its own test below."""
+    return kill_and_resume(data_dir, str(tmp_path_factory.mktemp("model")),
+                           ["--backup_every_steps=2", "--fusion=mean_max", "--profile_batches=2,3"],
+                           lambda backup: backup["epoch"] >= 1 and backup["step_in_epoch"] >= 1)
 
 
 def test_killed_run_resumes_mid_epoch(resumed_run):
@@ -137,11 +147,35 @@ def test_killed_run_resumes_mid_epoch(resumed_run):
     assert state["epochs"] == 3
     assert state["resumed_epoch"] == 1
     assert state["resumed_step"] > 6  # past epoch 1: the backup was taken inside epoch 2
-    # Keras restarts the interrupted epoch's batch count (BackupAndRestore keeps weights,
-    # optimizer and epoch, not the position in the epoch), so the optimizer runs the epoch's
-    # steps again on top of the restored ones: never fewer steps than planned, never from 0.
-    assert state["optimizer_iterations"] == 3 * 6 + (state["resumed_step"] - 6)
+    # The resumed epoch runs only its remaining steps: exactly an uninterrupted run's 3 x 6.
+    assert state["optimizer_iterations"] == 3 * 6
     assert not os.path.exists(os.path.join(resumed_run["model_dir"], "backup"))
+
+
+def test_kill_after_an_epoch_resumes_in_the_next_with_no_step_lost_or_repeated(data_dir, tmp_path):
+    """No step backup comes before epoch 1 ends (every 100 steps): the epoch-end backup is all
+    there is, and the run must continue from it in epoch 2."""
+    run = kill_and_resume(data_dir, str(tmp_path / "m"), ["--backup_every_steps=100", "--fusion=mean",
+                                                          "--sample_products=0"],
+                          lambda backup: backup["epoch"] == 1 and backup["step_in_epoch"] == 0)
+    assert run["killed_at"]["optimizer_step"] == 6
+    assert f"Resuming from {run['model_dir']}/backup: epoch 2/3, optimizer step 6" in run["second"]
+    assert "Epoch 1/3" not in run["second"] and "Epoch 2/3" in run["second"]
+    assert run["state"]["optimizer_iterations"] == 3 * 6
+
+
+def test_finished_run_with_other_settings_stops_with_one_line(resumed_run, tmp_path):
+    model_path = os.path.join(resumed_run["model_dir"], "model.keras")
+    before = os.path.getmtime(model_path)
+    other_data = write_data_dir(str(tmp_path / "other"))
+    result = subprocess.run([sys.executable, "train.py", f"--data_dir={other_data}",
+                             f"--model_dir={resumed_run['model_dir']}", *TINY, "--epochs=3", "--steps_per_epoch=6",
+                             "--fusion=max"], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    line = result.stderr.strip().splitlines()[-1]
+    assert line.startswith("train.py: error: ") and "holds a finished run with other settings" in line
+    assert "--fusion=mean_max (now max)" in line and f"(now {other_data})" in line
+    assert os.path.getmtime(model_path) == before
 
 
 def test_artifacts_after_training(resumed_run):
@@ -195,7 +229,7 @@ def test_library_mirrored_two_cpu_devices_without_val_split(tmp_path, capsys):
 
     from model import training
 
-    data = write_data_dir(str(tmp_path / "noval"), with_val=False)
+    data = write_data_dir(str(tmp_path / "noval"), with_val=False, one_level1=True)
     config = training.TrainConfig(
         data_dir=data, model_dir=str(tmp_path / "m"), backbone="tiny", image_size=32, batch_size=8,
         epochs=1, steps_per_epoch=2, fusion="late", sample_products=0, cpu_devices=2, precision="mixed_bfloat16",
@@ -212,6 +246,10 @@ def test_library_mirrored_two_cpu_devices_without_val_split(tmp_path, capsys):
     assert "Epoch 1/1" in out  # Keras alone prints nothing for a single epoch
     assert state["optimizer_iterations"] == 2 and again == state
     assert "already holds a finished run" in out
+    # One level1 class: nothing to learn there, so no level1 head (level2 keeps its own).
+    assert "No level1 head: labels.csv has one level1 class." in out
+    outputs = keras.saving.load_model(tmp_path / "m" / "model.keras").output
+    assert set(outputs) == {"category", "level2"}
     assert os.path.exists(tmp_path / "m" / "model.keras") and os.path.exists(tmp_path / "m" / "export")
     assert not os.path.exists(tmp_path / "m" / "best.keras")
 
