@@ -46,6 +46,32 @@ def glob_with_sizes(pattern: str) -> list[tuple[str, int]]:
     return sorted((metadata.path, metadata.size_in_bytes) for metadata in result.metadata_list)
 
 
+def concatenate(sources, destination: str) -> None:
+    """Writes the sources' bytes, in order, into destination; the sources stay."""
+    with create(destination) as out:
+        for source in sources:
+            with open_read(source) as f:
+                while chunk := f.read(BufferedWriter.FLUSH_BYTES):
+                    out.write(chunk)
+
+
+def make_folder(path: str) -> None:
+    """Creates a local folder and its parents; object stores have no folders to create."""
+    if FileSystems.get_scheme(path) is None:
+        os.makedirs(path, exist_ok=True)
+
+
+def make_writable_folder(path: str) -> None:
+    """Creates `path` if need be and proves that a file can be written in it; raises if not.
+
+    Object stores have no folders and grant writes per bucket or prefix: writing (and deleting) a
+    small file is the one check that holds on every filesystem.
+    """
+    probe = join(path, ".write-check")
+    write_bytes(probe, b"")
+    delete([probe])
+
+
 def delete(paths: list[str]) -> None:
     if paths:
         FileSystems.delete(paths)

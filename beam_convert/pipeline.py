@@ -2,8 +2,8 @@
 
   files -> IndexFile -> ranges ---------> Reshuffle -> ConvertRange -> range results
                      \\-> file summaries -> dataset index (side input: labels, duplicate ids)
-  range results -> delete previous output -> plan -> Reshuffle -> finalize tasks (shards,
-                   rejected, digests) -> labels.csv, metadata.json
+  range results -> require a product -> move previous output aside -> plan -> Reshuffle ->
+                   finalize tasks (shards, rejected, digests) -> labels.csv, metadata.json
 
 Elements are coarse (an index range of thousands of products), because Beam's per-element cost
 is paid per element, not per byte. Every range writes its own temporary files under
@@ -33,6 +33,10 @@ METRICS_NAMESPACE = "beam_convert"
 TOO_MANY_IMAGES = "too_many_images"
 _DIGEST_ROW = np.dtype([("digest", "<i8"), ("category_id", "<i8"), ("split", "u1")])
 _SPLIT_CODES = {"train": 0, "val": 1}
+
+
+class NothingConverted(Exception):
+    """The input gave no product. An error, so that an empty data set never looks like a finished one."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -242,6 +246,11 @@ def build_dataset_index(summaries: list[FileSummary]) -> DatasetIndex:
                         sum(s.corrupt_rejections for s in summaries))
 
 
+def finished_ranges(tmp_dir: str) -> int:
+    """How many ranges an interrupted run left converted, ready for the same command to take up."""
+    return sum(_finished_result(marker) is not None for marker in files.glob(progress_marker(tmp_dir, RANGE_MARKER)))
+
+
 def _finished_result(marker: str) -> Optional[RangeResult]:
     """The result that an earlier, interrupted run stored for a range, if its files are all there."""
     try:
@@ -418,11 +427,7 @@ class ConcatFiles(FinalizeTask):
         if len(self.sources) == 1:
             files.FileSystems.rename(list(self.sources), [self.destination])
             return
-        with files.create(self.destination) as out:
-            for source in self.sources:
-                with files.open_read(source) as f:
-                    while chunk := f.read(files.BufferedWriter.FLUSH_BYTES):
-                        out.write(chunk)
+        files.concatenate(self.sources, self.destination)
         files.delete(list(self.sources))
 
 
@@ -434,18 +439,111 @@ class WriteDigestTable(FinalizeTask):
         return write_digest_table(self.sources, self.destination)
 
 
-def delete_previous_output(results: list[RangeResult], config: ConvertConfig) -> list[RangeResult]:
-    """Removes an earlier run's output (--overwrite), metadata.json first so it never looks whole.
+def require_products(results: list[RangeResult], index: DatasetIndex, config: ConvertConfig,
+                     inputs: list[str]) -> list[RangeResult]:
+    """Passes the ranges' results on if they hold a product, else stops the job with one line.
 
-    Takes and passes on every range's result so that it runs once all ranges are converted: a run
-    that fails before then leaves the earlier output as it was.
+    Runs before the previous output is touched, so an empty --overwrite run leaves it as it was.
+    The finished ranges stay in tmp_dir: the same command fails again at once, without converting.
     """
+    if any(result.products for result in results):
+        return results
+    source = describe_inputs(inputs)
+    rejected = collections.Counter()
+    for result in results:
+        rejected.update(result.rejected)
+    rejected[products.CORRUPT_BSON] += index.corrupt_rejections
+    rejected = +rejected  # drops the zero count
+    if not rejected:
+        files.delete_tree(config.tmp_dir)  # nothing in it worth keeping
+        raise NothingConverted(f"{source}: 0 products: the input has no document")
+    report = keep_rejection_report(config)
+    reasons = ", ".join(f"{reason} {count:,}" for reason, count in rejected.most_common())
+    raise NothingConverted(f"{source}: 0 products: every one of {sum(rejected.values()):,} documents was "
+                           f"rejected ({reasons}), see {report}")
+
+
+def describe_inputs(paths: list[str]) -> str:
+    """The input files, for a message; a long glob's list is cut short."""
+    if len(paths) <= 2:
+        return ", ".join(paths)
+    return f"{paths[0]} and {len(paths) - 1:,} more input files"
+
+
+def keep_rejection_report(config: ConvertConfig) -> str:
+    """Puts the rejection report of a run that converted nothing where the user can read it.
+
+    It goes into tmp_dir, not output_dir: a failed run adds nothing to output_dir (which may hold
+    an earlier conversion that --overwrite must not disturb). The ranges' own reports are copied,
+    not moved, so the finished ranges stay whole.
+    """
+    destination = files.join(config.tmp_dir, record_schema.rejected_name())
+    files.concatenate(files.glob(_rejection_report(config.tmp_dir)), destination)
+    return destination
+
+
+# --overwrite: the earlier conversion waits in tmp_dir/previous/ until the new one is in place.
+_PREVIOUS_OUTPUT = "previous"
+_MOVED_ASIDE = "moved-aside"  # written once every earlier file is in previous/
+
+
+def output_files(output_dir: str) -> list[str]:
+    """The files of a conversion in output_dir (docs/FORMATS.md section 1)."""
     patterns = [record_schema.METADATA_FILE, record_schema.LABELS_FILE, record_schema.IMAGE_DIGESTS_FILE,
                 record_schema.rejected_pattern()]
     patterns += [record_schema.shard_pattern(split) for split in record_schema.SPLITS]
-    for pattern in patterns:
-        files.delete(files.glob(files.join(config.output_dir, pattern)))
+    return [path for pattern in patterns for path in files.glob(files.join(output_dir, pattern))]
+
+
+def _move(paths: list[str], folder: str) -> None:
+    if paths:
+        files.make_folder(folder)
+        files.FileSystems.rename(paths, [files.join(folder, path.rsplit("/", 1)[-1]) for path in paths])
+
+
+def _split_off_metadata(paths: list[str]) -> tuple[list[str], list[str]]:
+    """([metadata.json] if it is among paths, else []; the other paths)."""
+    metadata = [path for path in paths if path.rsplit("/", 1)[-1] == record_schema.METADATA_FILE]
+    return metadata, [path for path in paths if path not in metadata]
+
+
+def move_previous_output_aside(results: list[RangeResult], config: ConvertConfig) -> list[RangeResult]:
+    """Moves an earlier conversion (--overwrite) into tmp_dir/previous/, metadata.json first so
+    that output_dir never looks complete.
+
+    Takes and passes on every range's result so that it runs once all ranges are converted: a run
+    that fails before then leaves the earlier output where it was. write_metadata deletes it with
+    tmp_dir once the new output is complete; if finalizing fails, restore_previous_output puts it
+    back.
+    """
+    aside = files.join(config.tmp_dir, _PREVIOUS_OUTPUT)
+    if files.FileSystems.exists(files.join(aside, _MOVED_ASIDE)):  # a retry of this step
+        return results
+    metadata, others = _split_off_metadata(output_files(config.output_dir))
+    _move(metadata, aside)
+    _move(others, aside)
+    files.write_bytes(files.join(aside, _MOVED_ASIDE), b"")
     return results
+
+
+def restore_previous_output(output_dir: str, tmp_dir: str) -> bool:
+    """Puts back an earlier conversion that a failed or killed --overwrite run had moved aside.
+
+    Does nothing when there is none, or when the new conversion is complete (its metadata.json is
+    in place). Returns whether it put one back.
+    """
+    aside = files.join(tmp_dir, _PREVIOUS_OUTPUT)
+    exists = files.FileSystems.exists
+    if not exists(files.join(aside, record_schema.METADATA_FILE)) or exists(
+            files.join(output_dir, record_schema.METADATA_FILE)):
+        return False
+    if exists(files.join(aside, _MOVED_ASIDE)):  # then output_dir holds the new output's beginning
+        files.delete(output_files(output_dir))
+    metadata, others = _split_off_metadata(output_files(aside))
+    _move(others, output_dir)
+    _move(metadata, output_dir)  # last: output_dir looks complete only once everything is back
+    files.delete_tree(aside)
+    return True
 
 
 def plan_finalize(results: list[RangeResult], config: ConvertConfig) -> Iterator[FinalizeTask]:
@@ -567,7 +665,8 @@ def build(pipeline: beam.Pipeline, inputs: list[str], config: ConvertConfig) -> 
     )
     task_outputs = (
         results
-        | "DeletePreviousOutput" >> beam.Map(delete_previous_output, config)
+        | "RequireProducts" >> beam.Map(require_products, beam.pvalue.AsSingleton(dataset_index), config, inputs)
+        | "MovePreviousOutputAside" >> beam.Map(move_previous_output_aside, config)
         | "PlanFinalize" >> beam.FlatMap(plan_finalize, config)
         | "SpreadTasks" >> beam.Reshuffle()
         | "RunFinalize" >> beam.Map(run_finalize_task)

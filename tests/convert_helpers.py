@@ -7,6 +7,8 @@ import io
 import json
 import os
 import pathlib
+import subprocess
+import sys
 
 import bson
 import tensorflow as tf
@@ -62,6 +64,22 @@ def write_bson(path, documents) -> list[int]:
 
 def convert(*args: str) -> int:
     return main([str(a) for a in args])
+
+
+def convert_and_read_stderr(capsys, *args: str) -> tuple[int, list[str]]:
+    """Exit status and stderr lines of an in-process run; argparse's own exits count as statuses."""
+    capsys.readouterr()
+    try:
+        status = convert(*args)
+    except SystemExit as exit_:
+        status = exit_.code
+    return status, capsys.readouterr().err.splitlines()
+
+
+def run_command(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    """`python -m beam_convert ARGS` in its own process, as a user runs it."""
+    return subprocess.run([sys.executable, "-m", "beam_convert", *map(str, args)], cwd=REPO, capture_output=True,
+                          text=True, timeout=timeout)
 
 
 def read_records(output_dir, split) -> list[dict]:

@@ -1,13 +1,15 @@
 """Each kind of bad input: a clear reason per product, every valid product still converted."""
 
+import json
 import os
+import shutil
 
 import bson
 import pytest
 
 from tests.convert_helpers import (
-    CATEGORIES_CSV, bomb_jpeg, convert, png_bytes, product, read_metadata, read_records,
-    read_rejected, sample_jpegs, write_bson)
+    CATEGORIES_CSV, bomb_jpeg, convert, convert_and_read_stderr, png_bytes, product, read_metadata,
+    read_records, read_rejected, sample_jpegs, write_bson)
 
 JPEGS = sample_jpegs()
 GOOD_CATEGORY = 1000010653  # in category_names.csv
@@ -118,3 +120,59 @@ def test_skip_corrupt_keeps_everything_else(tmp_path, corruption):
     kept = sorted(r["product_id"] for s in ("train", "val") for r in read_records(out, s))
     assert kept == ([1, 2, 3, 4] if corruption == "truncated" else [1, 2, 3, 4, 5])
     assert read_metadata(out)["rejected"] == {"corrupt_bson": 1}
+
+
+# --- a conversion that writes no product is an error (issue 9, item 4) ---------------------------
+
+def read_rejected_file(path) -> list[dict]:
+    with open(path) as f:
+        return [json.loads(line) for line in f]
+
+
+def _assert_one_error_line(lines, expected_start):
+    assert lines and lines[-1].startswith(expected_start), lines
+    assert all(line.startswith("beam_convert: ") for line in lines), lines  # no traceback, no Beam log
+
+
+def test_an_empty_bson_is_an_error_and_leaves_no_metadata(tmp_path, capsys):
+    (tmp_path / "empty.bson").write_bytes(b"")
+    out = tmp_path / "out"
+    status, lines = convert_and_read_stderr(capsys, f"--input={tmp_path / 'empty.bson'}", f"--output_dir={out}")
+    assert status == 1
+    _assert_one_error_line(lines, f"beam_convert: error: {tmp_path / 'empty.bson'}: 0 products: "
+                                  "the input has no document")
+    assert not list(out.rglob("*")), "nothing to keep: no output, no temporary folder"
+
+
+def _every_product_rejected(folder):
+    documents = [product(1, [png_bytes()]), product(2, []), product(3, [JPEGS[0]], category_id=123)]
+    write_bson(folder / "rejected.bson", documents)
+    return folder / "rejected.bson"
+
+
+def test_an_all_rejected_bson_is_an_error_and_keeps_its_rejection_report(tmp_path, capsys):
+    path = _every_product_rejected(tmp_path)
+    out = tmp_path / "out"
+    status, lines = convert_and_read_stderr(capsys, f"--input={path}", f"--output_dir={out}",
+                                            f"--categories={CATEGORIES_CSV}")
+    assert status == 1
+    _assert_one_error_line(lines, f"beam_convert: error: {path}: 0 products: every one of 3 documents was rejected")
+    report = lines[-1].rsplit(", see ", 1)[1]
+    assert report.startswith(f"{out}/_tmp-"), "kept with the finished ranges; output_dir gets nothing"
+    assert sorted(r["reason"] for r in read_rejected_file(report)) == ["no_images", "not_jpeg", "unknown_category_id"]
+    assert not (out / "metadata.json").exists() and not list(out.glob("*.tfrecord"))
+    # The same command fails the same way, at once: the finished ranges were kept.
+    status, lines = convert_and_read_stderr(capsys, f"--input={path}", f"--output_dir={out}",
+                                            f"--categories={CATEGORIES_CSV}")
+    assert status == 1 and "every one of 3 documents was rejected" in lines[-1]
+
+
+def test_an_empty_overwrite_run_leaves_the_earlier_conversion_as_it_was(bad_file_output, tmp_path, capsys):
+    earlier, _, _ = bad_file_output
+    out = tmp_path / "out"
+    shutil.copytree(earlier, out)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    status, _ = convert_and_read_stderr(capsys, f"--input={_every_product_rejected(tmp_path)}", f"--output_dir={out}",
+                                        f"--categories={CATEGORIES_CSV}", "--overwrite")
+    assert status == 1
+    assert {p.name: p.read_bytes() for p in out.iterdir() if not p.name.startswith("_tmp-")} == before

@@ -2,6 +2,7 @@
 
 import collections
 import os
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -222,21 +223,68 @@ def test_an_interrupted_job_resumes_without_redoing_finished_ranges(tmp_path, mo
     assert "run the same command again to resume" in capsys.readouterr().err
     assert not (out / "metadata.json").exists()
     monkeypatch.setattr(pipeline.ConvertRange, "process", original)
-    resumed = []
-    finished_result = pipeline._finished_result
+    converted = []
+    convert_range = pipeline.ConvertRange._convert
 
-    def spy(marker):
-        result = finished_result(marker)
-        if result is not None:
-            resumed.append(result.range_id)
-        return result
+    def spy(self, index_range, index):
+        converted.append(index_range.range_id)
+        return convert_range(self, index_range, index)
 
-    monkeypatch.setattr(pipeline, "_finished_result", spy)
+    monkeypatch.setattr(pipeline.ConvertRange, "_convert", spy)
     assert convert(*args) == 0
-    assert "resuming the interrupted run" in capsys.readouterr().err
-    assert sorted(resumed) == sorted(calls[:3])
+    assert "resuming the unfinished run" in capsys.readouterr().err
+    assert len(converted) == 9 - 3 and not set(converted) & set(calls[:3])
     clean = tmp_path / "clean"
     assert convert(f"--input={SAMPLE_BSON}", f"--output_dir={clean}", "--range_size=10") == 0
     assert record_multiset(out) == record_multiset(clean)
     assert read_metadata(out)["images_per_product"] == read_metadata(clean)["images_per_product"]
     assert read_metadata(out)["rejected"] == {}
+
+
+def _files(folder) -> dict:
+    return {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file()}
+
+
+@pytest.fixture
+def earlier_conversion(sample_output, tmp_path):
+    out = tmp_path / "out"
+    shutil.copytree(sample_output, out)
+    return out, _files(out)
+
+
+def test_an_overwrite_that_fails_while_finalizing_puts_the_earlier_conversion_back(
+        earlier_conversion, monkeypatch, capsys):
+    from beam_convert import pipeline
+
+    out, before = earlier_conversion
+
+    def disk_full(sources, destination):
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(pipeline, "write_digest_table", disk_full)  # a finalize task, after the shards moved
+    assert convert(f"--input={SAMPLE_BSON}", f"--output_dir={out}", f"--categories={CATEGORIES_CSV}",
+                   "--overwrite", "--range_size=10") == 1
+    assert _files(out) == before
+    assert "back in place" in capsys.readouterr().err
+
+
+def test_an_overwrite_killed_while_finalizing_is_put_back_by_the_next_run(earlier_conversion, monkeypatch, capsys):
+    from beam_convert import __main__ as cli
+    from beam_convert import pipeline
+
+    out, before = earlier_conversion
+    args = (f"--input={SAMPLE_BSON}", f"--output_dir={out}", f"--categories={CATEGORIES_CSV}")
+
+    def fails(task_outputs, *args):
+        raise RuntimeError("killed")
+
+    # A killed process cleans nothing up: the failure is not followed by a restore.
+    monkeypatch.setattr(pipeline, "write_metadata", fails)
+    monkeypatch.setattr(cli, "restore_previous_output", lambda output_dir, tmp_dir: False)
+    assert convert(*args, "--overwrite", "--range_size=10") == 1
+    assert not (out / "metadata.json").exists()
+    monkeypatch.undo()
+    capsys.readouterr()
+    assert convert(*args) == 2, "the earlier conversion is back, so the folder is not empty"
+    assert "put back the earlier conversion" in capsys.readouterr().err
+    assert _files(out) == before
