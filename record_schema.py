@@ -36,6 +36,11 @@ def shard_name(split: str, index: int, count: int, suffix: str = "tfrecord") -> 
     return f"{split}-{index:05d}-of-{count:05d}.{suffix}"
 
 
+def product_ids_name(split: str) -> str:
+    """The split's product ids, in record order (numpy int64): every product the shards hold."""
+    return f"{split}_product_ids.npy"
+
+
 REJECTED = "rejected"  # rejected-SSSSS-of-NNNNN.jsonl: one JSON line per product not converted
 
 

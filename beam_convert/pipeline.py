@@ -92,11 +92,12 @@ class DatasetIndex:
 
 @dataclasses.dataclass(frozen=True)
 class SplitFile:
-    """One range's temporary TFRecord file of one split, and what it holds."""
+    """One range's temporary TFRecord file of one split, what it holds, and its product ids."""
 
     path: str
     products: int
     images: int
+    ids: str = ""  # temporary .npy of the records' product ids, in record order ("" in older markers)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -119,7 +120,8 @@ class RangeResult:
         return sum(split_file.products for split_file in self.records.values())
 
     def temporary_files(self) -> list[str]:
-        return [split_file.path for split_file in self.records.values()] + ([self.digests] if self.digests else [])
+        paths = [path for split_file in self.records.values() for path in (split_file.path, split_file.ids)]
+        return [path for path in paths + [self.digests] if path]
 
     def to_json(self) -> dict:
         return dataclasses.asdict(self)
@@ -257,6 +259,8 @@ def _finished_result(marker: str) -> Optional[RangeResult]:
         result = RangeResult.from_json(json.loads(files.read_bytes(marker))["result"])
     except (OSError, ValueError, KeyError, TypeError):
         return None
+    if any(not split_file.ids for split_file in result.records.values()):
+        return None  # a marker of a version that kept no id lists: convert the range again
     if not all(files.FileSystems.exists(path) for path in result.temporary_files()):
         return None
     return result
@@ -325,19 +329,27 @@ class ConvertRange(beam.DoFn):
 class _SplitWriter:
     """A range's temporary TFRecord file of one split, open for writing, and its counts."""
 
-    def __init__(self, path: str):
+    def __init__(self, path: str, ids_path: str):
         self._writer = files.BufferedWriter(path)
-        self.products = 0
+        self._ids_path = ids_path
+        self.product_ids: list[int] = []
         self.images = 0
 
-    def write(self, record: bytes, images: int) -> None:
+    def write(self, record: bytes, product_id: int, images: int) -> None:
         self._writer.write(files.tfrecord_frame(record))
-        self.products += 1
+        self.product_ids.append(product_id)
         self.images += images
 
     def close(self) -> SplitFile:
         self._writer.close()
-        return SplitFile(self._writer.path, self.products, self.images)
+        files.write_bytes(self._ids_path, _npy_bytes(np.array(self.product_ids, np.int64)))
+        return SplitFile(self._writer.path, len(self.product_ids), self.images, self._ids_path)
+
+
+def _npy_bytes(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    np.save(buffer, array)
+    return buffer.getvalue()
 
 
 class _RangeOutput:
@@ -371,10 +383,11 @@ class _RangeOutput:
         writer = self.writers.get(split)
         if writer is None:
             path = files.join(config.tmp_dir, "records", split, f"{self.range_id}.tfrecord")
-            writer = self.writers[split] = _SplitWriter(path)
+            ids_path = files.join(config.tmp_dir, "ids", split, f"{self.range_id}.npy")
+            writer = self.writers[split] = _SplitWriter(path, ids_path)
         writer.write(record_schema.encode_example(
             product.product_id, product.category_id, product.label, product.images, config.max_images),
-            len(product.images))
+            product.product_id, len(product.images))
         self.images_per_product[str(len(product.images))] += 1
         if product.dropped_images:
             self.too_many_images += 1
@@ -390,10 +403,8 @@ class _RangeOutput:
     def _write_digest_rows(self) -> Optional[str]:
         if not self.digest_rows:
             return None
-        buffer = io.BytesIO()
-        np.save(buffer, np.array(self.digest_rows, dtype=_DIGEST_ROW))
         path = files.join(self.config.tmp_dir, "digests", f"{self.range_id}.npy")
-        files.write_bytes(path, buffer.getvalue())
+        files.write_bytes(path, _npy_bytes(np.array(self.digest_rows, dtype=_DIGEST_ROW)))
         return path
 
 
@@ -428,6 +439,17 @@ class ConcatFiles(FinalizeTask):
             files.FileSystems.rename(list(self.sources), [self.destination])
             return
         files.concatenate(self.sources, self.destination)
+        files.delete(list(self.sources))
+
+
+@dataclasses.dataclass(frozen=True)
+class JoinProductIds(FinalizeTask):
+    """Joins the ranges' product id lists of one split, in the shards' order: the split's ids in
+    record order, so that a reader can tell which products a damaged shard lost."""
+
+    def run(self) -> None:
+        ids = [np.load(io.BytesIO(files.read_bytes(path))) for path in self.sources]
+        files.write_bytes(self.destination, _npy_bytes(np.concatenate(ids or [np.zeros(0, np.int64)])))
         files.delete(list(self.sources))
 
 
@@ -492,6 +514,7 @@ def output_files(output_dir: str) -> list[str]:
     patterns = [record_schema.METADATA_FILE, record_schema.LABELS_FILE, record_schema.IMAGE_DIGESTS_FILE,
                 record_schema.rejected_pattern()]
     patterns += [record_schema.shard_pattern(split) for split in record_schema.SPLITS]
+    patterns += [record_schema.product_ids_name(split) for split in record_schema.SPLITS]
     return [path for pattern in patterns for path in files.glob(files.join(output_dir, pattern))]
 
 
@@ -547,8 +570,15 @@ def restore_previous_output(output_dir: str, tmp_dir: str) -> bool:
 
 
 def plan_finalize(results: list[RangeResult], config: ConvertConfig) -> Iterator[FinalizeTask]:
-    """Tasks that turn temporary files into the output: one per shard, plus rejected and digests."""
+    """Tasks that turn temporary files into the output: one per shard and per split's id list, plus
+    rejected and digests."""
     yield from _plan_shards(results, config)
+    ids = collections.defaultdict(list)
+    for result in sorted(results, key=lambda r: r.range_id):  # the shards' order
+        for split, split_file in result.records.items():
+            ids[split].append(split_file.ids)
+    for split, sources in sorted(ids.items()):
+        yield JoinProductIds(tuple(sources), files.join(config.output_dir, record_schema.product_ids_name(split)))
     rejected_sources = files.glob(_rejection_report(config.tmp_dir))
     yield ConcatFiles(tuple(rejected_sources), files.join(config.output_dir, record_schema.rejected_name()))
     digest_sources = tuple(sorted(result.digests for result in results if result.digests))

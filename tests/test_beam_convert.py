@@ -24,6 +24,18 @@ def sample_output(tmp_path_factory):
     return out
 
 
+def test_each_split_lists_its_product_ids_in_record_order(sample_output, tmp_path):
+    for split in ("train", "val"):
+        ids = np.load(sample_output / record_schema.product_ids_name(split))
+        assert ids.dtype == np.int64
+        assert ids.tolist() == [r["product_id"] for r in read_records(sample_output, split)]
+    # Several ranges into several shards: still the shards' order.
+    out = tmp_path / "ranges"
+    assert convert(f"--input={SAMPLE_BSON}", f"--output_dir={out}", "--range_size=7", "--num_shards=3") == 0
+    ids = np.load(out / record_schema.product_ids_name("train"))
+    assert ids.tolist() == [r["product_id"] for r in read_records(out, "train")] and len(ids) > 60
+
+
 def test_sample_every_product_and_jpeg_arrives_byte_identical(sample_output):
     documents = {doc["_id"]: doc for doc in sample_documents()}
     records = read_records(sample_output, "train") + read_records(sample_output, "val")
