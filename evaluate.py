@@ -27,6 +27,9 @@ flags.DEFINE_bool("dup_lookup", False, "Where an image is in the training set, p
                   "training categories (train_image_digests.npz of the training data folder).")
 flags.DEFINE_string("train_data_dir", None, "Training data folder (digests, class frequencies); "
                     "default: the one the model was trained on.")
+flags.DEFINE_bool("skip_corrupt_records", False, "Read past damaged shards: the rest of each damaged file is "
+                  "skipped, named once and counted in metrics.json (skipped_records); without it a damaged "
+                  "shard stops evaluation with one line naming it.")
 flags.mark_flags_as_required(["data_dir", "model_dir"])
 cli.check_folder_flags(model_must_exist=True)
 
@@ -41,7 +44,7 @@ def main(argv):
         evaluation.evaluate(
             data_dir=FLAGS.data_dir, model_dir=FLAGS.model_dir, split=FLAGS.split, output_dir=FLAGS.output_dir,
             batch_size=FLAGS.batch_size, flip_tta=FLAGS.flip_tta, dup_lookup=FLAGS.dup_lookup,
-            train_data_dir=FLAGS.train_data_dir,
+            train_data_dir=FLAGS.train_data_dir, skip_corrupt_records=FLAGS.skip_corrupt_records,
         )
     except cli.UserError as error:
         sys.exit(f"evaluate.py: error: {error}")

@@ -22,6 +22,7 @@ setuptools.setup(
         TENSORFLOW,
         "keras>=3.5,<4",
         "tensorboard>=2.16,<2.22",  # tf.summary writes nothing without it (tensorflow-cpu 2.21 omits it)
+        "tensorboard-plugin-profile>=2.20,<2.25",  # TensorBoard's Profile tab (--profile_batches)
         "apache-beam>=2.60,<3",
         "pymongo>=4.6,<5",  # its `bson` module; the standalone `bson` package on PyPI is another thing
         "absl-py>=2.1,<3",

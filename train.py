@@ -53,13 +53,20 @@ flags.DEFINE_integer("cpu_devices", D.cpu_devices, "Split the CPU into N logical
                      "on a machine without GPUs); 0 or 1: one device.", lower_bound=0)
 flags.DEFINE_integer("shuffle_buffer", D.shuffle_buffer, "Products in the shuffle buffer.", lower_bound=1)
 flags.DEFINE_integer("seed", D.seed, "Seed of shuffling and augmentation.")
+flags.DEFINE_bool("skip_corrupt_records", D.skip_corrupt_records, "Read past damaged shards: the rest of each "
+                  "damaged file is skipped, named once and counted in train_state.json (one read of the shards "
+                  "first); without it a damaged shard stops training with one line naming it.")
 
 flags.DEFINE_integer("bn_recalibration_steps", D.bn_recalibration_steps, "After training, re-estimate "
                      "BatchNorm statistics on this many training batches (0: keep the moving averages).",
                      lower_bound=0)
 flags.DEFINE_integer("backup_every_steps", D.backup_every_steps, "Back up the training state every N steps.",
                      lower_bound=1)
-flags.DEFINE_string("profile_batches", D.profile_batches, 'Profile training batches "START,STOP" into logs/.')
+flags.DEFINE_string("profile_batches", D.profile_batches, 'Profile optimizer steps "START,STOP" (1-based, '
+                    'whatever --steps_per_execution) into logs/train: TensorBoard\'s Profile tab.')
+flags.DEFINE_integer("log_every_steps", D.log_every_steps, "TensorBoard scalars every N optimizer steps (loss, "
+                     "top-1, learning rate, products/s) besides the per-epoch ones; 0: per epoch only.", lower_bound=0)
+flags.DEFINE_bool("expect_gpus", D.expect_gpus, "A GPU configuration: warn at start when TensorFlow sees no GPU.")
 flags.DEFINE_integer("sample_products", D.sample_products, "Products in the TensorBoard sample grid.", lower_bound=0)
 flags.DEFINE_integer("export_top_k", D.export_top_k, "Categories returned by the SavedModel.", lower_bound=1)
 flags.DEFINE_integer("verbose", D.verbose, "Keras fit verbosity: 1 progress bar, 2 one line an epoch.")

@@ -7,7 +7,6 @@ import os
 import time
 
 import keras
-import numpy as np
 import tensorflow as tf
 
 from model import model_dir as model_dir_lib
@@ -37,7 +36,10 @@ class EpochProgress(keras.callbacks.ProgbarLogger):
 class Throughput(keras.callbacks.Callback):
     """Adds `products_per_second` (training steps only) to the epoch logs.
 
-    Timed from the end of an epoch's first batch, so tracing and compilation are not counted.
+    Timed between the ends of an epoch's first and last executions, so the tracing and compilation
+    paid in the first are not counted; an epoch of one execution is timed whole. Keras reports the
+    index of an execution's last step, so steps are counted from those indices, not from the calls
+    (with steps_per_execution > 1 they differ).
     """
 
     def __init__(self, global_batch: int):
@@ -45,7 +47,7 @@ class Throughput(keras.callbacks.Callback):
         self.global_batch = global_batch
 
     def on_epoch_begin(self, epoch, logs=None):
-        self._first = None
+        self._begin, self._first, self._last = time.perf_counter(), None, None
 
     def on_train_batch_end(self, batch, logs=None):
         now = time.perf_counter()
@@ -56,9 +58,85 @@ class Throughput(keras.callbacks.Callback):
     def on_epoch_end(self, epoch, logs=None):
         if logs is None or self._first is None:
             return
-        steps, seconds = self._last[0] - self._first[0], self._last[1] - self._first[1]
-        if steps > 0 and seconds > 0:
+        if self._last[0] > self._first[0]:
+            steps, seconds = self._last[0] - self._first[0], self._last[1] - self._first[1]
+        else:
+            steps, seconds = self._last[0] + 1, self._last[1] - self._begin
+        if seconds > 0:
             logs["products_per_second"] = steps * self.global_batch / seconds
+
+
+def _optimizer_step(model: keras.Model) -> int:
+    return int(keras.ops.convert_to_numpy(model.optimizer.iterations))
+
+
+class StepScalars(keras.callbacks.Callback):
+    """Scalars every `every_steps` optimizer steps, so that a long epoch draws a curve: the loss and
+    top-1 so far in the epoch (Keras' running means), the learning rate, and products/s since the
+    last point. Written to logs/train_steps, against the optimizer step."""
+
+    def __init__(self, log_dir: str, every_steps: int, global_batch: int):
+        super().__init__()
+        self.log_dir, self.every_steps, self.global_batch = log_dir, every_steps, global_batch
+        self._writer = None
+
+    def on_train_begin(self, logs=None):
+        if self._writer is None:
+            self._writer = tf.summary.create_file_writer(self.log_dir)
+        self._mark = None  # (step, time) of the last point; none yet: the first interval holds tracing
+
+    def on_train_batch_end(self, batch, logs=None):
+        step, now = _optimizer_step(self.model), time.perf_counter()
+        if self._mark is None:
+            self._mark = (step, now)
+            return
+        if step - self._mark[0] < self.every_steps:
+            return
+        with self._writer.as_default(step=step):
+            for name, value in (logs or {}).items():
+                if name in ("loss", TOP1):
+                    tf.summary.scalar(f"step_{name}", float(value))
+            tf.summary.scalar("step_learning_rate", float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate)))
+            tf.summary.scalar("step_products_per_second",
+                              (step - self._mark[0]) * self.global_batch / max(now - self._mark[1], 1e-9))
+        self._writer.flush()
+        self._mark = (step, now)
+
+
+class ProfileSteps(keras.callbacks.Callback):
+    """Profiles optimizer steps first..last (1-based, inclusive) into log_dir/plugins/profile.
+
+    Keras' TensorBoard callback counts calls of the train function, which are executions of
+    steps_per_execution steps each; here the window is in optimizer steps whatever that is: it
+    covers the executions holding those steps (so it may start and end up to an execution wider).
+    """
+
+    def __init__(self, log_dir: str, first: int, last: int):
+        super().__init__()
+        self.log_dir, self.first, self.last = log_dir, first, last
+        self.covered = None  # (first, last) optimizer step actually inside the trace
+
+    def on_train_batch_begin(self, batch, logs=None):
+        done = _optimizer_step(self.model)
+        if self.covered is None and done < self.last and done + self._steps_per_call() >= self.first:
+            tf.profiler.experimental.start(self.log_dir)
+            self.covered = (done + 1, None)
+
+    def on_train_batch_end(self, batch, logs=None):
+        if self.covered is not None and self.covered[1] is None and _optimizer_step(self.model) >= self.last:
+            self._stop()
+
+    def on_train_end(self, logs=None):
+        if self.covered is not None and self.covered[1] is None:
+            self._stop()
+
+    def _steps_per_call(self) -> int:
+        return int(getattr(self.model, "steps_per_execution", 1) or 1)
+
+    def _stop(self) -> None:
+        tf.profiler.experimental.stop()
+        self.covered = (self.covered[0], _optimizer_step(self.model))
+        print(f"Profiled optimizer steps {self.covered[0]}-{self.covered[1]} into {self.log_dir}", flush=True)
 
 
 BACKUP_WEIGHTS = "latest.weights.h5"  # weights and optimizer state (its step count included)
@@ -79,19 +157,16 @@ class Backup(keras.callbacks.Callback):
         super().__init__()
         self.backup_dir, self.every_steps, self.steps_per_epoch = backup_dir, every_steps, steps_per_epoch
 
-    def _step(self) -> int:
-        return int(keras.ops.convert_to_numpy(self.model.optimizer.iterations))
-
     def on_train_begin(self, logs=None):
-        self._saved_at = self._step()
+        self._saved_at = _optimizer_step(self.model)
 
     def on_train_batch_end(self, batch, logs=None):
-        step = self._step()
+        step = _optimizer_step(self.model)
         if step - self._saved_at >= self.every_steps:
             self._save(step)
 
     def on_epoch_end(self, epoch, logs=None):
-        self._save(self._step())
+        self._save(_optimizer_step(self.model))
 
     def _save(self, step: int) -> None:
         tf.io.gfile.makedirs(self.backup_dir)
@@ -117,7 +192,8 @@ def restore_backup(model: keras.Model, backup_dir: str) -> int:
 
 
 def make_callbacks(model_dir: str, *, epochs: int, steps_per_epoch: int, global_batch: int,
-                   backup_every_steps: int, profile_batches: str, has_val: bool) -> list:
+                   backup_every_steps: int, log_every_steps: int, profile_steps: str, has_val: bool) -> list:
+    logs = os.path.join(model_dir, model_dir_lib.LOGS_DIR)
     callbacks = [
         keras.callbacks.TerminateOnNaN(),
         # Kept after fit and removed only once model.keras and export/ exist, so a kill at any
@@ -132,34 +208,15 @@ def make_callbacks(model_dir: str, *, epochs: int, steps_per_epoch: int, global_
                 save_best_only=True,
             )
         )
-    profile = tuple(int(b) for b in profile_batches.split(",")) if profile_batches else 0
+    if log_every_steps > 0:
+        callbacks.append(StepScalars(os.path.join(logs, "train_steps"), log_every_steps, global_batch))
+    if profile_steps:
+        first, last = (int(step) for step in profile_steps.split(","))
+        callbacks.append(ProfileSteps(os.path.join(logs, "train"), first, last))
     callbacks += [
         # Epoch-level scalars: loss, top-1/top-5, learning rate, products/s (Throughput runs first
         # and adds it to the same logs dict).
-        keras.callbacks.TensorBoard(
-            os.path.join(model_dir, model_dir_lib.LOGS_DIR), profile_batch=profile, write_graph=False
-        ),
+        keras.callbacks.TensorBoard(logs, profile_batch=0, write_graph=False),
         EpochProgress(epochs),  # last, so its end-of-epoch line shows products_per_second too
     ]
     return callbacks
-
-
-def write_sample_grid(features: dict, log_dir: str) -> None:
-    """One image summary of a batch of training products as the model sees them: a row per
-    product, a column per image slot, padded slots outlined in red, real ones in green."""
-    images, mask = features["images"].numpy(), features["mask"].numpy()
-    b, n, s = images.shape[:3]
-    pad = 2
-    grid = np.full((b * (s + 2 * pad), n * (s + 2 * pad), 3), 0, np.uint8)
-    for i in range(b):
-        for j in range(n):
-            y, x = i * (s + 2 * pad), j * (s + 2 * pad)
-            grid[y:y + s + 2 * pad, x:x + s + 2 * pad] = (0, 200, 0) if mask[i, j] > 0 else (200, 0, 0)
-            grid[y + pad:y + pad + s, x + pad:x + pad + s] = images[i, j]
-    writer = tf.summary.create_file_writer(os.path.join(log_dir, "samples"))
-    with writer.as_default():
-        tf.summary.image(
-            "training_products", grid[None], step=0,
-            description="rows: products; columns: image slots; red border = padding (mask 0)",
-        )
-    writer.close()

@@ -1,19 +1,22 @@
 """A beam_convert output folder as the model side reads it (docs/FORMATS.md section 1).
 
-Free of TensorFlow: train.py's and evaluate.py's flag checks use it before TensorFlow loads.
+Paths may be on any filesystem TensorFlow knows (gs://, s3:// with its plugin, file://, ram://).
 """
 
 from __future__ import annotations
 
-import glob
+import io
 import json
 import os
+
+import numpy as np
+import tensorflow as tf
 
 import record_schema
 
 
 def read_metadata(data_dir: str) -> dict:
-    with open(os.path.join(data_dir, record_schema.METADATA_FILE)) as f:
+    with tf.io.gfile.GFile(os.path.join(data_dir, record_schema.METADATA_FILE)) as f:
         return json.load(f)
 
 
@@ -26,10 +29,19 @@ def split_pattern(data_dir: str, split: str) -> str:
     return os.path.join(data_dir, record_schema.shard_pattern(split))
 
 
+def read_product_ids(data_dir: str, split: str):
+    """Every product id of a split (numpy int64), or None for a conversion that did not list them."""
+    path = os.path.join(data_dir, record_schema.product_ids_name(split))
+    if not tf.io.gfile.exists(path):
+        return None
+    with tf.io.gfile.GFile(path, "rb") as f:
+        return np.load(io.BytesIO(f.read()))
+
+
 def read_rejected(data_dir: str) -> list[dict]:
     """Every line of the rejection reports: products the converter did not convert."""
     rows = []
-    for path in sorted(glob.glob(os.path.join(data_dir, record_schema.rejected_pattern()))):
-        with open(path) as f:
+    for path in sorted(tf.io.gfile.glob(os.path.join(data_dir, record_schema.rejected_pattern()))):
+        with tf.io.gfile.GFile(path) as f:
             rows += [json.loads(line) for line in f if line.strip()]
     return rows

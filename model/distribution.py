@@ -76,6 +76,26 @@ def _patch_nested_reduce(strategy: tf.distribute.Strategy) -> tf.distribute.Stra
     return strategy
 
 
+def describe(strategy: tf.distribute.Strategy) -> str:
+    """"8 replicas on GPU:0..7 (MirroredStrategy)", "1 replica on CPU (MirroredStrategy)", or for
+    several hosts "4 replicas: 2 here on GPU:0..1 (MultiWorkerMirroredStrategy)": the line that
+    tells a user at start whether the accelerators are in use."""
+    devices = [tf.DeviceSpec.from_string(d) for d in strategy.extended.worker_devices]
+    kinds = sorted({d.device_type for d in devices})
+    indices = sorted(d.device_index or 0 for d in devices)
+    if len(devices) == 1 and kinds == ["CPU"]:
+        where = "CPU"
+    elif len(kinds) == 1:
+        where = f"{kinds[0]}:{indices[0]}" + (f"..{indices[-1]}" if len(indices) > 1 else "")
+    else:
+        where = ", ".join(f"{d.device_type}:{d.device_index}" for d in devices)
+    total = strategy.num_replicas_in_sync
+    plural = "replica" if total == 1 else "replicas"
+    if is_multi_worker(strategy):
+        return f"{total} {plural}: {len(devices)} here on {where} (MultiWorkerMirroredStrategy)"
+    return f"{total} {plural} on {where} ({strategy.__class__.__name__})"
+
+
 def is_multi_worker(strategy: tf.distribute.Strategy) -> bool:
     return isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy)
 

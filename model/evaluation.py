@@ -10,13 +10,15 @@ import collections
 import csv
 import dataclasses
 import json
+import io
 import os
 import time
 
 import numpy as np
+import tensorflow as tf
 
 import record_schema
-from model import cli, data_folder
+from model import cli, data_folder, visuals
 from model import labels as labels_lib
 from model import model_dir as model_dir_lib
 
@@ -34,7 +36,7 @@ def load_model(model_dir: str):
 
     from model import multi_image  # noqa: F401  (registers the custom layers for deserialisation)
 
-    with open(os.path.join(model_dir, model_dir_lib.CONFIG_FILE)) as f:
+    with tf.io.gfile.GFile(os.path.join(model_dir, model_dir_lib.CONFIG_FILE)) as f:
         config = json.load(f)
     model = keras.models.load_model(os.path.join(model_dir, model_dir_lib.MODEL_FILE), compile=False)
     return model, config
@@ -46,8 +48,6 @@ def predict_top_k(model, dataset, *, k: int = TOP_K, flip_tta: bool = False, tot
 
     flip_tta averages the softmax of each product and of its left-right mirror.
     """
-    import tensorflow as tf
-
     @tf.function
     def step(images, mask):
         probabilities = tf.nn.softmax(tf.cast(model({"images": images, "mask": mask}, training=False)["category"], tf.float32))
@@ -151,50 +151,12 @@ def compute_metrics(true_classes, top_classes, num_images, labels: labels_lib.La
     return metrics
 
 
-def write_report(metrics: dict, path: str, title: str = "") -> None:
-    """PNG: accuracy by number of images, and by training frequency of the true class."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    counts = metrics["by_image_count"]
-    keys = list(counts)
-    x = np.arange(len(keys))  # numeric positions: string categories make matplotlib chatty
-    axes[0].bar(x, [counts[k]["top1"] for k in keys], color="tab:blue", label="top-1")
-    axes[0].plot(x, [counts[k]["top5"] for k in keys], "o-", color="tab:orange", label="top-5")
-    axes[0].set_xticks(x, keys)
-    for i, k in enumerate(keys):
-        axes[0].annotate(f"n={counts[k]['products']}", (i, 0.02), ha="center", fontsize=8)
-    axes[0].set(xlabel="images in the product", ylabel="accuracy", ylim=(0, 1), title="by image count")
-    axes[0].legend()
-    bins = metrics.get("by_class_frequency") or []
-    if bins:
-        x = np.arange(len(bins))
-        axes[1].bar(x, [b["top1"] for b in bins], color="tab:green")
-        axes[1].set_xticks(x, [b["train_images"] for b in bins])
-        for i, b in enumerate(bins):
-            axes[1].annotate(f"n={b['products']}", (i, 0.02), ha="center", fontsize=8)
-        axes[1].set(xlabel="training images of the true class", ylabel="top-1", ylim=(0, 1),
-                    title="by class frequency")
-    else:
-        axes[1].text(0.5, 0.5, "no train_image_digests.npz:\nclass frequencies unknown", ha="center")
-        axes[1].set_axis_off()
-    fig.suptitle(title or f"top-1 {metrics['top1']:.3f}, top-5 {metrics['top5']:.3f}, {metrics['products']} products")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-
-
 # ---------------------------------------------------------------------------------------------
 # Duplicate-image lookup
 
 
 def read_record_digests(file_pattern: str) -> dict:
     """product_id -> image digests of its real images, read straight from the TFRecords."""
-    import tensorflow as tf
-
     spec = {k: v for k, v in record_schema.feature_spec().items() if k in ("product_id", "images", "mask")}
     files = sorted(tf.io.gfile.glob(file_pattern))
     ds = tf.data.TFRecordDataset(files).batch(256).map(lambda s: tf.io.parse_example(s, spec))
@@ -209,7 +171,7 @@ class DigestTable:
     """train_image_digests.npz: image digest -> (category_id, count) rows, searched in sorted arrays."""
 
     def __init__(self, path: str):
-        with np.load(path) as table:
+        with tf.io.gfile.GFile(path, "rb") as f, np.load(io.BytesIO(f.read())) as table:
             order = np.argsort(table["digest"], kind="stable")
             self.digest = table["digest"][order]
             self.category_id = table["category_id"][order]
@@ -273,14 +235,21 @@ def most_frequent_category(labels: labels_lib.Labels, train_class_counts=None) -
     return int(labels.category_ids[0])
 
 
-def write_submission(path: str, product_ids, category_ids, rejected: list[dict], fallback: int) -> dict:
-    """`_id,category_id`, one row per product: predicted ones, then rejected ones with `fallback`.
+def write_submission(path: str, product_ids, category_ids, rejected: list[dict], fallback: int,
+                     all_product_ids=None) -> dict:
+    """`_id,category_id`, one row per product: predicted ones, then rejected ones with `fallback`,
+    then (given the split's `all_product_ids`) converted ones that could not be read, also with it.
 
     A rejected entry without an _id (a corrupt document) cannot have a row; a rejected _id that
     was also converted (a duplicate _id) keeps its prediction. Both are counted in the summary.
     """
     rows = dict(zip((int(p) for p in product_ids), (int(c) for c in category_ids)))
     predicted = len(rows)
+    unreadable = 0
+    for pid in (all_product_ids if all_product_ids is not None else ()):
+        if int(pid) not in rows:
+            rows[int(pid)] = fallback
+            unreadable += 1
     no_id = 0
     for entry in rejected:
         pid = entry.get("_id")
@@ -288,12 +257,13 @@ def write_submission(path: str, product_ids, category_ids, rejected: list[dict],
             no_id += 1
         elif int(pid) not in rows:
             rows[int(pid)] = fallback
-    with open(path, "w", newline="") as f:
+    with tf.io.gfile.GFile(path, "w") as f:
         writer = csv.writer(f, lineterminator="\n")
         writer.writerow(["_id", "category_id"])
         writer.writerows(rows.items())
-    return {"rows": len(rows), "predicted": predicted, "rejected_with_fallback": len(rows) - predicted,
-            "rejected_without_id": no_id, "fallback_category_id": fallback}
+    return {"rows": len(rows), "predicted": predicted, "unreadable_with_fallback": unreadable,
+            "rejected_with_fallback": len(rows) - predicted - unreadable, "rejected_without_id": no_id,
+            "fallback_category_id": fallback}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -302,38 +272,86 @@ def write_submission(path: str, product_ids, category_ids, rejected: list[dict],
 
 def evaluate(*, data_dir: str, model_dir: str, split: str, output_dir: str | None = None,
              batch_size: int = 64, flip_tta: bool = False, dup_lookup: bool = False,
-             train_data_dir: str | None = None, log=print) -> dict:
+             train_data_dir: str | None = None, skip_corrupt_records: bool = False, log=print) -> dict:
     """Predicts one split of a beam_convert folder; writes metrics.json + report.png (labelled
-    splits) and submission.csv (test). Returns the summary that is written to metrics.json."""
-    import tensorflow as tf
+    splits) and submission.csv (test). Returns the summary that is written to metrics.json.
 
-    from model import training
-
+    The output is written into a temporary folder beside output_dir and moved into place at the
+    end: a failed evaluation leaves no half-written folder, and an earlier complete one unchanged.
+    """
     output_dir = output_dir or model_dir_lib.eval_dir(model_dir, split)
-    os.makedirs(output_dir, exist_ok=True)
+    # A sibling whose name does not extend output_dir's: object stores list by prefix.
+    parent, name = os.path.split(output_dir.rstrip("/"))
+    partial = os.path.join(parent, f".partial-{name}")
+    if tf.io.gfile.exists(partial):
+        tf.io.gfile.rmtree(partial)
+    tf.io.gfile.makedirs(partial)
+    try:
+        summary = _evaluate_into(partial, data_dir=data_dir, model_dir=model_dir, split=split,
+                                 batch_size=batch_size, flip_tta=flip_tta, dup_lookup=dup_lookup,
+                                 train_data_dir=train_data_dir, skip_corrupt_records=skip_corrupt_records, log=log)
+    except BaseException:
+        tf.io.gfile.rmtree(partial)
+        if tf.io.gfile.exists(output_dir):
+            log(f"{output_dir} still holds the earlier evaluation (its metrics.json says which model and data).")
+        raise
+    _move_into_place(partial, output_dir)
+    log(f"Wrote {output_dir}")
+    return summary
+
+
+def _move_into_place(partial: str, output_dir: str) -> None:
+    """Replaces output_dir's files by partial's, metrics.json last (its presence means complete).
+
+    File by file, not one directory rename: object stores (gs://) have no directory rename."""
+    new = tf.io.gfile.listdir(partial)
+    if tf.io.gfile.exists(output_dir):
+        old = tf.io.gfile.listdir(output_dir)
+        # The old metrics.json first, so that from here the folder never looks complete until done.
+        for name in sorted(old, key=lambda n: n != model_dir_lib.METRICS_FILE):
+            path = os.path.join(output_dir, name)
+            if tf.io.gfile.isdir(path):
+                tf.io.gfile.rmtree(path)
+            elif name not in new or name == model_dir_lib.METRICS_FILE:
+                tf.io.gfile.remove(path)
+    tf.io.gfile.makedirs(output_dir)
+    for name in sorted(new, key=lambda n: n == model_dir_lib.METRICS_FILE):
+        tf.io.gfile.rename(os.path.join(partial, name), os.path.join(output_dir, name), overwrite=True)
+    tf.io.gfile.rmtree(partial)
+
+
+def _evaluate_into(output_dir: str, *, data_dir: str, model_dir: str, split: str, batch_size: int,
+                   flip_tta: bool, dup_lookup: bool, train_data_dir: str | None, skip_corrupt_records: bool,
+                   log) -> dict:
+    from model import shards, training
+
     model, config = load_model(model_dir)
     # Class index <-> category id as the model learnt it (a test folder has its own labels.csv).
     labels = labels_lib.read_labels(os.path.join(model_dir, record_schema.LABELS_FILE))
     train_data_dir = train_data_dir or config["train"]["data_dir"]
     digests_path = os.path.join(train_data_dir, record_schema.IMAGE_DIGESTS_FILE)
-    table = DigestTable(digests_path) if os.path.exists(digests_path) else None
+    table = DigestTable(digests_path) if tf.io.gfile.exists(digests_path) else None
     if dup_lookup and table is None:
         raise cli.UserError(f"--dup_lookup needs {digests_path}")
     class_counts = table.class_counts(labels) if table is not None else None
 
+    check = shards.check_split(data_dir, split, skip_corrupt_records=skip_corrupt_records, log=log)
     pattern = data_folder.split_pattern(data_dir, split)
-    if not tf.io.gfile.glob(pattern):
-        raise cli.UserError(f"no {split} shards in {data_dir}")
-    total = data_folder.split_products(data_folder.read_metadata(data_dir), split)
     trained = training.config_from_json(config["train"])
     dataset = training.split_dataset(dataclasses.replace(trained, data_dir=data_dir), split, training=False,
-                                     batch_size=batch_size)
+                                     batch_size=batch_size, **({"skip_corrupt_records": True} if check.damaged else {}))
     log(f"Evaluating {model_dir} on {pattern}{' with flip TTA' if flip_tta else ''}")
-    predictions = predict_top_k(model, dataset, flip_tta=flip_tta, total=total, log=log)
+    predictions = predict_top_k(model, dataset, flip_tta=flip_tta, total=check.records, log=log)
     top_classes = predictions["top_classes"]
+    if len(top_classes) != check.records:  # the shards changed while they were read
+        raise cli.UserError(f"{data_dir}: read {len(top_classes)} {split} products, the check counted {check.records}")
 
     summary = {"split": split, "data_dir": data_dir, "model_dir": model_dir, "flip_tta": flip_tta,
-               "dup_lookup": dup_lookup, "products": int(len(top_classes))}
+               "dup_lookup": dup_lookup, "products": int(len(top_classes)),
+               "skipped_records": check.unreadable, "damaged_files": sorted(check.damaged)}
+    if check.damaged:
+        log(f"{check.unreadable} of {check.expected} {split} products were unreadable in "
+            f"{len(check.damaged)} damaged file(s) and are left out")
     if dup_lookup:
         digests = read_record_digests(pattern)
         top_classes, overridden = apply_duplicate_lookup(predictions, digests, table, labels)
@@ -352,8 +370,8 @@ def evaluate(*, data_dir: str, model_dir: str, split: str, output_dir: str | Non
                                      "top1_gain": metrics["top1"] - plain["top1"],
                                      "top5_gain": metrics["top5"] - plain["top5"]}
         summary.update(metrics)
-        write_report(metrics, os.path.join(output_dir, model_dir_lib.REPORT_FILE),
-                     f"{split}: top-1 {metrics['top1']:.3f}, top-5 {metrics['top5']:.3f}, {metrics['products']} products")
+        visuals.write_report(metrics, os.path.join(output_dir, model_dir_lib.REPORT_FILE), model_name=model.name,
+                             fusion=config["model"]["fusion"], split=split)
         log(f"{split}: top-1 {metrics['top1']:.4f}  top-5 {metrics['top5']:.4f}  ({metrics['products']} products); "
             f"by image count: " + ", ".join(f"{n}: {m['top1']:.3f}" for n, m in metrics["by_image_count"].items()))
     if split == "test" or not labelled:
@@ -361,11 +379,12 @@ def evaluate(*, data_dir: str, model_dir: str, split: str, output_dir: str | Non
         submission = write_submission(
             os.path.join(output_dir, model_dir_lib.SUBMISSION_FILE), predictions["product_id"],
             labels.category_ids[top_classes[:, 0]] if len(top_classes) else [],
-            data_folder.read_rejected(data_dir), fallback)
+            data_folder.read_rejected(data_dir), fallback,
+            all_product_ids=data_folder.read_product_ids(data_dir, split))
         summary["submission"] = submission
-        log(f"submission.csv: {submission['rows']} rows ({submission['rejected_with_fallback']} rejected products "
-            f"given the most frequent training category {fallback})")
-    with open(os.path.join(output_dir, model_dir_lib.METRICS_FILE), "w") as f:
+        log(f"submission.csv: {submission['rows']} rows ({submission['rejected_with_fallback']} rejected and "
+            f"{submission['unreadable_with_fallback']} unreadable products given the most frequent training "
+            f"category {fallback})")
+    with tf.io.gfile.GFile(os.path.join(output_dir, model_dir_lib.METRICS_FILE), "w") as f:
         json.dump(summary, f, indent=1)
-    log(f"Wrote {output_dir}")
     return summary

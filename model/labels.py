@@ -6,9 +6,11 @@ category names are quoted and some contain commas and doubled quotes.
 
 import csv
 import dataclasses
+import io
 import os
 
 import numpy as np
+import tensorflow as tf
 
 import record_schema
 
@@ -38,10 +40,10 @@ class Labels:
 
 
 def read_labels(path: str) -> Labels:
-    if os.path.isdir(path):
+    if tf.io.gfile.isdir(path):
         path = os.path.join(path, record_schema.LABELS_FILE)
-    with open(path, newline="", encoding="utf-8") as f:
-        reader = csv.DictReader(f)
+    with tf.io.gfile.GFile(path) as f:
+        reader = csv.DictReader(io.StringIO(f.read(), newline=""))
         missing = set(record_schema.LABELS_HEADER) - set(reader.fieldnames or ())
         if missing:
             raise ValueError(f"{path}: missing columns {sorted(missing)}")

@@ -12,7 +12,6 @@ import dataclasses
 import json
 import math
 import os
-import shutil
 import warnings
 
 import keras
@@ -20,7 +19,7 @@ import tensorflow as tf
 
 import record_schema
 from model import callbacks as callbacks_lib
-from model import cli, data_folder, distribution, export, input_pipeline, multi_image, optimization
+from model import cli, data_folder, distribution, export, input_pipeline, multi_image, optimization, shards, visuals
 from model import labels as labels_lib
 from model import model_dir as model_dir_lib
 
@@ -61,10 +60,13 @@ class TrainConfig:
     cpu_devices: int = 0  # >1: split the CPU into that many logical devices (MirroredStrategy)
     shuffle_buffer: int = 2048
     seed: int = 0
+    skip_corrupt_records: bool = False  # read past damaged shards (the rest of each file), counted
     # Checkpoints and logs.
     bn_recalibration_steps: int = 20  # batches to re-estimate BatchNorm statistics after training
     backup_every_steps: int = 100
-    profile_batches: str = ""  # "10,20": profile those training batches into logs/
+    log_every_steps: int = 100  # step-level scalars in TensorBoard; 0: epoch-level only
+    profile_batches: str = ""  # "10,20": profile those optimizer steps into logs/train
+    expect_gpus: bool = False  # a GPU configuration: warn when none is visible
     sample_products: int = 8  # products shown in the TensorBoard image grid at start
     export_top_k: int = 5
     verbose: int = 2
@@ -86,6 +88,8 @@ def config_from_json(values: dict) -> TrainConfig:
 
 def split_dataset(cfg: TrainConfig, split: str, *, training: bool, batch_size: int, **options) -> tf.data.Dataset:
     """create_dataset over one split of cfg.data_dir, with the config's image settings."""
+    if cfg.skip_corrupt_records:
+        options.setdefault("skip_corrupt_records", True)
     return input_pipeline.create_dataset(
         data_folder.split_pattern(cfg.data_dir, split), batch_size=batch_size, training=training,
         image_size=cfg.image_size, crop_size=cfg.crop_size or None, **options,
@@ -172,13 +176,35 @@ def model_config(cfg: TrainConfig, labels: labels_lib.Labels, aux_heads: dict) -
 
 # Settings that do not change what a run computes: a resumed or finished run may differ in them.
 RUN_INDEPENDENT = frozenset({"model_dir", "verbose", "profile_batches", "sample_products", "backup_every_steps",
-                             "export_top_k", "cpu_devices", "shuffle_buffer", "steps_per_execution"})
+                             "export_top_k", "cpu_devices", "shuffle_buffer", "steps_per_execution",
+                             "log_every_steps", "expect_gpus",
+                             "skip_corrupt_records"})
 
 
 def settings_differences(saved: dict, cfg: TrainConfig) -> list[str]:
     """The settings of a saved train_config.json["train"] that differ from cfg, as flags."""
     return [f"--{name}={saved[name]} (now {value})" for name, value in dataclasses.asdict(cfg).items()
             if name not in RUN_INDEPENDENT and name in saved and saved[name] != value]
+
+
+def align_to_executions(steps_per_epoch: int, steps_per_execution: int) -> tuple[int, int]:
+    """(steps_per_epoch, steps_per_execution) such that an epoch is whole executions.
+
+    Keras runs whole executions: an epoch that is not a multiple of steps_per_execution silently
+    runs more steps than asked (an epoch of 4 steps runs 20 at steps_per_execution=20). So a
+    shorter epoch lowers steps_per_execution, and a longer one rounds down to a multiple; each
+    change is said once.
+    """
+    if steps_per_epoch < steps_per_execution:
+        print(f"steps_per_execution lowered from {steps_per_execution} to {steps_per_epoch}: an epoch has "
+              f"only {steps_per_epoch} steps", flush=True)
+        return steps_per_epoch, steps_per_epoch
+    if steps_per_epoch % steps_per_execution:
+        rounded = steps_per_epoch - steps_per_epoch % steps_per_execution
+        print(f"steps_per_epoch rounded down from {steps_per_epoch} to {rounded}, a multiple of "
+              f"steps_per_execution={steps_per_execution} (Keras runs whole executions)", flush=True)
+        return rounded, steps_per_execution
+    return steps_per_epoch, steps_per_execution
 
 
 def check_earlier_run(model_dir: str, cfg: TrainConfig) -> dict | None:
@@ -189,11 +215,12 @@ def check_earlier_run(model_dir: str, cfg: TrainConfig) -> dict | None:
     """
     config_path = os.path.join(model_dir, model_dir_lib.CONFIG_FILE)
     state_path = os.path.join(model_dir, model_dir_lib.STATE_FILE)
-    finished = os.path.exists(state_path) and os.path.exists(os.path.join(model_dir, model_dir_lib.MODEL_FILE))
-    interrupted = os.path.exists(os.path.join(model_dir, model_dir_lib.BACKUP_DIR, callbacks_lib.BACKUP_WEIGHTS))
-    if not (finished or interrupted) or not os.path.exists(config_path):
+    exists = tf.io.gfile.exists
+    finished = exists(state_path) and exists(os.path.join(model_dir, model_dir_lib.MODEL_FILE))
+    interrupted = exists(os.path.join(model_dir, model_dir_lib.BACKUP_DIR, callbacks_lib.BACKUP_WEIGHTS))
+    if not (finished or interrupted) or not exists(config_path):
         return None
-    with open(config_path) as f:
+    with tf.io.gfile.GFile(config_path) as f:
         differences = settings_differences(json.load(f)["train"], cfg)
     if differences:
         kind = "a finished" if finished else "an interrupted"
@@ -202,7 +229,7 @@ def check_earlier_run(model_dir: str, cfg: TrainConfig) -> dict | None:
                             + ("reuse it" if finished else "resume it"))
     if not finished:
         return None
-    with open(state_path) as f:
+    with tf.io.gfile.GFile(state_path) as f:
         return json.load(f)
 
 
@@ -211,9 +238,22 @@ def train(cfg: TrainConfig, extra_callbacks: tuple = (), flags_text: str = "") -
 
     extra_callbacks: Keras callbacks to run besides the built-in ones (after them).
     flags_text: the command's flags, kept in model_dir/flags.txt beside train_config.json.
+    A damaged shard met while training stops it with a cli.UserError naming the file (the backup
+    keeps what was trained); with cfg.skip_corrupt_records it is read past instead, and counted.
     """
+    try:
+        return _train(cfg, extra_callbacks, flags_text)
+    except tf.errors.DataLossError as error:
+        # TensorFlow's message names no file: find it, which raises the one-line error.
+        for split in ("train", "val"):
+            if tf.io.gfile.glob(data_folder.split_pattern(cfg.data_dir, split)):
+                shards.check_split(cfg.data_dir, split, skip_corrupt_records=False)
+        raise cli.UserError(f"{cfg.data_dir}: damaged record ({error.message.strip()})") from None
+
+
+def _train(cfg: TrainConfig, extra_callbacks: tuple, flags_text: str) -> dict:
     model_dir = cfg.model_dir
-    os.makedirs(model_dir, exist_ok=True)
+    tf.io.gfile.makedirs(model_dir)
     finished = check_earlier_run(model_dir, cfg)
     if finished is not None:
         print(f"{model_dir} already holds a finished run of these settings ({cfg.epochs} epochs); nothing to do.")
@@ -223,9 +263,12 @@ def train(cfg: TrainConfig, extra_callbacks: tuple = (), flags_text: str = "") -
     if distribution.worker_model_dir(model_dir, strategy) != model_dir:
         cfg = dataclasses.replace(cfg, model_dir=distribution.worker_model_dir(model_dir, strategy))
         model_dir = cfg.model_dir
-        os.makedirs(model_dir, exist_ok=True)
+        tf.io.gfile.makedirs(model_dir)
     replicas = strategy.num_replicas_in_sync
     distribution.check_batch_divisible(cfg.batch_size, replicas)
+    if cfg.expect_gpus and not tf.config.list_logical_devices("GPU"):
+        print("WARNING: this is a GPU configuration (--expect_gpus) but TensorFlow sees no GPU: training on the "
+              "CPU. Install a GPU build of TensorFlow (README: GPUs) or drop --expect_gpus.", flush=True)
     keras.config.set_dtype_policy(cfg.precision)
 
     # Data: the sizes come from metadata.json, the classes and the tree from labels.csv.
@@ -236,10 +279,18 @@ def train(cfg: TrainConfig, extra_callbacks: tuple = (), flags_text: str = "") -
     if train_products < 1 or not has_split(cfg.data_dir, metadata, "train"):
         raise cli.UserError(f"{cfg.data_dir} has no training products (metadata.json: {train_products}, "
                             f"shards: {data_folder.split_pattern(cfg.data_dir, 'train')})")
-    steps_per_epoch = cfg.steps_per_epoch or max(1, train_products // cfg.batch_size)
+    has_val = has_split(cfg.data_dir, metadata, "val")
+    skipped = {}
+    if cfg.skip_corrupt_records:  # one read of the shards first, to name and count what is lost
+        for split in ("train", "val") if has_val else ("train",):
+            check = shards.check_split(cfg.data_dir, split, skip_corrupt_records=True)
+            skipped[split] = check.unreadable
+        train_products -= skipped["train"]
+    steps_per_epoch, steps_per_execution = align_to_executions(
+        cfg.steps_per_epoch or max(1, train_products // cfg.batch_size), cfg.steps_per_execution)
+    cfg = dataclasses.replace(cfg, steps_per_execution=steps_per_execution)
     targets = make_targets(labels, aux_heads)
     train_ds = train_dataset(cfg, strategy, targets)
-    has_val = has_split(cfg.data_dir, metadata, "val")
     # Validation is a finite dataset and fit is NOT told its length: with a step count, Keras
     # 3.15 evaluate() pulls a batch from its cached iterator before resetting it, and under a
     # distribution strategy that is the exhausted iterator of the previous pass (StopIteration
@@ -253,7 +304,7 @@ def train(cfg: TrainConfig, extra_callbacks: tuple = (), flags_text: str = "") -
     warnings.filterwarnings("ignore", message="Your input ran out of data")
     heads = "".join(f" + {name} head ({classes})" for name, classes in aux_heads.items())
     print(
-        f"{replicas} replica(s) ({strategy.__class__.__name__}); {train_products} training products, "
+        f"{distribution.describe(strategy)}; {train_products} training products, "
         f"{labels.num_classes} classes{heads}; "
         f"global batch {cfg.batch_size}, {steps_per_epoch} steps x {cfg.epochs} epochs",
         flush=True,
@@ -271,11 +322,12 @@ def train(cfg: TrainConfig, extra_callbacks: tuple = (), flags_text: str = "") -
     # Model: built and compiled under the strategy so variables are mirrored on every replica.
     mconfig = model_config(cfg, labels, aux_heads)
     # evaluate.py maps class indices back to category ids with the model's own copy.
-    shutil.copy(os.path.join(cfg.data_dir, record_schema.LABELS_FILE), os.path.join(model_dir, record_schema.LABELS_FILE))
-    with open(os.path.join(model_dir, model_dir_lib.CONFIG_FILE), "w") as f:
+    tf.io.gfile.copy(os.path.join(cfg.data_dir, record_schema.LABELS_FILE),
+                     os.path.join(model_dir, record_schema.LABELS_FILE), overwrite=True)
+    with tf.io.gfile.GFile(os.path.join(model_dir, model_dir_lib.CONFIG_FILE), "w") as f:
         json.dump({"model": dataclasses.asdict(mconfig), "train": dataclasses.asdict(cfg)}, f, indent=1)
     if flags_text:
-        with open(os.path.join(model_dir, model_dir_lib.FLAGS_FILE), "w") as f:
+        with tf.io.gfile.GFile(os.path.join(model_dir, model_dir_lib.FLAGS_FILE), "w") as f:
             f.write(flags_text)
     backup_dir = os.path.join(model_dir, model_dir_lib.BACKUP_DIR)
     with strategy.scope():
@@ -292,10 +344,13 @@ def train(cfg: TrainConfig, extra_callbacks: tuple = (), flags_text: str = "") -
     if cfg.sample_products > 0:
         samples = split_dataset(cfg, "train", training=True, batch_size=cfg.sample_products,
                                 shuffle_buffer=64, seed=cfg.seed)
-        callbacks_lib.write_sample_grid(next(iter(samples))[0], os.path.join(model_dir, model_dir_lib.LOGS_DIR))
+        features, label = next(iter(samples))
+        visuals.write_sample_grid(features, label, visuals.class_names(labels),
+                                  os.path.join(model_dir, model_dir_lib.LOGS_DIR))
     callbacks = callbacks_lib.make_callbacks(
         model_dir, epochs=cfg.epochs, steps_per_epoch=steps_per_epoch, global_batch=cfg.batch_size,
-        backup_every_steps=cfg.backup_every_steps, profile_batches=cfg.profile_batches, has_val=has_val,
+        backup_every_steps=cfg.backup_every_steps, log_every_steps=cfg.log_every_steps,
+        profile_steps=cfg.profile_batches, has_val=has_val,
     ) + list(extra_callbacks)
     # fit() runs whole epochs of one length: a run resumed inside an epoch first finishes that
     # epoch's remaining steps in a fit call of its own, so that no optimizer step is run twice.
@@ -318,6 +373,8 @@ def train(cfg: TrainConfig, extra_callbacks: tuple = (), flags_text: str = "") -
                 verbose=cfg.verbose,
                 shuffle=False,  # the pipeline shuffles; Keras cannot shuffle a tf.data stream anyway
             )
+        except tf.errors.DataLossError:
+            raise  # a damaged shard: train() names it
         except Exception as e:
             if distribution.is_multi_worker(strategy):
                 raise RuntimeError(
@@ -364,10 +421,12 @@ def train(cfg: TrainConfig, extra_callbacks: tuple = (), flags_text: str = "") -
         "bn_recalibration_batches": recalibrated,
         "final": {k: float(v[-1]) for k, v in history.items() if v},
         "final_val": {k: float(v) for k, v in final_val.items()},
+        "skipped_records": skipped,
     }
-    with open(os.path.join(model_dir, model_dir_lib.STATE_FILE), "w") as f:
+    with tf.io.gfile.GFile(os.path.join(model_dir, model_dir_lib.STATE_FILE), "w") as f:
         json.dump(state, f, indent=1)
-    shutil.rmtree(backup_dir, ignore_errors=True)
+    if tf.io.gfile.exists(backup_dir):
+        tf.io.gfile.rmtree(backup_dir)
     print(f"Saved {model_path} and the SavedModel {export_path}")
     return state
 

@@ -9,7 +9,7 @@ import pytest
 import record_schema
 from beam_convert import labels as categories_lib
 import demo
-from model import data_folder, evaluation
+from model import data_folder, evaluation, visuals
 from model import labels as labels_lib
 
 # Four classes under two level1 nodes; classes 2 and 3 share level1 "B" and level2 "x".
@@ -78,7 +78,7 @@ def test_metrics_hand_computed(labels):
 
 def test_report_png(labels, tmp_path):
     m = evaluation.compute_metrics([0, 1], [[0, 1], [0, 1]], [1, 3], labels, [1, 2, 3, 4])
-    evaluation.write_report(m, str(tmp_path / "report.png"))
+    visuals.write_report(m, str(tmp_path / "report.png"))
     assert (tmp_path / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 

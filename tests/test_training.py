@@ -4,7 +4,6 @@ The data is the real sample BSON written as records with record_schema in a plai
 tests do not depend on the converter. Everything runs the tiny backbone on 32x32 images.
 """
 
-import dataclasses
 import glob
 import json
 import os
@@ -14,57 +13,17 @@ import subprocess
 import sys
 import time
 
-import bson
 import numpy as np
 import pytest
 import tensorflow as tf
 
 import record_schema
-from beam_convert import labels as categories_lib
 from model import labels as labels_lib
+from tests.record_helpers import sample_documents, write_data_dir
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--backbone=tiny", "--image_size=32", "--batch_size=8", "--sample_products=4", "--warmup_epochs=0.5",
         "--bn_recalibration_steps=2"]
-
-
-def _sample_documents():
-    with open(os.path.join(REPO, "data", "train_example.bson"), "rb") as f:
-        return list(bson.decode_file_iter(f))
-
-
-def write_data_dir(path, *, with_val=True, one_level1=False):
-    """82 real products: every 5th to val (when with_val), the rest to train; tree from category_names.csv
-    (with one_level1, every class moved under one level1 node)."""
-    import tensorflow as tf
-
-    os.makedirs(path, exist_ok=True)
-    docs = _sample_documents()
-    category_ids = sorted({d["category_id"] for d in docs})
-    with open(os.path.join(REPO, "data", "category_names.csv"), encoding="utf-8") as f:
-        tree = categories_lib.read_categories(f.read(), "category_names.csv")
-    classes = [c for c in tree if c.category_id in set(category_ids)]
-    if one_level1:
-        classes = [dataclasses.replace(c, level1="ONE") for c in classes]
-    with open(os.path.join(path, record_schema.LABELS_FILE), "w", encoding="utf-8") as f:
-        f.write(categories_lib.labels_csv(classes))
-    label_of = {c: i for i, c in enumerate(category_ids)}
-    counts = {"train": 0, "val": 0}
-    writers = {s: tf.io.TFRecordWriter(os.path.join(path, record_schema.shard_name(s, 0, 1))) for s in counts}
-    for i, d in enumerate(docs):
-        split = "val" if with_val and i % 5 == 0 else "train"
-        pictures = [img["picture"] for img in d["imgs"]]
-        writers[split].write(record_schema.encode_example(d["_id"], d["category_id"], label_of[d["category_id"]], pictures))
-        counts[split] += 1
-    for w in writers.values():
-        w.close()
-    if not with_val:
-        os.remove(os.path.join(path, record_schema.shard_name("val", 0, 1)))
-    splits = {s: {"products": n, "images": 0} for s, n in counts.items() if n}
-    with open(os.path.join(path, record_schema.METADATA_FILE), "w") as f:
-        json.dump({"schema_version": 1, "num_classes": len(category_ids), "max_images": 4, "splits": splits,
-                   "images_per_product": {}, "rejected": {}}, f)
-    return path
 
 
 @pytest.fixture(scope="module")
@@ -139,7 +98,7 @@ def resumed_run(data_dir, tmp_path_factory):
 def test_killed_run_resumes_mid_epoch(resumed_run):
     first, second, state = resumed_run["first"], resumed_run["second"], resumed_run["state"]
     assert "Epoch 1/3" in first and "Epoch 2/3" in first
-    assert "1 replica(s) (MirroredStrategy)" in second
+    assert "1 replica on CPU (MirroredStrategy)" in second
     # Resumed in epoch 2 with the optimizer state of the backup, not from scratch.
     assert "Epoch 1/3" not in second
     assert "Epoch 2/3" in second and "Epoch 3/3" in second
@@ -241,7 +200,7 @@ def test_library_mirrored_two_cpu_devices_without_val_split(tmp_path, capsys):
     finally:
         keras.config.set_dtype_policy("float32")  # the policy is global: leave it as found
     out = capsys.readouterr().out
-    assert "2 replica(s) (MirroredStrategy)" in out
+    assert "2 replicas on CPU:0..1 (MirroredStrategy)" in out
     assert "No val split" in out and "training without validation" in out
     assert "Epoch 1/1" in out  # Keras alone prints nothing for a single epoch
     assert state["optimizer_iterations"] == 2 and again == state
@@ -278,7 +237,7 @@ def test_submission_from_an_unlabelled_bson_with_bad_products(resumed_run, tmp_p
     from model import evaluation
     from tests.convert_helpers import png_bytes, product, write_bson
 
-    docs = _sample_documents()[:20]
+    docs = sample_documents()[:20]
     documents = [product(d["_id"], [i["picture"] for i in d["imgs"]], category_id=None) for d in docs]
     documents += [
         product(500, [png_bytes()], category_id=None),  # not a JPEG
@@ -332,7 +291,7 @@ def test_multi_worker_training_keeps_the_workers_in_step(data_dir, tmp_path):
     outputs = [worker.communicate(timeout=300)[0] for worker in workers]
     for worker, output in zip(workers, outputs):
         assert worker.returncode == 0, output[-3000:]
-        assert "2 replica(s) (CollectiveAllReduceStrategy)" in output
+        assert "2 replicas: 1 here on CPU (MultiWorkerMirroredStrategy)" in output
         assert "Done: 2 epochs, 6 optimizer steps" in output
 
     chief = keras.saving.load_model(model_dir / "model.keras")
@@ -341,3 +300,33 @@ def test_multi_worker_training_keeps_the_workers_in_step(data_dir, tmp_path):
     for a, b in zip(chief.trainable_weights, other.trainable_weights):
         np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-5, atol=1e-6, err_msg=a.path)
     assert (model_dir / "export" / "saved_model.pb").exists()
+
+
+def test_steps_per_execution_keeps_steps_scalars_profile_and_throughput_in_optimizer_steps(data_dir, tmp_path, capsys):
+    """steps_per_execution=2 with an epoch of 5 steps: the epoch is rounded to 4 (Keras would run 6),
+    step scalars land every 2 optimizer steps, the profile covers optimizer steps 3-5, and
+    products/s is a number."""
+    from model import training
+
+    model_dir = tmp_path / "m"
+    config = training.TrainConfig(
+        data_dir=data_dir, model_dir=str(model_dir), backbone="tiny", image_size=32, batch_size=8, epochs=2,
+        steps_per_epoch=5, steps_per_execution=2, log_every_steps=2, profile_batches="3,5", sample_products=0,
+        bn_recalibration_steps=1, validation_steps=1, fusion="mean")
+    state = training.train(config)
+    out = capsys.readouterr().out
+    assert "steps_per_epoch rounded down from 5 to 4, a multiple of steps_per_execution=2" in out
+    assert state["steps_per_epoch"] == 4 and state["optimizer_iterations"] == 8
+    assert np.isfinite(state["final"]["products_per_second"]) and state["final"]["products_per_second"] > 0
+
+    points = {}
+    for path in glob.glob(str(model_dir / "logs" / "train_steps" / "*tfevents*")):
+        for event in tf.compat.v1.train.summary_iterator(path):
+            for value in event.summary.value:
+                points.setdefault(value.tag, []).append(event.step)
+    assert {"step_loss", "step_category_top1", "step_learning_rate", "step_products_per_second"} <= set(points)
+    assert points["step_loss"] == [4, 6, 8]  # every 2 steps after the first execution (tracing)
+
+    first, last = (int(s) for s in out.split("Profiled optimizer steps ")[1].split(" ")[0].split("-"))
+    assert first <= 3 and last >= 5 and last - first < 6
+    assert glob.glob(str(model_dir / "logs" / "train" / "plugins" / "profile" / "*" / "*.xplane.pb"))

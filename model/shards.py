@@ -1,0 +1,97 @@
+"""A split's TFRecord shards, checked before a long read: the whole set present, every record
+readable, and the count against metadata.json, so that no metric or submission is computed on
+fewer products than the data folder holds without saying so.
+
+TensorFlow's reader names no file when a record is damaged ("corrupted record at 29476"), and it
+cannot resynchronise after one: the rest of that file is lost to it. So damage is located file by
+file here, and `--skip_corrupt_records` skips the rest of each damaged file, counted.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+
+import tensorflow as tf
+
+from model import cli, data_folder
+
+_SHARD_NAME = re.compile(r"^(?P<split>.+)-(?P<index>\d{5})-of-(?P<count>\d{5})\.tfrecord$")
+
+
+@dataclasses.dataclass(frozen=True)
+class SplitCheck:
+    files: tuple[str, ...]
+    records: int  # readable records in all the files
+    expected: int  # products of the split in metadata.json
+    damaged: dict  # file -> what TensorFlow reported (the byte offset of the damage)
+
+    @property
+    def unreadable(self) -> int:
+        """Records lost to damage: the metadata's count less what can be read."""
+        return max(0, self.expected - self.records)
+
+
+def missing_shards(files: list[str]) -> list[str]:
+    """Names of the shards that the `-of-N` in the files' names promise but that are absent."""
+    present = {}
+    for path in files:
+        match = _SHARD_NAME.match(os.path.basename(path))
+        if match:
+            present.setdefault((match["split"], int(match["count"])), set()).add(int(match["index"]))
+    return [f"{split}-{index:05d}-of-{count:05d}.tfrecord"
+            for (split, count), indices in sorted(present.items())
+            for index in range(count) if index not in indices]
+
+
+def count_records(path: str) -> tuple[int, str | None]:
+    """(records readable from the start of the file, TensorFlow's message at the first damage or None)."""
+    records = tf.data.TFRecordDataset(path, buffer_size=8 << 20)
+    try:
+        return int(records.reduce(0, lambda count, _: count + 1)), None
+    except tf.errors.DataLossError as error:
+        readable = int(records.ignore_errors().reduce(0, lambda count, _: count + 1))
+        return readable, _tensorflow_message(error)
+
+
+def _tensorflow_message(error: tf.errors.OpError) -> str:
+    # "{{function_node ...}} corrupted record at 29476 [Op:IteratorGetNext] name: " -> the middle.
+    text = re.sub(r"\{\{function_node [^}]*\}\}\s*", "", error.message)
+    return re.sub(r"\s*\[Op:[^\]]*\].*$", "", text, flags=re.S).strip().replace("'", "")
+
+
+def check_split(data_dir: str, split: str, *, skip_corrupt_records: bool, log=print) -> SplitCheck:
+    """Checks one split before it is read; a problem the user must see stops here with one line.
+
+    Missing shards always stop (nothing can stand in for a file). A damaged shard stops unless
+    skip_corrupt_records, in which case each damaged file is named once. Fewer readable records
+    than metadata.json counts, with no damage to explain it, stops too (a shard cut at a record
+    boundary, or one from another conversion).
+    """
+    pattern = data_folder.split_pattern(data_dir, split)
+    files = tuple(sorted(tf.io.gfile.glob(pattern)))
+    if not files:
+        raise cli.UserError(f"no {split} shards in {data_dir} (looked for {os.path.basename(pattern)})")
+    missing = missing_shards(list(files))
+    if missing:
+        raise cli.UserError(f"{data_dir}: {len(missing)} {split} shard(s) missing: {', '.join(missing[:5])}"
+                            + (" ..." if len(missing) > 5 else ""))
+    expected = data_folder.split_products(data_folder.read_metadata(data_dir), split)
+    records, damaged = 0, {}
+    for path in files:
+        readable, problem = count_records(path)
+        records += readable
+        if problem is not None:
+            damaged[path] = problem
+            if not skip_corrupt_records:
+                raise cli.UserError(f"{path}: {problem}; pass --skip_corrupt_records to read the rest of the data")
+            log(f"Skipping the rest of {path} after {readable} records: {problem}")
+    check = SplitCheck(files, records, expected, damaged)
+    if records < expected and not damaged:
+        raise cli.UserError(f"{data_dir}: the {split} shards hold {records} records, metadata.json counts {expected}: "
+                            "a shard was cut short or replaced; convert again")
+    if records > expected:
+        raise cli.UserError(f"{data_dir}: the {split} shards hold {records} records, metadata.json counts only "
+                            f"{expected}: shards of another conversion are mixed in")
+    return check
