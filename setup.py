@@ -9,6 +9,10 @@ import setuptools
 #   CDISCOUNT_TENSORFLOW='tensorflow[and-cuda]' pip install -e .
 TENSORFLOW = os.environ.get("CDISCOUNT_TENSORFLOW", "tensorflow-cpu") + ">=2.16,<2.22"
 
+# Dataflow: Beam's GCP clients, and `build`, which Beam's stager runs to make the sdist that
+# --setup_file ships to the workers.
+GCP = ["apache-beam[gcp]>=2.60,<3", "build>=1"]
+
 setuptools.setup(
     name="cdiscount-beam",
     version="0.1.0",
@@ -32,7 +36,8 @@ setuptools.setup(
         "matplotlib>=3.8,<4",
     ],
     extras_require={
-        "test": ["pytest>=8,<10", "psutil>=5.9"],  # psutil: peak memory in bench/
-        "gcp": ["apache-beam[gcp]>=2.60,<3"],
+        # psutil: peak memory in bench/; the gcp extra: a test builds the Dataflow job (dry run).
+        "test": ["pytest>=8,<10", "psutil>=5.9", *GCP],
+        "gcp": GCP,
     },
 )

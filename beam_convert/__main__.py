@@ -25,7 +25,9 @@ logging.getLogger().addFilter(lambda record: "apitools not found" not in record.
 
 import apache_beam as beam
 from apache_beam.options.pipeline_options import (
-    DirectOptions, PipelineOptions, StandardOptions, _BeamArgumentParser)
+    DirectOptions, PipelineOptions, StandardOptions, TestOptions, _BeamArgumentParser)
+from apache_beam.portability import common_urns
+from apache_beam.portability.api import beam_runner_api_pb2
 from apache_beam.runners.portability.fn_api_runner import FnApiRunner
 
 import record_schema
@@ -418,14 +420,33 @@ def explain_failure(error: BaseException, output_dir: str, tmp_dir: str, log_pat
         say(f"what Beam printed is in {log_path}")
 
 
-def run_pipeline(pipeline: beam.Pipeline, config: ConvertConfig, local: bool, verbose: bool) -> None:
-    """Runs the job, showing progress lines and keeping Beam's chatter off the terminal."""
+def staged_files(result) -> list[str]:
+    """Names of the files a Dataflow job stages for its workers (e.g. the sdist of --setup_file)."""
+    job = getattr(result, "job", None)
+    proto = getattr(job, "proto_pipeline", None)
+    if proto is None:
+        return []
+    names = set()
+    for environment in proto.components.environments.values():
+        for dependency in environment.dependencies:
+            if dependency.role_urn == common_urns.artifact_roles.STAGING_TO.urn:
+                names.add(beam_runner_api_pb2.ArtifactStagingToRolePayload.FromString(dependency.role_payload).staged_name)
+            else:
+                names.add(os.path.basename(beam_runner_api_pb2.ArtifactFilePayload.FromString(dependency.type_payload).path))
+    return sorted(names)
+
+
+def run_pipeline(pipeline: beam.Pipeline, config: ConvertConfig, local: bool, verbose: bool):
+    """Runs the job, showing progress lines and keeping Beam's chatter off the terminal; returns
+    Beam's result."""
     tmp_dir = config.tmp_dir
     log_path = beam_log_path(tmp_dir) if local and not verbose else None
     try:
         with stderr_to(log_path) if log_path else contextlib.nullcontext():
             with progress_lines(tmp_dir, enabled=local):
-                pipeline.run().wait_until_finish()
+                result = pipeline.run()
+                result.wait_until_finish()
+                return result
     except BaseException as error:
         explain_failure(error, config.output_dir, tmp_dir, log_path)
         raise
@@ -457,7 +478,12 @@ def convert(argv: list[str]) -> dict:
     say(f"{len(inputs)} input file(s), {input_bytes / 1e6:,.1f} MB -> {output_dir}")
     build(pipeline, [path for path, _ in inputs], config)
     started = time.monotonic()
-    run_pipeline(pipeline, config, local, args.verbose)
+    result = run_pipeline(pipeline, config, local, args.verbose)
+    if not local and pipeline.options.view_as(TestOptions).dry_run:
+        files.delete_tree(tmp_dir)
+        say(f"dry run: the {pipeline.options.view_as(StandardOptions).runner} job was built and not submitted "
+            f"(nothing converted); it stages {', '.join(staged_files(result)) or 'no files'}")
+        return {}
     metadata = json.loads(files.read_bytes(files.join(output_dir, record_schema.METADATA_FILE)))
     elapsed = time.monotonic() - started
     documents = metadata["documents"]

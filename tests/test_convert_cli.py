@@ -196,3 +196,22 @@ def test_nothing_converted_is_read_from_a_worker_process_traceback():
     assert one_line(worker_traceback) == (
         "/data/my file.bson: 0 products: every one of 3 documents was rejected (not_jpeg 3), "
         "see /out/_tmp-1/rejected-00000-of-00001.jsonl")
+
+
+# --- Dataflow, as far as this machine allows (issue 10) -------------------------------------------
+
+def test_the_readme_dataflow_command_builds_a_job_that_stages_the_package(tmp_path):
+    """The README's Dataflow command with --dry_run=True (Beam's DataflowRunner builds the job,
+    pickling every DoFn, and makes the sdist of --setup_file, but submits nothing). The buckets
+    cannot be reached from here, so input and output are local, and the project and bucket valid names."""
+    pytest.importorskip("apitools", reason="the gcp extra (pip install -e '.[gcp]') is not installed")
+    out = tmp_path / "out"
+    result = run_command(
+        f"--input={SAMPLE_BSON}", f"--output_dir={out}", "--categories=data/category_names.csv",
+        "--runner=DataflowRunner", "--project=my-project", "--region=europe-west1",
+        "--temp_location=gs://my-bucket/tmp", "--setup_file=./setup.py", "--dry_run=True")
+    assert result.returncode == 0, result.stderr[-3000:]
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("beam_convert: dry run: the DataflowRunner job was built and not submitted")
+    assert "workflow.tar.gz" in last  # the sdist that --setup_file ships to every worker
+    assert list(out.iterdir()) == []  # nothing converted, no temporary folder left
