@@ -164,7 +164,7 @@ mask = np.array([[1.0] * len(p) + [0.0] * (4 - len(p)) for p in images], np.floa
 images = np.array([p + [b""] * (4 - len(p)) for p in images], dtype=object)
 serve = tf.saved_model.load(model_dir + "/export").signatures["serving_default"]
 out = serve(images=tf.constant(images), mask=tf.constant(mask))
-print(json.dumps({k: v.numpy().tolist() for k, v in out.items()}))
+print(json.dumps({k: v.numpy().tolist() for k, v in out.items()}, default=lambda b: b.decode()))
 """
 
 
@@ -180,6 +180,41 @@ def test_savedmodel_serves_jpeg_bytes_in_fresh_process(resumed_run):
     assert all(c in known for row in out["category_ids"] for c in row)
     for row in out["probabilities"]:
         assert row == sorted(row, reverse=True) and 0 < sum(row) <= 1.0001
+    assert out["valid"] == [True] * 6 and out["error"] == [""] * 6
+
+
+SERVE_BAD = r"""
+import json, sys, bson, numpy as np, tensorflow as tf
+model_dir, bson_path = sys.argv[1:3]
+good = [i["picture"] for i in next(bson.decode_file_iter(open(bson_path, "rb")))["imgs"]][:1]
+png = b"\x89PNG\r\n\x1a\n" + b"\0" * 100
+serve = tf.saved_model.load(model_dir + "/export").signatures["serving_default"]
+def ask(rows):
+    images = np.array([r + [b""] * (4 - len(r)) for r in rows], dtype=object)
+    mask = np.array([[1.0] * len(r) + [0.0] * (4 - len(r)) for r in rows], np.float32)
+    return {k: v.numpy().tolist() for k, v in serve(images=tf.constant(images), mask=tf.constant(mask)).items()}
+mixed = ask([[png], good, [good[0], good[0][: len(good[0]) // 2]]])
+alone = ask([good])
+print(json.dumps({"mixed": mixed, "alone": alone}, default=lambda b: b.decode()))
+"""
+
+
+def test_savedmodel_answers_the_valid_products_of_a_batch_and_names_the_bad_ones(resumed_run):
+    result = subprocess.run([sys.executable, "-c", SERVE_BAD, resumed_run["model_dir"],
+                             os.path.join(REPO, "data", "train_example.bson")],
+                            cwd=REPO, capture_output=True, text=True, timeout=120,
+                            env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = json.loads(result.stdout.strip().splitlines()[-1])
+    mixed, alone = out["mixed"], out["alone"]
+    assert mixed["valid"] == [False, True, False]
+    assert mixed["error"] == ["slot 0: not a JPEG (no FF D8 FF start)", "",
+                              "slot 1: truncated JPEG (no FF D9 end marker)"]
+    assert mixed["category_ids"][0] == [-1] * 5 and mixed["category_ids"][2] == [-1] * 5
+    assert mixed["probabilities"][0] == [0.0] * 5
+    # The valid product's answer is the one it gets alone: the bad ones took nothing from it.
+    assert mixed["category_ids"][1] == alone["category_ids"][0]
+    np.testing.assert_allclose(mixed["probabilities"][1], alone["probabilities"][0], rtol=1e-5)
 
 
 def test_library_mirrored_two_cpu_devices_without_val_split(tmp_path, capsys):
