@@ -28,6 +28,8 @@ flags.DEFINE_enum("fusion", D.fusion, fusion.FUSIONS, "How a product's images ar
 flags.DEFINE_bool("packed", D.packed, "Run the backbone on real images only (skip padded slots).")
 flags.DEFINE_integer("image_size", D.image_size, "Decoded image side (JPEGs are 180).", lower_bound=16)
 flags.DEFINE_integer("crop_size", D.crop_size, "Random crop side for training, 0 for none.", lower_bound=0)
+flags.DEFINE_bool("flip", D.flip, "Mirror each training image left-right at random (in the model, on the "
+                  "accelerator); --noflip for pictures whose text must read the right way.")
 flags.DEFINE_string("weights", D.weights, '"" (random init), "imagenet" or a .weights.h5 file.')
 flags.DEFINE_float("dropout", D.dropout, "Dropout before the classifier.", lower_bound=0, upper_bound=0.9)
 flags.DEFINE_float("bn_momentum", D.bn_momentum, "BatchNorm moving-average momentum: the statistics trail the "
@@ -53,6 +55,10 @@ flags.DEFINE_integer("cpu_devices", D.cpu_devices, "Split the CPU into N logical
                      "on a machine without GPUs); 0 or 1: one device.", lower_bound=0)
 flags.DEFINE_integer("shuffle_buffer", D.shuffle_buffer, "Products in the shuffle buffer.", lower_bound=1)
 flags.DEFINE_integer("seed", D.seed, "Seed of shuffling and augmentation.")
+flags.DEFINE_string("data_service", D.data_service, "grpc://HOST:PORT of a tf.data service dispatcher (python -m "
+                    "model.data_service dispatcher): the training stream (read, decode, crop, batch) runs on its "
+                    "workers, which must see --data_dir at the same path; validation stays here. Empty: all "
+                    "input on this host.")
 flags.DEFINE_bool("skip_corrupt_records", D.skip_corrupt_records, "Read past damaged shards: the rest of each "
                   "damaged file is skipped, named once and counted in train_state.json (one read of the shards "
                   "first); without it a damaged shard stops training with one line naming it.")
@@ -83,6 +89,18 @@ def _profile_range(value):
         return True
     parts = value.split(",")
     return len(parts) == 2 and all(p.strip().isdigit() for p in parts) and 0 < int(parts[0]) <= int(parts[1])
+
+
+@flags.validator("data_service")
+def _data_service_address(value):
+    if value:
+        from model import data_service
+
+        try:
+            data_service.parse_service(value)
+        except ValueError as error:
+            raise flags.ValidationError(f"--data_service: {error}") from None
+    return True
 
 
 @flags.multi_flags_validator(["batch_size", "cpu_devices"])

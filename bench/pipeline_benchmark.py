@@ -1,30 +1,39 @@
 """Input pipeline throughput against the decode ceiling and a seed-style loader, on one data set.
 
     python -m bench.pipeline_benchmark [--products=6000] [--bson=PATH] [--batches=100]
-        [--warmup=8] [--rounds=5] [--allocators=default,bfc] [--work_dir=DIR]
+        [--warmup=8] [--rounds=5] [--allocators=bfc] [--work_dir=DIR]
         [--results=bench/RESULTS_pipeline.md]
 
-Without --bson it writes a synthetic Cdiscount-like BSON (beam_convert.synthetic.write_bson) and
+Without --bson it writes a synthetic Cdiscount-like BSON (sample_data.synthetic.write_bson) and
 converts it to TFRecords with a plain loop over record_schema.encode_example, so the figures do not
 depend on the Beam job. Then, on the same JPEGs:
 
-  ceiling     every image of the data decoded by tf.io.decode_jpeg in a parallel tf.data map
-              (AUTOTUNE), nothing else; turned into products/s at the data's images per product.
-  pipeline    model.input_pipeline.create_dataset(training=True, batch 64, augmentation on:
-              random mirror; a second row adds random 160 px crops, a third turns the mirror
-              off to show its cost), and the evaluation mode.
+  ceiling     every image of the data decoded at full size (180 px) by the pipeline's own decoder
+              call (input_pipeline.decode_jpeg: INTEGER_ACCURATE, truncation recovery) in a
+              parallel tf.data map (AUTOTUNE), nothing else; turned into products/s at the data's
+              images per product.
+  pipeline    model.input_pipeline.create_dataset(training=True, batch 64) as train.py builds it
+              (its --seed and --shuffle_buffer, repeat) for: the defaults (180 px, no crop);
+              configs/xception_gpu.flags (180 px, random 160 px crops); 90 px; and
+              configs/cpu_tiny.flags (48 px). Image settings are read from the flag files. Then
+              the evaluation mode at the defaults. No mirror: the model does it (issue 11).
   seed-style  a Python generator over a BSON offset index (4-byte length, seek, read) decoding with
               PIL into uint8 [4, 180, 180, 3] stacks + mask, in tf.data.Dataset.from_generator.
 
-P1 = pipeline / ceiling (goal >= 0.85), P1b = pipeline / seed-style (goal >= 4).
+Goals (issue 11): P1 = training pipeline / ceiling >= 0.9 for the defaults and for
+xception_gpu.flags; P1-small = training pipeline at 90 px and at 48 px / ceiling >= 1.2 (products/s
+against the full-size decode); P1b = pipeline (defaults) / seed-style >= 4.
 
 Each allocator setting runs in its own process (TensorFlow reads TF_CPU_ALLOCATOR_USE_BFC once):
-`default` is glibc malloc, whose fresh 25 MB batch buffers page-fault on every batch on some
-machines; `bfc` is TensorFlow's pooling allocator. The machine may be shared, so each loader runs
-`rounds` times, interleaved with the others, for a fixed number of batches after a warm-up; the
-tables give the median round, the best round, and products per CPU-second (process user + system
-time), which other processes disturb much less than wall time. On 2 dedicated cores a loader that
-keeps both busy has wall rate ~2x its CPU rate, the single-threaded seed-style loader ~1x.
+`bfc`, TensorFlow's pooling allocator, is what train.py and evaluate.py set; `default` is glibc
+malloc, whose fresh batch buffers page-fault on every batch on some machines. The machine may be
+shared, so each loader runs `rounds` times, interleaved with the others (the ceiling first in each
+round), for a fixed number of batches after a warm-up. A ratio is the median over rounds of the
+loader's rate / the ceiling's rate in the same round (pairwise: a slow patch of the machine hits
+both); the tables also give each loader's median and best round and its products per CPU-second
+(process user + system time), which other processes disturb much less than wall time. On 2
+dedicated cores a loader that keeps both busy has wall rate ~2x its CPU rate, the single-threaded
+seed-style loader ~1x.
 """
 
 from __future__ import annotations
@@ -47,11 +56,31 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 BATCH = 64
 IMAGE_SIZE = 180
-RESULTS = pathlib.Path(__file__).resolve().parent / "RESULTS_pipeline.md"
-CEILING, TRAIN, TRAIN_CROP, TRAIN_NO_MIRROR, EVAL, SEED = (
-    "ceiling: decode_jpeg map", "pipeline train (mirror)", "pipeline train (mirror + crop 160)",
-    "pipeline train, mirror off", "pipeline eval (in order)", "seed-style PIL generator")
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "bench" / "RESULTS_pipeline.md"
+GPU_FLAGS, CPU_FLAGS = ROOT / "configs" / "xception_gpu.flags", ROOT / "configs" / "cpu_tiny.flags"
+# train.py's defaults for what shapes its training pipeline (model/training.py TrainConfig).
+TRAIN_DEFAULTS = {"image_size": 180, "crop_size": 0, "shuffle_buffer": 2048, "seed": 0}
+CEILING, DEFAULT, GPU, SMALL90, CPU48, EVAL, SEED = (
+    "ceiling: decode_jpeg map, 180 px", "train, defaults", "train, xception_gpu.flags",
+    "train, defaults at 90 px", "train, cpu_tiny.flags", "eval, defaults (in order)", "seed-style PIL generator")
+GOALS = {DEFAULT: ("P1", 0.9), GPU: ("P1", 0.9), SMALL90: ("P1-small", 1.2), CPU48: ("P1-small", 1.2)}
 ALLOCATORS = {"default": None, "bfc": "true"}
+
+
+def train_settings(flagfile: pathlib.Path | None = None, **overrides) -> dict:
+    """train.py's pipeline settings: its defaults, then a flag file's values, then overrides."""
+    settings = dict(TRAIN_DEFAULTS)
+    for line in flagfile.read_text().splitlines() if flagfile else []:
+        name, _, value = line.strip().lstrip("-").partition("=")
+        if name in settings and value:
+            settings[name] = int(value)
+    return {**settings, **overrides}
+
+
+def describe(settings: dict) -> str:
+    crop = f", crop {settings['crop_size']}" if settings["crop_size"] else ""
+    return f"{settings['image_size']} px{crop}"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -105,6 +134,7 @@ def ceiling_loader(pattern: str, images_per_product: float):
     import tensorflow as tf
 
     import record_schema
+    from model import input_pipeline
 
     jpegs = []
     for serialized in tf.data.TFRecordDataset(sorted(tf.io.gfile.glob(pattern))).batch(1024):
@@ -112,14 +142,20 @@ def ceiling_loader(pattern: str, images_per_product: float):
         jpegs.append(tf.boolean_mask(parsed[record_schema.IMAGES], parsed[record_schema.MASK] > 0))
     images_per_batch = round(BATCH * images_per_product)
     ds = tf.data.Dataset.from_tensor_slices(tf.concat(jpegs, 0)).repeat()
-    ds = ds.map(lambda b: tf.io.decode_jpeg(b, channels=3), num_parallel_calls=tf.data.AUTOTUNE)
+    ds = ds.map(lambda b: input_pipeline.decode_jpeg(b), num_parallel_calls=tf.data.AUTOTUNE)
     return ds.batch(images_per_batch).prefetch(tf.data.AUTOTUNE), images_per_batch / images_per_product
 
 
-def pipeline_loader(pattern: str, training: bool, **kwargs):
+def pipeline_loader(pattern: str, training: bool, settings: dict):
+    """create_dataset as train.py calls it (training) or as evaluation does (training=False)."""
     from model import input_pipeline
 
-    return input_pipeline.create_dataset(pattern, batch_size=BATCH, training=training, repeat=True, **kwargs), BATCH
+    image = {"image_size": settings["image_size"], "crop_size": settings["crop_size"] or None}
+    if not training:
+        return input_pipeline.create_dataset(pattern, batch_size=BATCH, training=False, repeat=True, **image), BATCH
+    return input_pipeline.create_dataset(pattern, batch_size=BATCH, training=True, repeat=True,
+                                         shuffle_buffer=settings["shuffle_buffer"], seed=settings["seed"],
+                                         **image), BATCH
 
 
 def seed_style_loader(bson_path: str):
@@ -172,15 +208,15 @@ def worker(data: dict, args) -> dict:
     """Each round times every loader in turn on a fresh iterator (datasets are built once): a
     kept-alive iterator would fill its buffers while the others run and hand them out for free."""
     ipp = data["images"] / data["products"]
+    settings = data["settings"]
     loaders = {
         CEILING: ceiling_loader(data["pattern"], ipp),
-        TRAIN: pipeline_loader(data["pattern"], True),
-        TRAIN_CROP: pipeline_loader(data["pattern"], True, crop_size=160),
-        TRAIN_NO_MIRROR: pipeline_loader(data["pattern"], True, flip=False),
-        EVAL: pipeline_loader(data["pattern"], False),
+        **{name: pipeline_loader(data["pattern"], True, settings[name]) for name in (DEFAULT, GPU, SMALL90, CPU48)},
+        EVAL: pipeline_loader(data["pattern"], False, settings[DEFAULT]),
         SEED: seed_style_loader(data["bson"]),
     }
     rates = {name: [] for name in loaders}
+    load_start = os.getloadavg()[0]
     for r in range(args.rounds):
         for name, (ds, per_element) in loaders.items():
             slow = name == SEED
@@ -192,7 +228,7 @@ def worker(data: dict, args) -> dict:
             rates[name].append((wall, cpu))
             print(f"  [{args.worker}] round {r + 1}: {name:36s} {wall:7.0f} products/s, "
                   f"{cpu:7.0f} per CPU-s", file=sys.stderr, flush=True)
-    return {"rates": rates, "load": os.getloadavg()[0]}
+    return {"rates": rates, "load_start": load_start, "load": os.getloadavg()[0]}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -201,29 +237,38 @@ def worker(data: dict, args) -> dict:
 
 def report(data: dict, results: dict, args, seconds: float) -> str:
     ipp = data["images"] / data["products"]
+    settings = data["settings"]
     out = [f"{data['products']} synthetic products, {data['images']} JPEGs ({ipp:.2f} a product, "
            f"~{data['jpeg_kb']:.1f} KB), {args.shards} shards; batch {BATCH}; {args.rounds} rounds of "
            f"{args.batches} timed batches a loader ({args.seed_batches} for seed-style) after {args.warmup} untimed; "
-           f"{os.cpu_count()} CPUs; load average at the end of each run: "
-           + ", ".join(f"{k} {v['load']:.1f}" for k, v in results.items()) + f"; {seconds:.0f} s in all."]
+           f"{os.cpu_count()} CPUs; load average (1 min) at the start / end of each run: "
+           + ", ".join(f"{k} {v['load_start']:.1f} / {v['load']:.1f}" for k, v in results.items())
+           + f"; {seconds:.0f} s in all. Training rows as train.py builds them: "
+           + "; ".join(f"{name}: {describe(settings[name])}, shuffle_buffer {settings[name]['shuffle_buffer']}, "
+                       f"seed {settings[name]['seed']}" for name in (DEFAULT, GPU, SMALL90, CPU48)) + "."]
     for allocator, result in results.items():
         rates = result["rates"]
         med = {k: statistics.median(w for w, _ in v) for k, v in rates.items()}
         best = {k: max(w for w, _ in v) for k, v in rates.items()}
         cpu = {k: statistics.median(c for _, c in v) for k, v in rates.items()}
+        # Pairwise: each round's rate over the ceiling's in the same round, then the median.
+        ratio = {k: statistics.median(w / c for (w, _), (c, _) in zip(v, rates[CEILING])) for k, v in rates.items()}
+        spread = {k: (min(w / c for (w, _), (c, _) in zip(v, rates[CEILING])),
+                      max(w / c for (w, _), (c, _) in zip(v, rates[CEILING]))) for k, v in rates.items()}
         out += ["", f"Allocator `{allocator}`:", "",
-                "| loader | products/s median | best round | products per CPU-s | vs ceiling (median / CPU) |",
-                "|---|---:|---:|---:|---:|"]
+                "| loader | products/s median | best round | products per CPU-s | / ceiling: pairwise median (range) | / ceiling per CPU-s |",
+                "|---|---:|---:|---:|---:|---:|"]
         for name in rates:
             out.append(f"| {name} | {med[name]:,.0f} | {best[name]:,.0f} | {cpu[name]:,.0f} | "
-                       f"{med[name] / med[CEILING]:.2f} / {cpu[name] / cpu[CEILING]:.2f} |")
-        out += ["",
-                f"- P1  pipeline train / ceiling = **{med[TRAIN] / med[CEILING]:.2f}** (median rounds; best rounds "
-                f"{best[TRAIN] / best[CEILING]:.2f}; per CPU-s {cpu[TRAIN] / cpu[CEILING]:.2f}; with crop 160: "
-                f"{med[TRAIN_CROP] / med[CEILING]:.2f}; mirror off: {med[TRAIN_NO_MIRROR] / med[CEILING]:.2f}; "
-                f"eval mode: {med[EVAL] / med[CEILING]:.2f})   goal >= 0.85",
-                f"- P1b pipeline train / seed-style = **{med[TRAIN] / med[SEED]:.1f}x** (best rounds "
-                f"{best[TRAIN] / best[SEED]:.1f}x; per CPU-s {cpu[TRAIN] / cpu[SEED]:.1f}x)   goal >= 4x"]
+                       f"{ratio[name]:.2f} ({spread[name][0]:.2f}-{spread[name][1]:.2f}) | {cpu[name] / cpu[CEILING]:.2f} |")
+        out.append("")
+        for name, (goal, target) in GOALS.items():
+            verdict = "met" if ratio[name] >= target else "NOT met"
+            out.append(f"- {goal} {name} ({describe(settings[name])}) / ceiling = **{ratio[name]:.2f}** "
+                       f"(rounds {spread[name][0]:.2f}-{spread[name][1]:.2f}; per CPU-s {cpu[name] / cpu[CEILING]:.2f})"
+                       f"   goal >= {target}: {verdict}")
+        out.append(f"- P1b train defaults / seed-style = **{med[DEFAULT] / med[SEED]:.1f}x** (best rounds "
+                   f"{best[DEFAULT] / best[SEED]:.1f}x; per CPU-s {cpu[DEFAULT] / cpu[SEED]:.1f}x)   goal >= 4x")
     return "\n".join(out) + "\n"
 
 
@@ -247,7 +292,8 @@ def main(argv=None) -> int:
     parser.add_argument("--warmup", type=int, default=8, help="untimed batches before each timed run")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--seed_batches", type=int, default=8, help="timed batches for the slow seed-style loader")
-    parser.add_argument("--allocators", default="default,bfc", help=f"comma list of {sorted(ALLOCATORS)}")
+    parser.add_argument("--allocators", default="bfc",
+                        help=f"comma list of {sorted(ALLOCATORS)}; bfc is what train.py and evaluate.py set")
     parser.add_argument("--work_dir", help="keep data here (default: a temporary folder, removed)")
     parser.add_argument("--results", default=str(RESULTS), help="markdown file to write ('' for none)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)  # internal: measure in this process
@@ -270,6 +316,8 @@ def main(argv=None) -> int:
 
                 write_bson(bson_path, args.products, num_classes=20, seed=0, labelled=True)
         data = prepare(bson_path, work, args.shards)
+        data["settings"] = {DEFAULT: train_settings(), GPU: train_settings(GPU_FLAGS),
+                            SMALL90: train_settings(image_size=90), CPU48: train_settings(CPU_FLAGS)}
         print(f"data: {data['products']} products, {data['images']} JPEGs, {args.shards} shards in {work} "
               f"({time.perf_counter() - start:.0f} s)", flush=True)
 

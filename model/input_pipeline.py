@@ -12,9 +12,16 @@ Where the time goes, and so the shape of the pipeline (figures: bench/RESULTS_pi
 branch tens of us, and a pass over a batch's output (4 slots x 97 KB a product, only 1.7 of them
 real on average) ~60 us a product. So a batch of records stays one element from reading to the
 end: one `parse_example` call, then one function decodes the batch's real images, several at
-once, into a pool and writes the padded stack with one gather. The earlier shape (products as
-elements, a branch per slot, a concat per product, then the batch copy) ran at 0.66-0.68 of the
-decode ceiling, this one at 0.70-0.82 with the random mirror and 0.87-1.05 in evaluation mode.
+once, into a pool and writes the padded stack with one gather, with one branch per batch (not
+per image) for pictures of an unexpected size. The earlier shape (products as elements, a branch
+per slot, a concat per product, then the batch copy) ran at 0.66-0.68 of the decode ceiling.
+
+The host does only what only the host can (issue 11): decoding, the crop, the padded stack. The
+random mirror is the model's first step (multi_image.ImageEncoder, training only), where an
+accelerator does it almost for free and on the image at the backbone's size; here TensorFlow's
+uint8 `reverse` cost a third of a decode. Smaller sizes decode smaller: libjpeg's scaled inverse
+DCT decodes a 180 px picture straight to 90, 45 or 23 px (`dct_ratio`), so 90 px costs less than
+180 px instead of three times more (a full decode plus an antialiased resize).
 """
 
 from __future__ import annotations
@@ -22,6 +29,7 @@ from __future__ import annotations
 import tensorflow as tf
 
 import record_schema
+from model import data_service
 
 AUTOTUNE = tf.data.AUTOTUNE
 # The mapped functions hold no Python control flow on tensors (branches and loops are explicit
@@ -67,127 +75,201 @@ def parse_batch(serialized: tf.Tensor, max_images: int = record_schema.MAX_IMAGE
     }
 
 
-def decode_image(jpeg: tf.Tensor, image_size: int) -> tf.Tensor:
-    """One JPEG -> uint8 [image_size, image_size, 3]; resized only when its size differs.
+def dct_ratio(image_size: int, stored_size: int = record_schema.IMAGE_SIZE) -> int:
+    """The largest libjpeg DCT scaling denominator (1, 2, 4 or 8) whose decode of a stored_size
+    picture, ceil(stored_size / ratio) pixels a side, is still >= image_size: 1 down to 91 px,
+    2 for 90-46 px, 4 for 45-23 px, 8 below."""
+    return next(r for r in (8, 4, 2, 1) if -(-stored_size // r) >= image_size)
 
-    The single place that fixes decoder settings, shared by training, evaluation and the serving
-    signature so that they all see the same pixels. Cdiscount pictures are 180x180, so at the
-    default size the resize branch never runs.
+
+def decode_image(jpeg: tf.Tensor, image_size: int) -> tf.Tensor:
+    """One JPEG -> uint8 [image_size, image_size, 3].
+
+    The single definition of the pixels, shared by training, evaluation and the serving signature
+    (`decode_images` produces exactly these pixels, batch by batch). A Cdiscount picture
+    (record_schema.IMAGE_SIZE, 180 px) is decoded by libjpeg straight at 1/`dct_ratio` of its
+    size (the scaled inverse DCT averages the pixels on the way, at a fraction of the cost of a
+    full decode), then brought the rest of the way (less than 2x) by a plain bilinear resize, or
+    not resized at all when that is already image_size (180, 90, 45 px). Any other picture size
+    is decoded in full and resized with antialiasing (correct for any scale, and slower).
     """
-    image = tf.io.decode_jpeg(jpeg, channels=3, dct_method=_DCT_METHOD,
-                              try_recover_truncated=_TRY_RECOVER_TRUNCATED,
-                              acceptable_fraction=_ACCEPTABLE_FRACTION)
-    same = tf.reduce_all(tf.equal(tf.shape(image)[:2], image_size))
-    image = tf.cond(same, lambda: image, lambda: _resize(image, image_size))
+    ratio, scaled = _scaling(image_size)
+    image = decode_jpeg(jpeg, ratio)
+    image = tf.cond(_is_standard(image, scaled), lambda: _finish(image, image_size),
+                    lambda: _decode_any(jpeg, image_size, image if ratio == 1 else None))
     return tf.ensure_shape(image, [image_size, image_size, 3])
 
 
-def _resize(image: tf.Tensor, size: int) -> tf.Tensor:
-    # Antialiasing matters when shrinking (a plain bilinear tap would alias); round, don't truncate.
-    resized = tf.image.resize(image, [size, size], method="bilinear", antialias=True)
-    return tf.saturate_cast(tf.round(resized), tf.uint8)
+def _scaling(image_size: int) -> tuple[int, int]:
+    """(DCT ratio, side of a standard picture decoded at that ratio)."""
+    ratio = dct_ratio(image_size)
+    return ratio, -(-record_schema.IMAGE_SIZE // ratio)
 
 
-def random_augmentation(seed: tf.Tensor, shape, *, image_size: int, crop_size: int | None = None,
-                        flip: bool = True) -> tuple[tf.Tensor, tf.Tensor]:
-    """Random parameters for a [*shape] block of images: (mirror: bool [*shape], offset: int32
-    [*shape, 2], the top-left corner of the crop_size window in the image_size picture).
+def decode_jpeg(jpeg: tf.Tensor, ratio: int = 1) -> tf.Tensor:
+    """One JPEG -> uint8 [ceil(H / ratio), ceil(W / ratio), 3] with the pipeline's decoder settings
+    (also the benchmark's ceiling: bench/pipeline_benchmark.py)."""
+    return tf.io.decode_jpeg(jpeg, channels=3, ratio=ratio, dct_method=_DCT_METHOD,
+                             try_recover_truncated=_TRY_RECOVER_TRUNCATED,
+                             acceptable_fraction=_ACCEPTABLE_FRACTION)
+
+
+def _is_standard(image: tf.Tensor, scaled: int) -> tf.Tensor:
+    return tf.reduce_all(tf.equal(tf.shape(image)[:2], scaled))
+
+
+def _finish(images: tf.Tensor, image_size: int) -> tf.Tensor:
+    """Standard pictures at the DCT-scaled side ([..., S, S, 3], one or a batch) -> image_size.
+
+    Plain bilinear (2x2 taps, half-pixel centres): less than a factor 2 is left after the DCT
+    scaling, which has already averaged the pixels (close to a 2x2 box), so the picture does not
+    alias the way a plain bilinear shrink of the full decode does. Measured on the 110 sample
+    pictures at 48 px, mean distance to a high-quality (Lanczos) resize of the full picture: 3.7
+    levels; the earlier full decode + antialiased resize 3.1; a plain bilinear shrink of the full
+    decode 6.5. An area resize here would be closer (2.6) but costs ~30 us an image against ~17,
+    which takes the 48 px pipeline from ~1.2x the full-size decode ceiling to ~1.05x
+    (bench/RESULTS_pipeline.md). Per image or on a batch, the same op gives the same pixels."""
+    if images.shape[-2] == image_size:
+        return images
+    resized = tf.image.resize(images, [image_size, image_size], method="bilinear", antialias=False)
+    return _to_uint8(resized)
+
+
+def _decode_any(jpeg: tf.Tensor, image_size: int, full: tf.Tensor | None = None) -> tf.Tensor:
+    """A picture of any size -> image_size: full decode, then an antialiased resize (identity when
+    the sizes already match), as a shrink of any factor needs."""
+    full = decode_jpeg(jpeg, 1) if full is None else full
+    resized = tf.image.resize(full, [image_size, image_size], method="bilinear", antialias=True)
+    return _to_uint8(resized)
+
+
+def _to_uint8(pixels: tf.Tensor) -> tf.Tensor:
+    return tf.saturate_cast(tf.round(pixels), tf.uint8)  # round, don't truncate
+
+
+def random_offsets(seed: tf.Tensor, shape, *, image_size: int, crop_size: int) -> tf.Tensor:
+    """int32 [*shape, 2]: random top-left corners of crop_size windows in image_size pictures,
+    for a [*shape] block of images.
 
     Drawn for a whole batch at once from one [2] seed (stateless: reproducible, safe in parallel
-    maps): two vectorised ops instead of a dozen small random ops per image. Without crop_size
-    the offset is 0; with flip=False no image is mirrored.
-    """
-    seeds = tf.random.experimental.stateless_split(seed, num=2)
-    shape = tf.convert_to_tensor(shape, tf.int32)
-    mirror = tf.random.stateless_uniform(shape, seeds[0]) < 0.5 if flip else tf.zeros(shape, tf.bool)
-    offset_shape = tf.concat([shape, [2]], 0)
-    if crop_size:
-        offset = tf.random.stateless_uniform(offset_shape, seeds[1], minval=0,
-                                             maxval=image_size - crop_size + 1, dtype=tf.int32)
-    else:
-        offset = tf.zeros(offset_shape, tf.int32)
-    return mirror, offset
+    maps): one vectorised op instead of small random ops per image."""
+    offset_shape = tf.concat([tf.convert_to_tensor(shape, tf.int32), [2]], 0)
+    return tf.random.stateless_uniform(offset_shape, seed, minval=0, maxval=image_size - crop_size + 1,
+                                       dtype=tf.int32)
 
 
-def augment_image(image: tf.Tensor, mirror: tf.Tensor | None, offset: tf.Tensor,
-                  crop_size: int | None = None) -> tf.Tensor:
-    """uint8 [H, W, 3] -> its crop_size window at `offset` (or the whole image), mirrored
-    left-right when `mirror` (None: no mirror step at all). Pure; `random_augmentation` draws
-    the parameters.
+def _crop(image: tf.Tensor, corner: tf.Tensor, crop_size: int | None) -> tf.Tensor:
+    """uint8 [H, W, 3] -> its crop_size window whose top-left `corner` is int32 [top, left, 0]
+    (or the whole image).
 
-    The crop is a slice of the full decode. `decode_and_crop_jpeg` would save that copy (~35 us)
+    The crop is a slice of the decode. `decode_and_crop_jpeg` would save that copy (~35 us)
     but its window's edge columns come out up to 42 levels off (libjpeg upsamples the chroma at
-    the window's edge by replication), so a crop would not be a crop of the picture."""
-    if crop_size:
-        image = tf.slice(image, tf.concat([offset, [0]], 0), [crop_size, crop_size, 3])
-    if mirror is None:
+    the window's edge by replication), so a crop would not be a crop of the picture. A strided
+    slice, not tf.slice: it clamps a window that overruns a picture of an unexpected size (whose
+    batch then takes the slow path, see decode_images) where tf.slice would fail."""
+    if not crop_size:
         return image
-    return tf.cond(mirror, lambda: tf.reverse(image, [1]), lambda: image)
+    return tf.strided_slice(image, corner, corner + [crop_size, crop_size, 3])
 
 
-def augment(images: tf.Tensor, seed: tf.Tensor, *, crop_size: int | None = None,
-            flip: bool = True) -> tf.Tensor:
-    """Random crop_size windows and mirrors of every image of a uint8 [..., S, S, 3] stack.
-
-    Zero (padded) slots stay exactly zero: a window or mirror of zeros is zeros. For eager use
-    and tests; the pipeline draws the same parameters per batch and applies them while decoding.
-    """
-    images = tf.convert_to_tensor(images)
-    size = images.shape[-2]
-    shape = tf.shape(images)
-    flat = tf.reshape(images, tf.concat([[-1], shape[-3:]], 0))
-    mirror, offset = random_augmentation(seed, tf.shape(flat)[:1], image_size=size, crop_size=crop_size, flip=flip)
-    side = crop_size or size
-    out = tf.map_fn(lambda args: augment_image(args[0], args[1], args[2], crop_size),
-                    (flat, mirror, offset), fn_output_signature=tf.TensorSpec([side, side, 3], tf.uint8))
-    return tf.reshape(out, tf.concat([shape[:-3], [side, side, 3]], 0))
+def _crop_batch(images: tf.Tensor, offsets: tf.Tensor, crop_size: int) -> tf.Tensor:
+    """uint8 [N, S, S, 3] -> [N, crop_size, crop_size, 3], image n's window at offsets[n]: two
+    batched gathers (rows, then columns), exact copies."""
+    window = tf.range(crop_size)
+    rows = tf.gather(images, offsets[:, :1] + window, axis=1, batch_dims=1)
+    return tf.gather(rows, offsets[:, 1:] + window, axis=2, batch_dims=1)
 
 
-def decode_images(images: tf.Tensor, mask: tf.Tensor, image_size: int = 180, *,
-                  crop_size: int | None = None, mirror: tf.Tensor | None = None,
-                  offset: tf.Tensor | None = None,
+def decode_images(images: tf.Tensor, mask: tf.Tensor, image_size: int = record_schema.IMAGE_SIZE, *,
+                  crop_size: int | None = None, offset: tf.Tensor | None = None,
                   parallel_decodes: int = _PARALLEL_DECODES) -> tf.Tensor:
     """string [B, M] JPEG slots (or one product's [M]) + mask -> uint8 [B, M, side, side, 3], zeros
-    where mask is 0 (any mask: real slots need not come first).
+    where mask is 0 (any mask: real slots need not come first). side = crop_size or image_size.
 
-    Only the real images are decoded, `parallel_decodes` at a time, into a pool whose element 0
-    is a block of zeros; one gather then writes every slot of the output: a real slot from its
-    image, a padded one from the zeros. So the padded stack is written once, and nothing is
-    decoded, filled or looped over for a padded slot.
+    Every real image comes out as `decode_image` makes it (same pixels), then cropped. Only the
+    real images are decoded, `parallel_decodes` at a time, into a pool whose element 0 is a block
+    of zeros; one gather then writes every slot of the output: a real slot from its image, a
+    padded one from the zeros. So the padded stack is written once, and nothing is decoded,
+    filled or looped over for a padded slot.
 
-    Augmentation (training): `mirror` bool [B, M] and `offset` int32 [B, M, 2] from
-    `random_augmentation`. Without an offset, a crop_size takes the centre window (evaluation and
-    serving); without a mirror, no mirror step is built.
+    Batch by batch rather than image by image: the loop decodes every picture at the DCT ratio
+    and only notes whether all came out at the standard side; then one branch for the whole batch
+    either finishes the pool (one batched resize when image_size is not the scaled side, e.g. 48
+    px from a 90 px decode, and the crops) or, for a batch holding a picture of another size
+    (none in Cdiscount's catalogue), decodes it again image by image through `decode_image`. A
+    branch per image would cost ~20 us an image even untaken.
+
+    Crop (crop_size): the crop_size window of the image_size picture; at `offset` (int32
+    [B, M, 2] from `random_offsets`, training) or, without one, the centre window (evaluation and
+    serving).
     """
     images, mask = tf.convert_to_tensor(images), tf.convert_to_tensor(mask)
     if images.shape.rank == 1:
-        one = lambda t: None if t is None else tf.convert_to_tensor(t)[tf.newaxis]
+        one = None if offset is None else tf.convert_to_tensor(offset)[tf.newaxis]
         return decode_images(images[tf.newaxis], mask[tf.newaxis], image_size, crop_size=crop_size,
-                             mirror=one(mirror), offset=one(offset), parallel_decodes=parallel_decodes)[0]
+                             offset=one, parallel_decodes=parallel_decodes)[0]
     side = crop_size or image_size
+    ratio, scaled = _scaling(image_size)
+    resize = scaled != image_size
     real = tf.reshape(mask > 0, [-1])
     jpegs = tf.boolean_mask(tf.reshape(images, [-1]), real)
-    mirrors = None if mirror is None else tf.boolean_mask(tf.reshape(mirror, [-1]), real)
+    count = tf.size(jpegs)
+    offsets = None  # int32 [N, 2], the real images' windows; None: the centre window
     if crop_size and offset is not None:
         offsets = tf.boolean_mask(tf.reshape(offset, [-1, 2]), real)
-        offset_of = lambda i: offsets[i]
-    else:  # the centre window, or no crop at all: a constant, no per-image slicing
-        centre = tf.constant([(image_size - crop_size) // 2 if crop_size else 0] * 2)
-        offset_of = lambda i: centre
-    count = tf.size(jpegs)
-
-    zeros = tf.constant(0, tf.uint8, shape=[side, side, 3])  # a Const: no per-call fill
-    pool = tf.TensorArray(tf.uint8, size=count + 1, element_shape=[side, side, 3]).write(0, zeros)
-
-    def decode_next(i, pool):
-        image = decode_image(jpegs[i], image_size)
-        image = augment_image(image, None if mirrors is None else mirrors[i], offset_of(i), crop_size)
-        return i + 1, pool.write(i + 1, image)
-
-    _, pool = tf.while_loop(lambda i, _: i < count, decode_next, (0, pool),
-                            parallel_iterations=parallel_decodes)
+        corners = tf.pad(offsets, [[0, 0], [0, 1]])
+        corner_of = lambda i: corners[i]
+    else:  # the centre window, or no crop at all: a constant
+        centre = tf.constant([(image_size - crop_size) // 2 if crop_size else 0] * 2 + [0])
+        corner_of = lambda i: centre
     place = tf.where(real, tf.cumsum(tf.cast(real, tf.int32)), 0)  # a slot's element in the pool
-    stacked = tf.reshape(pool.gather(place), tf.concat([tf.shape(mask), [side, side, 3]], 0))
+    out_shape = tf.concat([tf.shape(mask), [side, side, 3]], 0)
+
+    # Fast path. With a resize still to come the pool holds the decodes at the scaled side and
+    # the crop waits for the resize; without one, the crop is taken here. The pool's element
+    # shape is left open so that an odd picture can go in; the batch then takes the slow path.
+    pool_side = scaled if resize else side
+    zeros = tf.constant(0, tf.uint8, shape=[pool_side, pool_side, 3])  # a Const: no per-call fill
+    pool = tf.TensorArray(tf.uint8, size=count + 1, infer_shape=False).write(0, zeros)
+
+    def decode_next(i, smallest, largest, pool):
+        image = decode_jpeg(jpegs[i], ratio)
+        shape = tf.shape(image)
+        if not resize:
+            image = _crop(image, corner_of(i), crop_size)
+        return i + 1, tf.minimum(smallest, shape), tf.maximum(largest, shape), pool.write(i + 1, image)
+
+    standard = tf.constant([scaled, scaled, 3])
+    _, smallest, largest, pool = tf.while_loop(
+        lambda i, *_: i < count, decode_next, (0, standard, standard, pool),
+        parallel_iterations=parallel_decodes)
+    # Every decode had the standard shape iff the smallest and the largest of them had.
+    all_standard = tf.reduce_all(tf.equal(smallest, standard) & tf.equal(largest, standard))
+
+    def finish():
+        if not resize:
+            return pool.gather(place)
+        done = _finish(tf.ensure_shape(pool.stack(), [None, scaled, scaled, 3]), image_size)
+        if crop_size and offsets is not None:
+            done = _crop_batch(done, tf.concat([[[0, 0]], offsets], 0), crop_size)
+        elif crop_size:
+            top = (image_size - crop_size) // 2
+            done = done[:, top:top + crop_size, top:top + crop_size]
+        return tf.gather(done, place)
+
+    def slow():
+        zeros = tf.constant(0, tf.uint8, shape=[side, side, 3])
+        pool = tf.TensorArray(tf.uint8, size=count + 1, element_shape=[side, side, 3]).write(0, zeros)
+
+        def decode_one(i, pool):
+            image = _crop(decode_image(jpegs[i], image_size), corner_of(i), crop_size)
+            return i + 1, pool.write(i + 1, image)
+
+        _, pool = tf.while_loop(lambda i, _: i < count, decode_one, (0, pool),
+                                parallel_iterations=parallel_decodes)
+        return pool.gather(place)
+
+    stacked = tf.reshape(tf.cond(all_standard, finish, slow), out_shape)
     return tf.ensure_shape(stacked, mask.shape.concatenate([side, side, 3]))
 
 
@@ -200,29 +282,35 @@ def create_dataset(
     *,
     batch_size: int,
     training: bool,
-    image_size: int = 180,
+    image_size: int = record_schema.IMAGE_SIZE,
     crop_size: int | None = None,
-    flip: bool = True,
     shuffle_buffer: int = 2048,
     seed: int | None = None,
     input_context: tf.distribute.InputContext | None = None,
     max_images: int = record_schema.MAX_IMAGES,
     repeat: bool = False,
+    dynamic_sharding: bool = False,
+    skip_corrupt_records: bool = False,
 ) -> tf.data.Dataset:
     """Batches of `(features, label)` from the TFRecord shards matching `file_pattern`.
 
     training=False: every record in file order then record order (files sorted by name), no
     shuffle, no augmentation, a short last batch kept. training=True: files and records shuffled,
-    each image randomly cropped (crop_size) and mirrored (flip), batches of exactly batch_size
-    (drop_remainder: static shapes for distribution and XLA).
+    each image randomly cropped (crop_size), batches of exactly batch_size (drop_remainder: static
+    shapes for distribution and XLA). No mirror here: the model mirrors in training
+    (multi_image.ModelConfig.flip), so evaluation, serving and training decode the same way.
 
-    Image side: decoded images are brought to image_size (resized only when they differ). With a
-    crop_size (<= image_size) the output side is crop_size in both modes: a random window in
-    training, the centre window in evaluation, so the model sees one input shape throughout (the
-    Kaggle top teams' recipe was random 160 px crops of the 180 px pictures). Without it, the
-    side is image_size as CONTRACT section 3 states.
+    Image side: decoded images are brought to image_size by `decode_image` (a DCT-scaled decode,
+    then a resize only where one is left to do). With a crop_size (<= image_size) the output side
+    is crop_size in both modes: a random crop_size window of the image_size picture in training,
+    the centre window in evaluation, so the model sees one input shape throughout (the Kaggle top
+    teams' recipe was random 160 px crops of the 180 px pictures). Without it, the side is
+    image_size as docs/FORMATS.md section 3 states.
 
-    seed: None draws fresh file order, shuffle and augmentation every run, with nondeterministic
+    skip_corrupt_records: a damaged record ends its file instead of the stream (model/shards.py
+    names and counts what that loses).
+
+    seed: None draws fresh file order, shuffle and crops every run, with nondeterministic
     (faster) element order in training. An int makes training reproducible: the same seed gives
     the same batches, at the cost of deterministic ordering in the parallel stages.
 
@@ -231,9 +319,20 @@ def create_dataset(
     file is read by one pipeline; shards are balanced by the converter); with fewer files every
     pipeline reads every file and keeps every n-th record of each (exact, costs redundant reads).
     batch_size is then the per-replica batch (`input_context.get_per_replica_batch_size`).
+
+    dynamic_sharding (training only): the pipeline is for tf.data service workers under dynamic
+    sharding (model/data_service.py). Its first source is `data_service.file_splits`: one split
+    per file, every file once a pass in a new seeded order, endless with repeat; the dispatcher
+    hands the splits to the workers. No file shuffle or repeat on the workers (the first would let
+    one worker take every file of a pass into its buffer, the second gives each worker passes of
+    its own) and no share per input pipeline (every replica and trainer reads the one job).
+    `seed` then orders the files only; each worker's record shuffle and crops draw their own
+    numbers (one seed would give every worker the same crops), so the order is not reproducible.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if dynamic_sharding and not training:
+        raise ValueError("dynamic_sharding is for the training stream (training=True)")
     if crop_size is not None and not 0 < crop_size <= image_size:
         raise ValueError(f"crop_size must be in 1..image_size ({image_size}), got {crop_size}")
     files = sorted(tf.io.gfile.glob(file_pattern))
@@ -241,7 +340,7 @@ def create_dataset(
         raise FileNotFoundError(f"no TFRecord file matches {file_pattern!r}")
 
     pipelines, pipeline_id = 1, 0
-    if input_context is not None:
+    if input_context is not None and not dynamic_sharding:
         pipelines, pipeline_id = input_context.num_input_pipelines, input_context.input_pipeline_id
     record_shards = pipelines > 1 and len(files) < pipelines
     if pipelines > 1 and not record_shards:
@@ -250,13 +349,19 @@ def create_dataset(
     @_plain
     def read(path):
         records = tf.data.TFRecordDataset(path)
+        if skip_corrupt_records:  # TensorFlow's reader cannot resynchronise: the rest of the file goes
+            records = records.ignore_errors()
         return records.shard(pipelines, pipeline_id) if record_shards else records
 
-    ds = tf.data.Dataset.from_tensor_slices(files)
-    if training:
-        ds = ds.shuffle(len(files), seed=seed, reshuffle_each_iteration=True)
-    if repeat:
-        ds = ds.repeat()  # at file level: no drained buffers and no short batch at epoch ends
+    if dynamic_sharding:
+        ds = data_service.file_splits(files, seed=seed, repeat=repeat)
+        seed = None  # from here on, each worker its own random numbers
+    else:
+        ds = tf.data.Dataset.from_tensor_slices(files)
+        if training:
+            ds = ds.shuffle(len(files), seed=seed, reshuffle_each_iteration=True)
+        if repeat:
+            ds = ds.repeat()  # at file level: no drained buffers and no short batch at epoch ends
     if training:
         # Several files at once: parallel reads (latency on GCS) and a better mix for the shuffle.
         ds = ds.interleave(read, cycle_length=min(len(files), 16), num_parallel_calls=AUTOTUNE)
@@ -268,24 +373,22 @@ def create_dataset(
     # function per batch (per-product elements cost ~100 us each of tf.data and executor machinery,
     # half a JPEG decode). Parallelism comes from several batches in flight (the map's
     # num_parallel_calls) and several images decoding at once within each (parallel_decodes).
-    # In training the batch's augmentation parameters come from a seed stream that gives new
-    # numbers every epoch (stateful random ops in a map would replay the same numbers each epoch).
+    # In training the batch's crop offsets come from a seed stream that gives new numbers every
+    # epoch (stateful random ops in a map would replay the same numbers each epoch).
     ds = ds.batch(batch_size, drop_remainder=training)
-    if training and (flip or crop_size):
+    if training and crop_size:
         seeds = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True).batch(2)
         ds = tf.data.Dataset.zip(ds, seeds)
 
     @_plain
     def parse_and_decode(serialized, batch_seed=None):
         parsed = parse_batch(serialized, max_images)
-        mirror = offset = None
+        offset = None
         if batch_seed is not None:
-            mirror, offset = random_augmentation(batch_seed, tf.shape(parsed[record_schema.IMAGES]),
-                                                  image_size=image_size, crop_size=crop_size, flip=flip)
-            mirror = mirror if flip else None  # else leave the mirror step out of the graph
-            offset = offset if crop_size else None
+            offset = random_offsets(batch_seed, tf.shape(parsed[record_schema.IMAGES]),
+                                    image_size=image_size, crop_size=crop_size)
         images = decode_images(parsed[record_schema.IMAGES], parsed[record_schema.MASK], image_size,
-                               crop_size=crop_size, mirror=mirror, offset=offset)
+                               crop_size=crop_size, offset=offset)
         features = {record_schema.IMAGES: images, record_schema.MASK: parsed[record_schema.MASK],
                     record_schema.PRODUCT_ID: parsed[record_schema.PRODUCT_ID]}
         return features, parsed[record_schema.LABEL]

@@ -19,7 +19,8 @@ import tensorflow as tf
 
 import record_schema
 from model import callbacks as callbacks_lib
-from model import cli, data_folder, distribution, export, input_pipeline, multi_image, optimization, shards, visuals
+from model import cli, data_folder, data_service, distribution, export, input_pipeline, multi_image
+from model import optimization, shards, visuals
 from model import labels as labels_lib
 from model import model_dir as model_dir_lib
 
@@ -37,6 +38,7 @@ class TrainConfig:
     packed: bool = True
     image_size: int = record_schema.IMAGE_SIZE
     crop_size: int = 0  # 0: no random crop
+    flip: bool = True  # random left-right mirror of each image in training, inside the model
     weights: str = ""  # "" or "imagenet" (for the xception backbone) or a .weights.h5 path
     dropout: float = 0.0
     bn_momentum: float = 0.99  # BatchNorm moving averages; lower for short runs
@@ -61,6 +63,7 @@ class TrainConfig:
     shuffle_buffer: int = 2048
     seed: int = 0
     skip_corrupt_records: bool = False  # read past damaged shards (the rest of each file), counted
+    data_service: str = ""  # grpc://HOST:PORT: the training stream runs on tf.data service workers
     # Checkpoints and logs.
     bn_recalibration_steps: int = 20  # batches to re-estimate BatchNorm statistics after training
     backup_every_steps: int = 100
@@ -124,16 +127,22 @@ def make_targets(labels: labels_lib.Labels, aux_heads: dict):
     return targets
 
 
-def train_dataset(cfg: TrainConfig, strategy, targets):
-    """Per-replica pipelines: each replica reads its own batch (global batch / replicas)."""
+def train_dataset(cfg: TrainConfig, strategy, targets, service_job: str = ""):
+    """Per-replica pipelines: each replica reads its own batch (global batch / replicas).
+
+    With cfg.data_service the pipeline runs on the service's workers under dynamic sharding, and
+    every replica of every trainer reads one shared job (`service_job`, see data_service)."""
 
     def dataset_fn(input_context: tf.distribute.InputContext):
+        batch_size = input_context.get_per_replica_batch_size(cfg.batch_size)
         ds = split_dataset(
-            cfg, "train", training=True,
-            batch_size=input_context.get_per_replica_batch_size(cfg.batch_size),
+            cfg, "train", training=True, batch_size=batch_size,
             shuffle_buffer=cfg.shuffle_buffer, seed=cfg.seed, input_context=input_context,
             repeat=True,  # fit counts steps_per_epoch; the stream never ends mid-epoch
+            **({"dynamic_sharding": True} if cfg.data_service else {}),
         )
+        if cfg.data_service:
+            ds = data_service.distribute(ds, cfg.data_service, job_name=f"{service_job}-b{batch_size}")
         return ds.map(targets, num_parallel_calls=tf.data.AUTOTUNE).prefetch(tf.data.AUTOTUNE)
 
     return strategy.distribute_datasets_from_function(dataset_fn)
@@ -167,6 +176,8 @@ def model_config(cfg: TrainConfig, labels: labels_lib.Labels, aux_heads: dict) -
         dropout=cfg.dropout,
         bn_momentum=cfg.bn_momentum,
         max_images=record_schema.MAX_IMAGES,
+        flip=cfg.flip,
+        seed=cfg.seed,
     )
 
 
@@ -178,7 +189,7 @@ def model_config(cfg: TrainConfig, labels: labels_lib.Labels, aux_heads: dict) -
 RUN_INDEPENDENT = frozenset({"model_dir", "verbose", "profile_batches", "sample_products", "backup_every_steps",
                              "export_top_k", "cpu_devices", "shuffle_buffer", "steps_per_execution",
                              "log_every_steps", "expect_gpus",
-                             "skip_corrupt_records"})
+                             "skip_corrupt_records", "data_service"})
 
 
 def settings_differences(saved: dict, cfg: TrainConfig) -> list[str]:
@@ -258,6 +269,10 @@ def _train(cfg: TrainConfig, extra_callbacks: tuple, flags_text: str) -> dict:
     if finished is not None:
         print(f"{model_dir} already holds a finished run of these settings ({cfg.epochs} epochs); nothing to do.")
         return finished
+    # One tf.data service job for every replica and trainer of this run (model_dir as given: the
+    # other workers write elsewhere), another for another run or other data settings.
+    service_job = data_service.job_name_for(model_dir, cfg.data_dir, cfg.image_size, cfg.crop_size, cfg.seed,
+                                            cfg.shuffle_buffer)
 
     strategy = distribution.make_strategy(cfg.cpu_devices)
     if distribution.worker_model_dir(model_dir, strategy) != model_dir:
@@ -290,7 +305,12 @@ def _train(cfg: TrainConfig, extra_callbacks: tuple, flags_text: str) -> dict:
         cfg.steps_per_epoch or max(1, train_products // cfg.batch_size), cfg.steps_per_execution)
     cfg = dataclasses.replace(cfg, steps_per_execution=steps_per_execution)
     targets = make_targets(labels, aux_heads)
-    train_ds = train_dataset(cfg, strategy, targets)
+    if cfg.data_service:
+        # Before the dataset is registered: with no dispatcher that would block without a word.
+        workers = data_service.wait_for_workers(cfg.data_service)
+        print(f"Training input from the tf.data service at {cfg.data_service}: {len(workers)} worker(s)", flush=True)
+        data_service.watch_workers(cfg.data_service)
+    train_ds = train_dataset(cfg, strategy, targets, service_job)
     # Validation is a finite dataset and fit is NOT told its length: with a step count, Keras
     # 3.15 evaluate() pulls a batch from its cached iterator before resetting it, and under a
     # distribution strategy that is the exhausted iterator of the previous pass (StopIteration

@@ -1,9 +1,11 @@
-"""The multi-image model: fusion under the mask, packed compute, saving, distribution, precision.
+"""The multi-image model: fusion under the mask, packed compute, saving, distribution, precision,
+and the random mirror of training (ModelConfig.flip).
 
 Everything runs the tiny backbone on 32 px images except the weight-loading test, which needs
 the full Xception at its 71 px minimum. Models are cached per (fusion, packed) for the module.
 """
 
+import contextlib
 import warnings
 
 import keras
@@ -76,6 +78,14 @@ def models():
     return cache
 
 
+@pytest.fixture(scope="module")
+def strategy():
+    """One MirroredStrategy over the 2 logical CPUs for every test here: the collectives of a
+    second strategy in the same process reuse the first one's instance keys, and fail on the
+    first model whose gradients have another shape."""
+    return tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+
+
 @pytest.fixture
 def restore_policy():
     policy = keras.mixed_precision.global_policy()
@@ -145,17 +155,28 @@ def test_packed_equals_padded_in_inference(models, fusion):
     )
 
 
+def _seed_state(model):
+    return model.get_layer("image_encoder").seed_generator.state
+
+
+def _replay(model, state, images, mask):
+    """A training-mode call that draws the mirrors `state` draws (the generator is set back)."""
+    _seed_state(model).assign(state)
+    return _predict(model, images, mask, training=True)
+
+
 def test_training_mode_batchnorm_sees_padding_only_when_padded(models):
     # Packed: padded slots never reach the backbone, so even batch statistics ignore them.
-    # Padded: they are in the BatchNorm batch, which is one more reason to pack.
+    # Padded: they are in the BatchNorm batch, which is one more reason to pack. Both models
+    # mirror in training; each pair of calls draws the same mirrors.
     images = _images(MASK)
     noisy = np.where((MASK == 0)[:, :, None, None, None], 255, images).astype(np.uint8)
     packed, padded = models["mean", True], models["mean", False]
-    _assert_same(
-        _predict(packed, noisy, MASK, training=True), _predict(packed, images, MASK, training=True)
-    )
-    moved = _predict(padded, noisy, MASK, training=True)["category"]
-    still = _predict(padded, images, MASK, training=True)["category"]
+    state = _seed_state(packed).numpy()
+    _assert_same(_replay(packed, state, noisy, MASK), _replay(packed, state, images, MASK))
+    state = _seed_state(padded).numpy()
+    moved = _replay(padded, state, noisy, MASK)["category"]
+    still = _replay(padded, state, images, MASK)["category"]
     assert not np.allclose(moved, still, atol=1e-4)
 
 
@@ -224,7 +245,7 @@ def _xent():
     return keras.losses.SparseCategoricalCrossentropy(from_logits=True)
 
 
-def test_mirrored_step_matches_single_device_with_per_replica_batchnorm():
+def test_mirrored_step_matches_single_device_with_per_replica_batchnorm(strategy):
     """One SGD step on 2 replicas == the same global batch on one device, BN per half.
 
     MirroredStrategy splits the global batch of 8 into two halves of 4; plain BatchNorm
@@ -234,10 +255,10 @@ def test_mirrored_step_matches_single_device_with_per_replica_batchnorm():
     each replica gathers a different number of real images.
     """
     keras.utils.set_random_seed(5)
-    config = _config(fusion="gated", num_level1=0, num_level2=0, packed=True)
+    # No mirror: the reference could not draw the replicas' mirrors (see the flip tests below).
+    config = _config(fusion="gated", num_level1=0, num_level2=0, packed=True, flip=False)
     x, y = _batch()
     lr = 0.5
-    strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
     with strategy.scope():
         mirrored = build_model(config)
         mirrored.compile(optimizer=keras.optimizers.SGD(lr), loss={"category": _xent()})
@@ -306,6 +327,187 @@ def test_jit_compile_with_packed_falls_back_with_a_warning():
     with pytest.warns(UserWarning, match="jit_compile"):
         model.compile(optimizer="adam", loss={"category": _xent()}, jit_compile=True)
     assert model.jit_compile is False
+
+
+# ---------------------------------------------------------------------------------------------
+# The random mirror of training (issue 11: moved from the input pipeline into the model)
+#
+# Which images a training call mirrored is read off the encoder's per-slot features: with every
+# BatchNorm frozen (trainable=False: inference statistics even in training mode) an image's
+# features depend on that image alone, so in a training call each real slot's features equal
+# those of either the image or its mirror, computed separately in inference.
+
+PROBE_MASK = np.ones((32, 4), np.float32)  # 128 real images
+
+
+def _probe(seed=0, packed=True, strategy=None, **overrides):
+    """A model whose BatchNorms are calibrated (features O(1)), then frozen."""
+    with strategy.scope() if strategy else contextlib.nullcontext():
+        model = build_model(_config(seed=seed, packed=packed, **overrides))
+    state = _seed_state(model).numpy() if model.get_layer("image_encoder").flip else None
+    _calibrate_batchnorm(model)
+    if state is not None:
+        _seed_state(model).assign(state)  # calibration was a training call: start at the seed
+    for layer in model.get_layer("image_encoder").backbone.layers:
+        if isinstance(layer, keras.layers.BatchNormalization):
+            layer.trainable = False
+    return model
+
+
+def _mirrored(images):
+    return images[:, :, :, ::-1]  # [B, M, H, W, 3]: W is axis 3
+
+
+def _which_mirrored(encoder, images, mask, features):
+    """bool [B, M]: the real slots whose training-mode `features` are those of the mirror.
+    Fails unless every real slot matches exactly one of the two, clearly."""
+    upright = encoder(images, mask, training=False).numpy()
+    mirror = encoder(_mirrored(images), mask, training=False).numpy()
+    features = np.asarray(features)
+    to_upright = np.abs(features - upright).max(-1)
+    to_mirror = np.abs(features - mirror).max(-1)
+    gap = np.abs(upright - mirror).max(-1)
+    real = mask > 0
+    assert gap[real].min() > 1e-2, "an image and its mirror must give different features"
+    assert (np.minimum(to_upright, to_mirror)[real] < 1e-4).all(), "each slot: the image or its mirror"
+    return (to_mirror < to_upright) & real
+
+
+def test_flip_mirrors_half_the_images_independently_per_image_and_per_step():
+    model = _probe(seed=1)
+    encoder = model.get_layer("image_encoder")
+    images = _images(PROBE_MASK, seed=11)
+    steps = np.stack([_which_mirrored(encoder, images, PROBE_MASK, encoder(images, PROBE_MASK, training=True))
+                      for _ in range(4)])  # [4 steps, 32 products, 4 slots]
+    assert 0.4 < steps.mean() < 0.6, steps.mean()  # 512 draws: 0.5 +- 0.022
+    # Per image, not per product or per batch: a product's 4 slots agree 1 time in 8 on average.
+    all_agree = (steps.all(-1) | ~steps.any(-1)).mean()
+    assert all_agree < 0.3, all_agree
+    assert 0.35 < (steps[..., 0] == steps[..., 1]).mean() < 0.65
+    # Per step: an image's draw in one step says nothing about the next.
+    assert 0.35 < (steps[1:] == steps[:-1]).mean() < 0.65
+    # A training call through the whole model takes the same road (the model's features differ
+    # from an inference call's only by those mirrors).
+    out = model({"images": images, "mask": PROBE_MASK}, training=True)["category"].numpy()
+    assert not np.allclose(out, _predict(model, images, PROBE_MASK)["category"], atol=1e-4)
+
+
+def test_no_flip_in_inference_and_flip_false_never_mirrors():
+    model, plain = _probe(seed=2), _probe(seed=2, flip=False)
+    plain.set_weights(model.get_weights())
+    images = _images(MASK, seed=12)
+    state = _seed_state(model).numpy()
+    # Inference (evaluate, predict, serving): the image as it is, and no draw at all.
+    _assert_same(_predict(model, images, MASK), _predict(plain, images, MASK))
+    predicted = model.predict({"images": images, "mask": MASK}, batch_size=5, verbose=0)
+    _assert_same(predicted, _predict(plain, images, MASK), atol=1e-4)
+    np.testing.assert_array_equal(_seed_state(model).numpy(), state)
+    # flip=False: no mirror in training either (frozen BatchNorm: training == inference).
+    _assert_same(_predict(plain, images, MASK, training=True), _predict(plain, images, MASK))
+    assert plain.get_layer("image_encoder").seed_generator is None
+    # ...while flip=True does mirror in training (else the checks above prove nothing).
+    trained = _predict(model, images, MASK, training=True)
+    assert not np.allclose(trained["category"], _predict(model, images, MASK)["category"], atol=1e-4)
+
+
+@pytest.mark.parametrize("packed", [True, False], ids=["packed", "padded"])
+def test_flip_leaves_padded_slots_out(packed):
+    """Padded slots are never mirrored (nor moved into a real slot) and their content changes
+    nothing in a training call. The whole model with live BatchNorms and noise in the padding:
+    test_training_mode_batchnorm_sees_padding_only_when_padded."""
+    model = _probe(seed=3, packed=packed)
+    encoder = model.get_layer("image_encoder")
+    mask = np.tile(MASK, (4, 1))  # 20 products, 1-4 real images, one with holes
+    images = _images(mask, seed=13)
+    noise = np.random.default_rng(14).integers(0, 256, images.shape, dtype=np.uint8)
+    noisy = np.where((mask == 0)[:, :, None, None, None], noise, images)
+    state = _seed_state(model).numpy()
+    features = encoder(noisy, mask, training=True).numpy()
+    assert not features[mask == 0].any(), "padded slots' features stay zero"
+    # Every real slot holds its own image or its mirror, whatever the padding holds.
+    flipped = _which_mirrored(encoder, images, mask, features)
+    assert 0 < flipped.sum() < mask.sum()
+    _seed_state(model).assign(state)  # the same draws without the noise: the same features
+    np.testing.assert_allclose(encoder(images, mask, training=True).numpy(), features, atol=1e-5)
+    drawn = encoder._draw_mirror(tf.reshape(mask > 0.5, [-1])).numpy().reshape(mask.shape)
+    assert drawn.any() and not drawn[mask == 0].any(), "a padded slot is never drawn for a mirror"
+
+
+def test_flip_is_reproducible_under_a_seed():
+    def draws(seed):
+        keras.utils.set_random_seed(0)  # the same weights for every model
+        model = _probe(seed=seed)
+        encoder = model.get_layer("image_encoder")
+        images = _images(PROBE_MASK, seed=15)
+        return np.stack([_which_mirrored(encoder, images, PROBE_MASK, encoder(images, PROBE_MASK, training=True))
+                         for _ in range(3)])
+
+    first, again, other = draws(4), draws(4), draws(5)
+    np.testing.assert_array_equal(first, again)
+    assert (first != other).mean() > 0.3
+
+
+def test_flip_config_survives_a_keras_round_trip(tmp_path):
+    assert ModelConfig(num_classes=3).flip is True and ModelConfig(num_classes=3).seed is None
+    for flip, seed in [(False, None), (True, 7)]:
+        model = build_model(_config(flip=flip, seed=seed))
+        path = tmp_path / f"model_{flip}.keras"
+        model.save(path)
+        encoder = keras.saving.load_model(path).get_layer("image_encoder")
+        assert (encoder.flip, encoder.seed) == (flip, seed)
+        assert (encoder.seed_generator is not None) == flip
+
+
+def test_flip_under_mirrored_strategy_differs_between_replicas(strategy):
+    """The replicas share the generator's state (one step, one state), so each folds its index
+    into the seed: else both would mirror the same slots of their halves of the batch."""
+    model = _probe(seed=6, strategy=strategy)
+    encoder = model.get_layer("image_encoder")
+    half = _images(PROBE_MASK, seed=16)
+    both = tf.data.Dataset.from_tensors((np.concatenate([half, half]), np.concatenate([PROBE_MASK] * 2)))
+    images, mask = next(iter(strategy.experimental_distribute_dataset(both)))
+
+    @tf.function
+    def step(images, mask):
+        return strategy.run(lambda i, m: encoder(i, m, training=True), args=(images, mask))
+
+    start = _seed_state(model).numpy()
+    steps = []
+    for _ in range(2):
+        per_replica = strategy.experimental_local_results(step(images, mask))
+        steps.append([_which_mirrored(encoder, half, PROBE_MASK, f) for f in per_replica])
+    np.testing.assert_array_equal(_seed_state(model).numpy(), start + [0, 2])  # once per step
+    for replicas in steps:
+        assert all(0.3 < r.mean() < 0.7 for r in replicas)
+        assert 0.3 < (replicas[0] == replicas[1]).mean() < 0.7  # independent, not the same slots
+    assert (steps[0][0] != steps[1][0]).any()
+
+
+@pytest.mark.parametrize("distributed", [False, True], ids=["one_device", "mirrored"])
+def test_flip_inside_fit_draws_every_step_reproducibly(strategy, distributed):
+    """model.fit's compiled step draws new mirrors every step (the generator advances once a
+    step, on one device and with 2 replicas); on one device the same seed (and weights) gives the
+    same training, another seed other mirrors, so other weights."""
+    x, y = _batch()
+
+    def train(seed):
+        with strategy.scope() if distributed else contextlib.nullcontext():
+            keras.utils.set_random_seed(8)  # the same initial weights every time
+            model = build_model(_config(fusion="mean", num_level1=0, num_level2=0, seed=seed))
+            model.compile(optimizer=keras.optimizers.SGD(0.5), loss={"category": _xent()})
+        start = _seed_state(model).numpy()
+        model.fit(x, {"category": y}, batch_size=4, epochs=2, shuffle=False, verbose=0)
+        steps = 2 * 2  # 2 epochs of 2 batches of 4 (with 2 replicas, 2 products each)
+        np.testing.assert_array_equal(_seed_state(model).numpy(), start + [0, steps])
+        return [v.numpy() for v in model.trainable_variables]
+
+    first = train(9)
+    if distributed:
+        return
+    again, other = train(9), train(10)
+    for a, b in zip(first, again):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    assert max(np.abs(a - b).max() for a, b in zip(first, other)) > 1e-3
 
 
 def _save_legacy_h5(model, path):

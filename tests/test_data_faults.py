@@ -1,0 +1,149 @@
+"""Every record accounted for: missing, truncated and corrupted shards in evaluate and train.
+
+A tiny model is trained once in-process (library call); the faults are made on copies of a data
+folder written by tests/record_helpers.py, three shards a split.
+"""
+
+import csv
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import record_schema
+from model import cli, evaluation, shards, training
+from tests.record_helpers import REPO, write_data_dir
+
+TINY = dict(backbone="tiny", image_size=32, batch_size=8, sample_products=0, bn_recalibration_steps=1,
+            warmup_epochs=0.5, fusion="mean")
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    root = tmp_path_factory.mktemp("faults")
+    data = write_data_dir(str(root / "data"), shards=3)
+    model_dir = str(root / "model")
+    training.train(training.TrainConfig(data_dir=data, model_dir=model_dir, epochs=1, steps_per_epoch=2, **TINY))
+    test = write_data_dir(str(root / "test"), shards=3, val_name="test")
+    return {"data": data, "model": model_dir, "test": test}
+
+
+def damaged_copy(source, destination, damage):
+    """A copy of the data folder with test-00001-of-00003 damaged: "delete", "truncate" (cut in the
+    middle of a record), "flip" (one byte of a record's payload changed) or "boundary" (cut after
+    the first record: well-formed, but short)."""
+    shutil.copytree(source, destination)
+    path = os.path.join(destination, record_schema.shard_name("test", 1, 3))
+    data = open(path, "rb").read()
+    if damage == "delete":
+        os.remove(path)
+    elif damage == "truncate":
+        open(path, "wb").write(data[: len(data) // 2])
+    elif damage == "flip":
+        broken = bytearray(data)
+        broken[len(data) // 2] ^= 0xFF
+        open(path, "wb").write(bytes(broken))
+    elif damage == "boundary":
+        first_length = int.from_bytes(data[:8], "little")
+        open(path, "wb").write(data[: 8 + 4 + first_length + 4])
+    return path
+
+
+def evaluate(trained, data_dir, output_dir, **options):
+    return evaluation.evaluate(data_dir=data_dir, model_dir=trained["model"], split="test", output_dir=output_dir,
+                               batch_size=8, **options)
+
+
+def test_missing_shards_are_named():
+    files = [f"/d/test-0000{i}-of-00004.tfrecord" for i in (0, 2)]
+    assert shards.missing_shards(files) == ["test-00001-of-00004.tfrecord", "test-00003-of-00004.tfrecord"]
+    assert shards.missing_shards([f"/d/val-0000{i}-of-00002.tfrecord" for i in (0, 1)]) == []
+
+
+def test_submission_from_a_folder_with_a_deleted_shard_fails_naming_it(trained, tmp_path):
+    data = str(tmp_path / "test")
+    damaged_copy(trained["test"], data, "delete")
+    with pytest.raises(cli.UserError, match=r"1 test shard\(s\) missing: test-00001-of-00003.tfrecord"):
+        evaluate(trained, data, str(tmp_path / "out"))
+    assert os.listdir(tmp_path) == ["test"]  # no output folder, no partial one
+
+
+def test_a_shard_cut_at_a_record_boundary_is_counted_against_metadata(trained, tmp_path):
+    data = str(tmp_path / "test")
+    damaged_copy(trained["test"], data, "boundary")
+    with pytest.raises(cli.UserError, match=r"the test shards hold \d+ records, metadata.json counts 17"):
+        evaluate(trained, data, str(tmp_path / "out"))
+
+
+@pytest.mark.parametrize("damage, reported", [("truncate", "truncated record at"), ("flip", "corrupted record at")])
+def test_damaged_shard_stops_evaluation_naming_it_or_is_skipped_and_counted(trained, tmp_path, damage, reported):
+    data = str(tmp_path / "test")
+    path = damaged_copy(trained["test"], data, damage)
+    with pytest.raises(cli.UserError) as stopped:
+        evaluate(trained, data, str(tmp_path / "out"))
+    assert str(stopped.value).startswith(f"{path}: {reported}")
+    assert "--skip_corrupt_records" in str(stopped.value)
+
+    summary = evaluate(trained, data, str(tmp_path / "out"), skip_corrupt_records=True)
+    assert summary["damaged_files"] == [path]
+    assert summary["skipped_records"] >= 1
+    assert summary["products"] + summary["skipped_records"] == 17
+    # Still a row for every product of the split: the unreadable ones get the fallback category.
+    with open(tmp_path / "out" / "submission.csv", newline="") as f:
+        rows = list(csv.reader(f))[1:]
+    all_ids = np.load(os.path.join(data, record_schema.product_ids_name("test"))).tolist()
+    assert sorted(int(r[0]) for r in rows) == sorted(all_ids)
+    assert summary["submission"]["unreadable_with_fallback"] == summary["skipped_records"]
+
+
+def test_a_failed_evaluation_leaves_the_earlier_output_as_it_was(trained, tmp_path):
+    out = tmp_path / "out"
+    evaluate(trained, trained["test"], str(out))
+    before = {name: (out / name).read_bytes() for name in os.listdir(out)}
+    data = str(tmp_path / "test")
+    damaged_copy(trained["test"], data, "truncate")
+    with pytest.raises(cli.UserError):
+        evaluate(trained, data, str(out))
+    assert {name: (out / name).read_bytes() for name in os.listdir(out)} == before
+    assert sorted(os.listdir(tmp_path)) == ["out", "test"]  # no partial folder left
+
+
+def run(script, *args):
+    return subprocess.run([sys.executable, script, *args], cwd=REPO, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"})
+
+
+def test_commands_stop_on_a_truncated_shard_with_one_line_and_skip_it_when_asked(trained, tmp_path):
+    """As a user types them, with file:// URIs for the folders (the code path of gs://)."""
+    data = str(tmp_path / "data")
+    shutil.copytree(trained["data"], data)
+    path = os.path.join(data, record_schema.shard_name("train", 1, 3))
+    content = open(path, "rb").read()
+    open(path, "wb").write(content[: len(content) // 2])
+    flags = [f"--data_dir=file://{data}", "--backbone=tiny", "--image_size=32", "--batch_size=8", "--epochs=1",
+             "--steps_per_epoch=3", "--sample_products=0", "--bn_recalibration_steps=1", "--fusion=mean"]
+
+    before = set(os.listdir(REPO))
+    stopped = run("train.py", *flags, f"--model_dir=file://{tmp_path / 'm1'}")
+    assert stopped.returncode == 1 and "Traceback" not in stopped.stderr
+    assert stopped.stderr.strip().splitlines()[-1].startswith(f"train.py: error: file://{path}: truncated record at")
+
+    skipped = run("train.py", *flags, f"--model_dir=file://{tmp_path / 'm2'}", "--skip_corrupt_records")
+    assert skipped.returncode == 0, skipped.stderr[-2000:]
+    state = json.loads((tmp_path / "m2" / "train_state.json").read_text())
+    assert state["skipped_records"]["train"] >= 1 and state["skipped_records"]["val"] == 0
+
+    test = str(tmp_path / "test")
+    damaged = damaged_copy(trained["test"], test, "truncate")
+    evaluated = run("evaluate.py", f"--data_dir=file://{test}", f"--model_dir=file://{tmp_path / 'm2'}", "--split=test")
+    assert evaluated.returncode == 1 and "Traceback" not in evaluated.stderr
+    assert evaluated.stderr.strip().splitlines()[-1].startswith(f"evaluate.py: error: file://{damaged}: truncated record at")
+    evaluated = run("evaluate.py", f"--data_dir=file://{test}", f"--model_dir=file://{tmp_path / 'm2'}", "--split=test",
+                    "--skip_corrupt_records")
+    assert evaluated.returncode == 0, evaluated.stderr[-2000:]
+    assert (tmp_path / "m2" / "eval_test" / "submission.csv").exists()
+    assert set(os.listdir(REPO)) == before  # no "file:" folder or other stray output
