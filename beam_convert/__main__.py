@@ -4,6 +4,8 @@ Converts Cdiscount BSON files into sharded TFRecords (docs/FORMATS.md section 1)
 parser does not know must be Apache Beam pipeline options (`--runner=DataflowRunner --project=...
 --region=... --temp_location=gs://... --setup_file=./setup.py`); any other option is refused, so
 that a typo never runs a long conversion with a default. `--flagfile=FILE` reads options from FILE.
+
+Over 400 lines: option checking (Beam's options included), progress, quiet runs and one-line errors are the CLI's whole job; a split into cli_options/cli_run is the next step if it grows.
 """
 
 import argparse

@@ -1,5 +1,7 @@
 """The Beam graph: index each BSON file, convert index ranges in parallel, then finalize.
 
+Over 400 lines: one Beam graph, index -> convert -> finalize, whose stages share the dataclasses that cross them; the finalize stage is the candidate to move out next.
+
   files -> IndexFile -> ranges ---------> Reshuffle -> ConvertRange -> range results
                      \\-> file summaries -> dataset index (side input: labels, duplicate ids)
   range results -> require a product -> move previous output aside -> plan -> Reshuffle ->

@@ -1,5 +1,7 @@
 """Input beyond one host's CPUs (issue 12): the training pipeline on tf.data service workers.
 
+Over 400 lines: the launchers with their fault handling (taken ports, unreachable dispatchers, SIGTERM) beside `distribute`, the one function trainers call.
+
     python -m model.data_service dispatcher --port=5050 [--work_dir=DIR]
     python -m model.data_service worker --dispatcher=HOST:5050 [--port=PORT] [--worker_address=HOST:PORT]
     python train.py ... --data_service=grpc://HOST:5050

@@ -1,5 +1,7 @@
 """The training library behind train.py: one `train(config)` that reads top to bottom.
 
+Over 400 lines: the train loop plus what only it uses (resume arithmetic, the earlier-run check, the final model); a split would make the loop jump between files.
+
 strategy -> data -> model, losses, optimizer and schedule -> callbacks -> fit -> model.keras and a
 SavedModel that serves raw JPEG bytes. Tests call `train` directly; train.py only turns flags into
 a `TrainConfig`. Where it runs is model/distribution.py, what it reports model/callbacks.py, what

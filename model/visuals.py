@@ -1,5 +1,7 @@
 """What a person looks at: the evaluation report (PNG) and the TensorBoard grid of sample products.
 
+Over 400 lines: two pictures, each laid out panel by panel so that nothing overlaps; splitting them would scatter shared layout helpers.
+
 report.png (`write_report`, beside metrics.json): a title naming the model, its fusion, the split,
 the product count and top-1/top-5; panels for accuracy by number of images, accuracy per level
 of the category tree, accuracy by training frequency of the true class, and the most confused

@@ -1,5 +1,7 @@
 """Synthetic Cdiscount-like BSON for tests, the demo and benchmarks.
 
+Over 400 lines: the class design (cues, split classes) is explained where it is drawn. Not shipped to Dataflow workers.
+
 The real train.bson is 58 GB and cannot ship with the repo; this writes files with the same layout
 (mongodump: concatenated BSON documents `{_id, imgs: [{picture}], category_id}` in that field
 order, ascending non-contiguous int32 `_id`, 180x180 RGB JPEGs of ~6 KB, 1.7 images a product)
