@@ -43,6 +43,7 @@ import tempfile
 import threading
 import time
 
+from bench import results
 from model import cli
 
 cli.configure_environment()  # the same allocator and log level as train.py and the launchers
@@ -377,14 +378,7 @@ def report(data, runs, wire, args, seconds, load_before, load_after) -> str:
 
 
 def write_results(path: str, figures: str) -> None:
-    """Puts the figures between the markers of the results file, keeping any notes around them."""
-    begin, end = "<!-- data_service_benchmark:begin -->", "<!-- data_service_benchmark:end -->"
-    text = pathlib.Path(path).read_text() if os.path.exists(path) else "## tf.data service (issue 12)\n\n"
-    if begin in text and end in text:
-        text = text[:text.index(begin)] + begin + "\n" + figures + text[text.index(end):]
-    else:
-        text = text.rstrip("\n") + "\n\n" + begin + "\n" + figures + end + "\n"
-    pathlib.Path(path).write_text(text)
+    results.write_between_markers(path, "data_service_benchmark", figures, "## tf.data service (issue 12)")
 
 
 if __name__ == "__main__":

@@ -52,6 +52,8 @@ import tempfile
 import threading
 import time
 
+from bench import results
+
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 BATCH = 64
@@ -273,14 +275,7 @@ def report(data: dict, results: dict, args, seconds: float) -> str:
 
 
 def write_results(path: str, figures: str) -> None:
-    """Puts the figures between the markers of the results file, keeping any notes around them."""
-    begin, end = "<!-- pipeline_benchmark:begin -->", "<!-- pipeline_benchmark:end -->"
-    text = pathlib.Path(path).read_text() if os.path.exists(path) else "## Input pipeline (issue 3)\n\n"
-    if begin in text and end in text:
-        text = text[:text.index(begin)] + begin + "\n" + figures + text[text.index(end):]
-    else:
-        text = text.rstrip("\n") + "\n\n" + begin + "\n" + figures + end + "\n"
-    pathlib.Path(path).write_text(text)
+    results.write_between_markers(path, "pipeline_benchmark", figures, "## Input pipeline (issue 3)")
 
 
 def main(argv=None) -> int:
