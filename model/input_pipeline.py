@@ -16,7 +16,8 @@ real on average) ~60 us a product. So a batch of records stays one element from 
 end: one `parse_example` call, then one function decodes the batch's real images, several at
 once, into a pool and writes the padded stack with one gather, with one branch per batch (not
 per image) for pictures of an unexpected size. The earlier shape (products as elements, a branch
-per slot, a concat per product, then the batch copy) ran at 0.66-0.68 of the decode ceiling.
+per slot, a concat per product, then the batch copy) ran at 0.66-0.68 of the decode ceiling;
+this one, in training, at 0.9-1.0 of it at 180 px and 1.1-1.3 at 48 and 90 px (2026-11-30).
 
 The host does only what only the host can (issue 11): decoding, the crop, the padded stack. The
 random mirror is the model's first step (multi_image.ImageEncoder, training only), where an
@@ -199,7 +200,8 @@ def decode_images(images: tf.Tensor, mask: tf.Tensor, image_size: int = record_s
     either finishes the pool (one batched resize when image_size is not the scaled side, e.g. 48
     px from a 90 px decode, and the crops) or, for a batch holding a picture of another size
     (none in Cdiscount's catalogue), decodes it again image by image through `decode_image`. A
-    branch per image would cost ~20 us an image even untaken.
+    branch per image, even untaken, ran at 0.74x the decode ceiling at 180 px where this runs at
+    ~1x (bench/RESULTS_pipeline.md).
 
     Crop (crop_size): the crop_size window of the image_size picture; at `offset` (int32
     [B, M, 2] from `random_offsets`, training) or, without one, the centre window (evaluation and
