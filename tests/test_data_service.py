@@ -9,7 +9,6 @@ wired (model/data_service.py's docstring says what they are).
 """
 
 import collections
-import inspect
 import os
 import re
 import signal
@@ -29,9 +28,6 @@ from tests.record_helpers import write_data_dir
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
 LAUNCHER = [sys.executable, "-m", "model.data_service"]
-HAS_DYNAMIC_SHARDING = "dynamic_sharding" in inspect.signature(input_pipeline.create_dataset).parameters
-needs_dynamic_sharding = pytest.mark.skipif(
-    not HAS_DYNAMIC_SHARDING, reason="create_dataset has no dynamic_sharding parameter yet (issue 12 wiring)")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -153,12 +149,10 @@ def train_ids(data_dir):
 
 
 def training_stream(data_dir, *, repeat, batch_size=5, seed=None):
-    """The training pipeline as train.py would distribute it (the dynamic-sharding structure when
-    create_dataset has it)."""
-    extra = {"dynamic_sharding": True} if HAS_DYNAMIC_SHARDING else {}
+    """The training pipeline as train.py distributes it (the dynamic-sharding structure)."""
     return input_pipeline.create_dataset(
         os.path.join(data_dir, record_schema.shard_pattern("train")), batch_size=batch_size, training=True,
-        image_size=32, crop_size=24, shuffle_buffer=16, seed=seed, repeat=repeat, **extra)
+        image_size=32, crop_size=24, shuffle_buffer=16, seed=seed, repeat=repeat, dynamic_sharding=True)
 
 
 def read_ids(dataset, batches=None, timeout=120) -> list[int]:
@@ -372,7 +366,6 @@ def test_the_service_delivers_the_local_pixels(shared_service, data_dir, pack):
     assert seen == len(local) == 65
 
 
-@needs_dynamic_sharding
 def test_both_workers_share_an_endless_stream(shared_service, tmp_path):
     # One product a file and more files than two interleaves hold (2 x 16): each worker reads.
     data = write_data_dir(str(tmp_path / "one_per_file"), with_val=False, shards=65)
@@ -406,8 +399,6 @@ def test_a_worker_killed_mid_stream_does_not_stop_it(make_service, data_dir):
     # The dispatcher still lists the dead worker; live_workers (what train.py reports) does not.
     assert len(data_service.registered_workers(service.target)) == 2
     assert data_service.live_workers(service.target) == [ready_address(second)]
-    if not HAS_DYNAMIC_SHARDING:
-        return  # the local structure repeats on each worker: a newcomer finds its first pass spent
     service.start_worker()
     assert len(data_service.live_workers(service.target)) == 2
     second.signal(signal.SIGKILL)
@@ -435,18 +426,6 @@ def test_dispatcher_restarted_from_its_work_dir_lets_the_consumer_continue(make_
 # train.py end to end (once --data_service is wired)
 
 
-def _train_py_has_data_service() -> bool:
-    help_text = subprocess.run([sys.executable, "train.py", "--helpfull"], cwd=REPO, env=ENV,
-                               capture_output=True, text=True, timeout=120).stdout
-    return "--data_service" in help_text
-
-
-@pytest.fixture(scope="module")
-def train_py_wired():
-    if not _train_py_has_data_service():
-        pytest.skip("train.py has no --data_service flag yet (issue 12 wiring)")
-
-
 TINY = ["--backbone=tiny", "--image_size=32", "--batch_size=16", "--sample_products=0", "--warmup_epochs=0.5",
         "--bn_recalibration_steps=4", "--bn_momentum=0.9", "--base_lr=0.016", "--weight_decay=0.0005", "--epochs=2",
         "--steps_per_epoch=12"]
@@ -472,7 +451,7 @@ def synthetic_data_dir(tmp_path, monkeypatch):
     return record_helpers.write_data_dir(str(tmp_path / "data"), shards=8)
 
 
-def test_train_py_trains_on_two_workers_like_a_local_run(train_py_wired, shared_service, synthetic_data_dir, tmp_path):
+def test_train_py_trains_on_two_workers_like_a_local_run(shared_service, synthetic_data_dir, tmp_path):
     """train.py --data_service on a dispatcher and 2 workers finishes and learns: 24 steps of the
     tiny model on 6 synthetic classes take the final val top-1 well above chance (1/6), within
     noise of a local run of the same steps (96 val products)."""
