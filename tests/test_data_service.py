@@ -9,6 +9,7 @@ wired (model/data_service.py's docstring says what they are).
 """
 
 import collections
+import itertools
 import os
 import re
 import signal
@@ -157,40 +158,28 @@ def training_stream(data_dir, *, repeat, batch_size=5, seed=None):
 
 def read_ids(dataset, batches=None, timeout=120) -> list[int]:
     """Product ids of `batches` batches (all when None), failing rather than hanging past timeout."""
-    out, done = [], threading.Event()
-    failure = []
-
-    def run():
-        try:
-            for i, (features, _) in enumerate(dataset):
-                out.extend(features[record_schema.PRODUCT_ID].numpy().tolist())
-                if batches is not None and i + 1 >= batches:
-                    break
-        except Exception as error:  # noqa: BLE001 - reported by the test
-            failure.append(error)
-        done.set()
-
-    threading.Thread(target=run, daemon=True).start()
-    assert done.wait(timeout), f"the stream stalled: {len(out)} products in {timeout} s"
-    assert not failure, failure
-    return out
+    return Reader(dataset).take(batches, timeout)
 
 
 class Reader:
-    """An endless distributed stream read batch by batch (one iterator: one job iteration)."""
+    """A distributed stream read batch by batch (one iterator: one job iteration)."""
 
     def __init__(self, dataset):
         self.iterator = iter(dataset)
 
     def take(self, batches, timeout=120) -> list[int]:
+        """Product ids of the next `batches` batches (to the end when None), failing rather than
+        hanging past timeout."""
         out, failure, done = [], [], threading.Event()
 
         def run():
             try:
-                for _ in range(batches):
+                for _ in itertools.count() if batches is None else range(batches):
                     features, _ = next(self.iterator)
                     out.extend(features[record_schema.PRODUCT_ID].numpy().tolist())
-            except Exception as error:  # noqa: BLE001
+            except StopIteration:
+                pass  # a finite stream read to its end
+            except Exception as error:  # noqa: BLE001 - reported by the test
                 failure.append(error)
             done.set()
 
