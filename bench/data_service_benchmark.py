@@ -43,7 +43,7 @@ import tempfile
 import threading
 import time
 
-from bench import results
+from bench import results as results_file
 from model import cli
 
 cli.configure_environment()  # the same allocator and log level as train.py and the launchers
@@ -258,11 +258,7 @@ def main(argv=None) -> int:
             shutil.rmtree(work, ignore_errors=True)
 
     figures = report(data, runs, wire, args, time.perf_counter() - start, load_before, uptime())
-    print("\n" + figures)
-    if args.results:
-        command = " ".join(["python -m bench.data_service_benchmark", *(argv if argv is not None else sys.argv[1:])])
-        write_results(args.results, f"`{command.strip()}`\n\n{figures}")
-        print(f"wrote {args.results}")
+    results_file.publish(figures, "bench.data_service_benchmark", argv, args.results, "data_service_benchmark", "## tf.data service (issue 12)")
     return 0
 
 
@@ -375,10 +371,6 @@ def report(data, runs, wire, args, seconds, load_before, load_after) -> str:
                f"{GPU_IMAGES_PER_S * local_image:.1f} cores a GPU on the GPU host itself "
                f"({GPUS * GPU_IMAGES_PER_S * local_image:.0f} for {GPUS}).")
     return "\n".join(out) + "\n"
-
-
-def write_results(path: str, figures: str) -> None:
-    results.write_between_markers(path, "data_service_benchmark", figures, "## tf.data service (issue 12)")
 
 
 if __name__ == "__main__":

@@ -52,7 +52,7 @@ import tempfile
 import threading
 import time
 
-from bench import results
+from bench import results as results_file
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -274,10 +274,6 @@ def report(data: dict, results: dict, args, seconds: float) -> str:
     return "\n".join(out) + "\n"
 
 
-def write_results(path: str, figures: str) -> None:
-    results.write_between_markers(path, "pipeline_benchmark", figures, "## Input pipeline (issue 3)")
-
-
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--products", type=int, default=6000, help="synthetic products to write")
@@ -333,11 +329,7 @@ def main(argv=None) -> int:
             shutil.rmtree(work, ignore_errors=True)
 
     figures = report(data, results, args, time.perf_counter() - start)
-    print("\n" + figures)
-    if args.results:
-        command = " ".join(["python -m bench.pipeline_benchmark", *(argv if argv is not None else sys.argv[1:])])
-        write_results(args.results, f"`{command.strip()}`\n\n{figures}")
-        print(f"wrote {args.results}")
+    results_file.publish(figures, "bench.pipeline_benchmark", argv, args.results, "pipeline_benchmark", "## Input pipeline (issue 3)")
     return 0
 
 

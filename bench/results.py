@@ -2,6 +2,7 @@
 
 import os
 import pathlib
+import sys
 
 
 def write_between_markers(path: str, name: str, figures: str, heading: str) -> None:
@@ -13,3 +14,13 @@ def write_between_markers(path: str, name: str, figures: str, heading: str) -> N
     else:
         text = text.rstrip("\n") + "\n\n" + begin + "\n" + figures + end + "\n"
     pathlib.Path(path).write_text(text)
+
+
+def publish(figures: str, module: str, argv, path, name: str, heading: str) -> None:
+    """Prints a run's figures and, given a results file, writes them there under the command that
+    reproduces them."""
+    print("\n" + figures)
+    if path:
+        command = " ".join([f"python -m {module}", *(argv if argv is not None else sys.argv[1:])])
+        write_between_markers(path, name, f"`{command.strip()}`\n\n{figures}", heading)
+        print(f"wrote {path}")
