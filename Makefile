@@ -1,4 +1,6 @@
 # The two commands of the README: `make demo` and `make test`. Both build ./.venv on first use.
+# make test: pytest-xdist, one worker a core; each worker takes whole test files, so a module
+# fixture (a training run, a conversion) is built once and shared by its tests.
 VENV ?= .venv
 PYTHON ?= python3
 PY := $(VENV)/bin/python
@@ -12,7 +14,7 @@ $(VENV)/.installed: setup.py
 	touch $@
 
 test: $(VENV)/.installed
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -n auto --dist loadfile tests
 
 demo: $(VENV)/.installed
 	$(PY) demo.py

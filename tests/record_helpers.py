@@ -1,5 +1,5 @@
 """A beam_convert-style data folder written in a plain loop from the real sample BSON, so that the
-model-side tests do not depend on the converter."""
+model-side tests do not depend on the converter, and the tiny train.py flags they train with."""
 
 import dataclasses
 import json
@@ -12,6 +12,9 @@ import record_schema
 from beam_convert import labels as categories_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# The same code path as a real run, at a size that trains in seconds on 2 cores.
+TINY_TRAIN_FLAGS = ["--backbone=tiny", "--image_size=32", "--batch_size=8", "--sample_products=4",
+                    "--warmup_epochs=0.5", "--bn_recalibration_steps=2"]
 
 
 def sample_documents():

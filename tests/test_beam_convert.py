@@ -12,9 +12,8 @@ import pytest
 
 import record_schema
 from tests.convert_helpers import (
-    CATEGORIES_CSV, REPO, SAMPLE_BSON, bomb_jpeg, convert, png_bytes, product, read_labels,
-    read_metadata, read_records, read_rejected, record_multiset, sample_documents, sample_jpegs,
-    write_bson)
+    CATEGORIES_CSV, REPO, SAMPLE_BSON, convert, product, read_labels, read_metadata, read_records,
+    record_multiset, sample_documents, sample_jpegs, write_bson)
 
 
 @pytest.fixture(scope="module")

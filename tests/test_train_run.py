@@ -1,0 +1,220 @@
+"""One train.py run, killed and resumed, and what it leaves: artefacts, the SavedModel, a submission.
+
+The data is the real sample BSON written as records with record_schema in a plain loop, so these
+tests do not depend on the converter. Everything runs the tiny backbone on 32x32 images. A file of
+their own because pytest-xdist gives each worker whole files: this one runs beside test_training.py.
+"""
+
+import glob
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import record_schema
+from model import labels as labels_lib
+from tests.record_helpers import REPO, TINY_TRAIN_FLAGS as TINY, sample_documents, write_data_dir
+
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    return write_data_dir(str(tmp_path_factory.mktemp("data")))
+
+
+def run_killed_and_resumed(data_dir, model_dir, extra_args, kills):
+    """Runs 3 epochs of 6 steps. For each condition in kills, starts the command and SIGKILLs it
+    once backup/progress.json satisfies the condition; then runs the same command to the end."""
+    args = [sys.executable, "tests/slow_train.py", "0.4", f"--data_dir={data_dir}", f"--model_dir={model_dir}",
+            *TINY, "--epochs=3", "--steps_per_epoch=6", *extra_args]
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
+    progress = os.path.join(model_dir, "backup", "progress.json")
+    outputs, killed_at = [], []
+    for kill_when in kills:
+        run = subprocess.Popen(args, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+        deadline = time.time() + 180
+        while time.time() < deadline and run.poll() is None:
+            try:
+                with open(progress) as f:
+                    state = json.load(f)
+            except (OSError, ValueError):
+                state = None
+            if state and kill_when(state):
+                run.send_signal(signal.SIGKILL)
+                killed_at.append(state)
+                break
+            time.sleep(0.05)
+        outputs.append(run.communicate(timeout=30)[0])
+        assert len(killed_at) == len(outputs), f"no backup to kill after:\n{outputs[-1][-3000:]}"
+        assert run.returncode == -signal.SIGKILL
+        assert not os.path.exists(os.path.join(model_dir, "model.keras"))
+
+    last = subprocess.run(args, cwd=REPO, capture_output=True, text=True, timeout=240, env=env)
+    assert last.returncode == 0, last.stderr[-3000:]
+    with open(os.path.join(model_dir, "train_state.json")) as f:
+        state = json.load(f)
+    return {"model_dir": model_dir, "outputs": [*outputs, last.stdout], "state": state, "killed_at": killed_at}
+
+
+@pytest.fixture(scope="module")
+def resumed_run(data_dir, tmp_path_factory):
+    """Killed right after epoch 1 (at its end-of-epoch backup: step 6, not a multiple of the
+    4-step backups), resumed, killed again inside epoch 2 after a step backup, resumed to the
+    end. One replica: tracing for two costs ~20 s more, and the 2-device strategy has its own test."""
+    return run_killed_and_resumed(
+        data_dir, str(tmp_path_factory.mktemp("model")),
+        ["--backup_every_steps=4", "--fusion=mean_max", "--profile_batches=2,3"],
+        [lambda backup: backup["epoch"] == 1 and backup["step_in_epoch"] == 0,
+         lambda backup: backup["epoch"] == 1 and backup["step_in_epoch"] >= 1])
+
+
+def test_kill_after_an_epoch_resumes_in_the_next_with_no_step_lost_or_repeated(resumed_run):
+    first, second = resumed_run["outputs"][:2]
+    assert "Epoch 1/3" in first and resumed_run["killed_at"][0]["optimizer_step"] == 6
+    assert f"Resuming from {resumed_run['model_dir']}/backup: epoch 2/3, optimizer step 6" in second
+    assert "Epoch 1/3" not in second and "Epoch 2/3" in second
+
+
+def test_killed_run_resumes_mid_epoch(resumed_run):
+    last, state = resumed_run["outputs"][-1], resumed_run["state"]
+    assert "1 replica on CPU (MirroredStrategy)" in last
+    # Resumed inside epoch 2 with the optimizer state of the backup, not from scratch.
+    step = resumed_run["killed_at"][1]["optimizer_step"]
+    assert 6 < step < 12
+    assert f"Resuming from {resumed_run['model_dir']}/backup: epoch 2/3, optimizer step {step}" in last
+    assert "Epoch 1/3" not in last and "Epoch 2/3" in last and "Epoch 3/3" in last
+    assert state["epochs"] == 3 and state["resumed_epoch"] == 1 and state["resumed_step"] == step
+    # Each resumed epoch runs only its remaining steps: exactly an uninterrupted run's 3 x 6.
+    assert state["optimizer_iterations"] == 3 * 6
+    assert not os.path.exists(os.path.join(resumed_run["model_dir"], "backup"))
+
+
+def test_finished_run_with_other_settings_stops_with_one_line(resumed_run, tmp_path):
+    model_path = os.path.join(resumed_run["model_dir"], "model.keras")
+    before = os.path.getmtime(model_path)
+    other_data = write_data_dir(str(tmp_path / "other"))
+    result = subprocess.run([sys.executable, "train.py", f"--data_dir={other_data}",
+                             f"--model_dir={resumed_run['model_dir']}", *TINY, "--epochs=3", "--steps_per_epoch=6",
+                             "--fusion=max"], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    line = result.stderr.strip().splitlines()[-1]
+    assert line.startswith("train.py: error: ") and "holds a finished run with other settings" in line
+    assert "--fusion=mean_max (now max)" in line and f"(now {other_data})" in line
+    assert os.path.getmtime(model_path) == before
+
+
+def test_artifacts_after_training(resumed_run):
+    model_dir = resumed_run["model_dir"]
+    for name in ("model.keras", "best.keras", "labels.csv", "train_config.json", "export/saved_model.pb"):
+        assert os.path.exists(os.path.join(model_dir, name)), name
+    tags = {}
+    for run in ("train", "validation", "samples"):
+        for path in glob.glob(os.path.join(model_dir, "logs", run, "*tfevents*")):
+            for event in tf.compat.v1.train.summary_iterator(path):
+                tags.setdefault(run, set()).update(v.tag for v in event.summary.value)
+    assert {"epoch_loss", "epoch_category_top1", "epoch_category_top5", "epoch_learning_rate",
+            "epoch_products_per_second"} <= tags["train"]
+    assert "epoch_category_top1" in tags["validation"] and tags["samples"] == {"training_products"}
+    assert glob.glob(os.path.join(model_dir, "logs", "train", "plugins", "profile", "*", "*.xplane.pb"))
+    with open(os.path.join(model_dir, "flags.txt")) as f:
+        flags_txt = f.read().splitlines()
+    assert "--fusion=mean_max" in flags_txt and "--epochs=3" in flags_txt and "--batch_size=8" in flags_txt
+
+
+SERVE = r"""
+import json, sys, bson, numpy as np, tensorflow as tf
+model_dir, bson_path = sys.argv[1:3]
+docs = list(bson.decode_file_iter(open(bson_path, "rb")))[:6]
+images = [[i["picture"] for i in d["imgs"]][:4] for d in docs]
+mask = np.array([[1.0] * len(p) + [0.0] * (4 - len(p)) for p in images], np.float32)
+images = np.array([p + [b""] * (4 - len(p)) for p in images], dtype=object)
+serve = tf.saved_model.load(model_dir + "/export").signatures["serving_default"]
+out = serve(images=tf.constant(images), mask=tf.constant(mask))
+print(json.dumps({k: v.numpy().tolist() for k, v in out.items()}, default=lambda b: b.decode()))
+"""
+
+
+def test_savedmodel_serves_jpeg_bytes_in_fresh_process(resumed_run):
+    model_dir = resumed_run["model_dir"]
+    result = subprocess.run([sys.executable, "-c", SERVE, model_dir, os.path.join(REPO, "data", "train_example.bson")],
+                            cwd=REPO, capture_output=True, text=True, timeout=120,
+                            env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = json.loads(result.stdout.strip().splitlines()[-1])
+    known = set(labels_lib.read_labels(os.path.join(model_dir, "labels.csv")).category_ids.tolist())
+    assert len(out["category_ids"]) == 6 and all(len(row) == 5 for row in out["category_ids"])
+    assert all(c in known for row in out["category_ids"] for c in row)
+    for row in out["probabilities"]:
+        assert row == sorted(row, reverse=True) and 0 < sum(row) <= 1.0001
+    assert out["valid"] == [True] * 6 and out["error"] == [""] * 6
+
+
+SERVE_BAD = r"""
+import json, sys, bson, numpy as np, tensorflow as tf
+model_dir, bson_path = sys.argv[1:3]
+good = [i["picture"] for i in next(bson.decode_file_iter(open(bson_path, "rb")))["imgs"]][:1]
+png = b"\x89PNG\r\n\x1a\n" + b"\0" * 100
+serve = tf.saved_model.load(model_dir + "/export").signatures["serving_default"]
+def ask(rows):
+    images = np.array([r + [b""] * (4 - len(r)) for r in rows], dtype=object)
+    mask = np.array([[1.0] * len(r) + [0.0] * (4 - len(r)) for r in rows], np.float32)
+    return {k: v.numpy().tolist() for k, v in serve(images=tf.constant(images), mask=tf.constant(mask)).items()}
+mixed = ask([[png], good, [good[0], good[0][: len(good[0]) // 2]]])
+alone = ask([good])
+print(json.dumps({"mixed": mixed, "alone": alone}, default=lambda b: b.decode()))
+"""
+
+
+def test_savedmodel_answers_the_valid_products_of_a_batch_and_names_the_bad_ones(resumed_run):
+    result = subprocess.run([sys.executable, "-c", SERVE_BAD, resumed_run["model_dir"],
+                             os.path.join(REPO, "data", "train_example.bson")],
+                            cwd=REPO, capture_output=True, text=True, timeout=120,
+                            env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = json.loads(result.stdout.strip().splitlines()[-1])
+    mixed, alone = out["mixed"], out["alone"]
+    assert mixed["valid"] == [False, True, False]
+    assert mixed["error"] == ["slot 0: not a JPEG (no FF D8 FF start)", "",
+                              "slot 1: truncated JPEG (no FF D9 end marker)"]
+    assert mixed["category_ids"][0] == [-1] * 5 and mixed["category_ids"][2] == [-1] * 5
+    assert mixed["probabilities"][0] == [0.0] * 5
+    # The valid product's answer is the one it gets alone: the bad ones took nothing from it.
+    assert mixed["category_ids"][1] == alone["category_ids"][0]
+    np.testing.assert_allclose(mixed["probabilities"][1], alone["probabilities"][0], rtol=1e-5)
+
+
+def test_submission_from_an_unlabelled_bson_with_bad_products(resumed_run, tmp_path):
+    """beam_convert on a test BSON holding bad products, then evaluate.py's submission: a row per _id."""
+    import csv
+
+    from beam_convert.__main__ import main as convert
+    from model import evaluation
+    from tests.convert_helpers import png_bytes, product, write_bson
+
+    docs = sample_documents()[:20]
+    documents = [product(d["_id"], [i["picture"] for i in d["imgs"]], category_id=None) for d in docs]
+    documents += [
+        product(500, [png_bytes()], category_id=None),  # not a JPEG
+        product(501, [], category_id=None),  # no images
+        {"_id": 502, "imgs": "nope"},  # imgs not a list
+        product(docs[0]["_id"], [docs[1]["imgs"][0]["picture"]], category_id=None),  # duplicate _id
+    ]
+    write_bson(tmp_path / "test.bson", documents)
+    test_dir = tmp_path / "test_data"
+    assert convert([f"--input={tmp_path / 'test.bson'}", f"--output_dir={test_dir}"]) == 0
+    evaluation.evaluate(data_dir=str(test_dir), model_dir=resumed_run["model_dir"], split="test",
+                        output_dir=str(tmp_path / "eval"), log=lambda *a, **k: None)
+    with open(tmp_path / "eval" / "submission.csv", newline="") as f:
+        rows = list(csv.reader(f))
+    assert rows[0] == ["_id", "category_id"]
+    ids = [int(r[0]) for r in rows[1:]]
+    assert sorted(ids) == sorted({d["_id"] for d in documents})
+    known = set(labels_lib.read_labels(os.path.join(resumed_run["model_dir"], record_schema.LABELS_FILE))
+                .category_ids.tolist())
+    assert all(int(r[1]) in known for r in rows[1:])
