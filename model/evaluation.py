@@ -155,11 +155,20 @@ def compute_metrics(true_classes, top_classes, num_images, labels: labels_lib.La
 # Duplicate-image lookup
 
 
-def read_record_digests(file_pattern: str) -> dict:
-    """product_id -> image digests of its real images, read straight from the TFRecords."""
+def read_record_digests(file_pattern: str, *, skip_corrupt_records: bool = False) -> dict:
+    """product_id -> image digests of its real images, read straight from the TFRecords.
+
+    skip_corrupt_records: as in the input pipeline, a damaged record ends its file (the products
+    after it are the ones the predictions left out too)."""
     spec = {k: v for k, v in record_schema.feature_spec().items() if k in ("product_id", "images", "mask")}
     files = sorted(tf.io.gfile.glob(file_pattern))
-    ds = tf.data.TFRecordDataset(files).batch(256).map(lambda s: tf.io.parse_example(s, spec))
+
+    def read(path):
+        records = tf.data.TFRecordDataset(path)
+        return records.ignore_errors() if skip_corrupt_records else records
+
+    ds = tf.data.Dataset.from_tensor_slices(files).interleave(read, cycle_length=1)
+    ds = ds.batch(256).map(lambda s: tf.io.parse_example(s, spec))
     digests = {}
     for batch in ds.as_numpy_iterator():
         for pid, images, mask in zip(batch["product_id"][:, 0], batch["images"], batch["mask"]):
@@ -353,7 +362,7 @@ def _evaluate_into(output_dir: str, *, data_dir: str, model_dir: str, split: str
         log(f"{check.unreadable} of {check.expected} {split} products were unreadable in "
             f"{len(check.damaged)} damaged file(s) and are left out")
     if dup_lookup:
-        digests = read_record_digests(pattern)
+        digests = read_record_digests(pattern, skip_corrupt_records=bool(check.damaged))
         top_classes, overridden = apply_duplicate_lookup(predictions, digests, table, labels)
         summary["dup_lookup_overridden"] = overridden
 

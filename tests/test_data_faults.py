@@ -16,7 +16,7 @@ import pytest
 
 import record_schema
 from model import cli, evaluation, shards, training
-from tests.record_helpers import REPO, write_data_dir
+from tests.record_helpers import REPO, sample_documents, write_data_dir
 
 TINY = dict(backbone="tiny", image_size=32, batch_size=8, sample_products=0, bn_recalibration_steps=1,
             warmup_epochs=0.5, fusion="mean")
@@ -98,6 +98,18 @@ def test_damaged_shard_stops_evaluation_naming_it_or_is_skipped_and_counted(trai
     all_ids = np.load(os.path.join(data, record_schema.product_ids_name("test"))).tolist()
     assert sorted(int(r[0]) for r in rows) == sorted(all_ids)
     assert summary["submission"]["unreadable_with_fallback"] == summary["skipped_records"]
+
+    # The duplicate lookup reads the same records: it skips what the predictions skipped.
+    train_data = tmp_path / "train_digests"
+    train_data.mkdir()
+    docs = sample_documents()
+    np.savez(train_data / record_schema.IMAGE_DIGESTS_FILE,
+             digest=np.array([record_schema.image_digest(d["imgs"][0]["picture"]) for d in docs], np.int64),
+             category_id=np.array([d["category_id"] for d in docs], np.int64), count=np.ones(len(docs), np.int64))
+    looked_up = evaluate(trained, data, str(tmp_path / "out_dup"), skip_corrupt_records=True, dup_lookup=True,
+                         train_data_dir=str(train_data))
+    assert looked_up["skipped_records"] == summary["skipped_records"]
+    assert looked_up["dup_lookup_overridden"] == looked_up["products"]  # every readable product's picture
 
 
 def test_a_failed_evaluation_leaves_the_earlier_output_as_it_was(trained, tmp_path):
