@@ -115,19 +115,31 @@ class ProfileSteps(keras.callbacks.Callback):
         super().__init__()
         self.log_dir, self.first, self.last = log_dir, first, last
         self.covered = None  # (first, last) optimizer step actually inside the trace
+        self._step_marker = None
 
     def on_train_batch_begin(self, batch, logs=None):
         done = _optimizer_step(self.model)
         if self.covered is None and done < self.last and done + self._steps_per_call() >= self.first:
             tf.profiler.experimental.start(self.log_dir)
             self.covered = (done + 1, None)
+        if self._tracing():
+            # The step marker the profiler's Overview page times steps by (Keras 2 set it around
+            # every call of the train function; Keras 3 sets none): one per execution.
+            self._step_marker = tf.profiler.experimental.Trace("train", step_num=done + 1, _r=1)
+            self._step_marker.__enter__()
 
     def on_train_batch_end(self, batch, logs=None):
-        if self.covered is not None and self.covered[1] is None and _optimizer_step(self.model) >= self.last:
+        if self._step_marker is not None:
+            self._step_marker.__exit__(None, None, None)
+            self._step_marker = None
+        if self._tracing() and _optimizer_step(self.model) >= self.last:
             self._stop()
 
+    def _tracing(self) -> bool:
+        return self.covered is not None and self.covered[1] is None
+
     def on_train_end(self, logs=None):
-        if self.covered is not None and self.covered[1] is None:
+        if self._tracing():
             self._stop()
 
     def _steps_per_call(self) -> int:

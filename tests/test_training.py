@@ -162,4 +162,24 @@ def test_steps_per_execution_keeps_steps_scalars_profile_and_throughput_in_optim
 
     first, last = (int(s) for s in out.split("Profiled optimizer steps ")[1].split(" ")[0].split("-"))
     assert first <= 3 and last >= 5 and last - first < 6
-    assert glob.glob(str(model_dir / "logs" / "train" / "plugins" / "profile" / "*" / "*.xplane.pb"))
+    [trace] = glob.glob(str(model_dir / "logs" / "train" / "plugins" / "profile" / "*" / "*.xplane.pb"))
+    # A step marker per execution (of 2 steps), numbered by its first optimizer step.
+    assert step_markers(trace) == list(range(first, last + 1, 2))
+
+
+def step_markers(xplane_path):
+    """step_num of the profiler's "train" step markers in a trace, in order."""
+    from tensorflow.tsl.profiler.protobuf import xplane_pb2
+
+    space = xplane_pb2.XSpace()
+    with open(xplane_path, "rb") as f:
+        space.ParseFromString(f.read())
+    steps = []
+    for plane in space.planes:
+        stat_names = {key: meta.name for key, meta in plane.stat_metadata.items()}
+        for line in plane.lines:
+            for event in line.events:
+                if plane.event_metadata[event.metadata_id].name == "train":
+                    stats = {stat_names[s.metadata_id]: s.int64_value for s in event.stats}
+                    steps.append(stats["step_num"])
+    return sorted(steps)
