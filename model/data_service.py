@@ -501,7 +501,7 @@ def run_dispatcher(port: int, work_dir: str = "") -> int:
     return _serve_until_signalled(server, "dispatcher")
 
 
-def run_worker(dispatcher: str, port: int = 0, worker_address: str = "", connect_timeout: float = 10.0) -> int:
+def run_worker(dispatcher: str, port: int = 0, worker_address: str = "", connect_timeout: float = 60.0) -> int:
     try:
         address = parse_service(dispatcher)
     except ValueError as error:
@@ -509,11 +509,19 @@ def run_worker(dispatcher: str, port: int = 0, worker_address: str = "", connect
     if _port_taken(port):
         return _fail(f"port {port} is taken: choose another --port (0 picks a free one)")
     # Is the dispatcher there? TensorFlow's worker would otherwise retry silently for an hour.
-    try:
-        registered_workers(address, timeout=connect_timeout)
-    except ServiceError as error:
-        return _fail(f"{error}: start it first (python -m model.data_service dispatcher --port="
-                     f"{address.rpartition(':')[2]}) or fix --dispatcher")
+    # A refused connection fails at once, so ask again until connect_timeout: a worker may be
+    # started together with its dispatcher, which takes a few seconds to come up.
+    deadline = time.monotonic() + connect_timeout
+    while True:
+        try:
+            registered_workers(address, timeout=max(1.0, min(5.0, deadline - time.monotonic())))
+            break
+        except ServiceError as error:
+            if time.monotonic() >= deadline:
+                return _fail(f"{error} for {connect_timeout:g} s: start it first (python -m model.data_service "
+                             f"dispatcher --port={address.rpartition(':')[2]}), fix --dispatcher, or wait "
+                             f"longer (--connect_timeout)")
+            time.sleep(1.0)
     dispatcher_host = address.rpartition(":")[0]
     if not worker_address:
         # The address trainers will be told to read from: this host's name, unless the whole
@@ -573,7 +581,8 @@ def _define_flags():
     flags.DEFINE_string("worker_address", "", "worker: HOST:PORT that trainers use to reach this worker "
                         "(%port% stands for the bound port). Default: this host's name, or localhost when "
                         "the dispatcher is on localhost.")
-    flags.DEFINE_float("connect_timeout", 10.0, "worker: seconds to wait for the dispatcher before failing.",
+    flags.DEFINE_float("connect_timeout", 60.0, "worker: seconds to wait for the dispatcher (it may be starting "
+                       "too) before failing.",
                        lower_bound=0.1)
     return flags.FLAGS
 

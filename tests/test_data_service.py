@@ -254,6 +254,25 @@ def test_launchers_ready_lines_a_waiting_trainer_and_sigterm(tmp_path):
                 server.finish()
 
 
+def test_a_worker_started_before_its_dispatcher_waits_for_it():
+    """Started together (one launch script), the worker comes up before the dispatcher has: it asks
+    again until --connect_timeout, then registers."""
+    port = free_port()
+    worker = Server("worker", f"--dispatcher=localhost:{port}", "--connect_timeout=90")
+    dispatcher = None
+    try:
+        time.sleep(2)
+        assert worker.process.poll() is None  # still waiting, not failed
+        dispatcher = Server("dispatcher", f"--port={port}")
+        dispatcher.wait_for("dispatcher ready")
+        assert worker.wait_for("worker ready").endswith(f"registered with dispatcher localhost:{port}")
+    finally:
+        for server in (worker, dispatcher):
+            if server:
+                server.signal(signal.SIGKILL)
+                server.finish()
+
+
 def test_launchers_fail_in_one_line_on_bad_input():
     taken = socket.socket()
     taken.bind(("", 0))
