@@ -80,6 +80,10 @@ class Server:
             thread.join(timeout=5)
         return code
 
+    def kill(self) -> None:
+        self.signal(signal.SIGKILL)
+        self.finish()
+
 
 class Service:
     """A dispatcher and workers on localhost, through the launchers; everything killed at the end."""
@@ -250,8 +254,7 @@ def test_launchers_ready_lines_a_waiting_trainer_and_sigterm(tmp_path):
     finally:
         for server in (dispatcher, worker):
             if server:
-                server.signal(signal.SIGKILL)
-                server.finish()
+                server.kill()
 
 
 def test_a_worker_started_before_its_dispatcher_waits_for_it():
@@ -269,8 +272,7 @@ def test_a_worker_started_before_its_dispatcher_waits_for_it():
     finally:
         for server in (worker, dispatcher):
             if server:
-                server.signal(signal.SIGKILL)
-                server.finish()
+                server.kill()
 
 
 def test_launchers_fail_in_one_line_on_bad_input():
