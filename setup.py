@@ -36,7 +36,8 @@ setuptools.setup(
         "matplotlib>=3.8,<4",
     ],
     extras_require={
-        # pytest-xdist: make test uses every core; psutil: peak memory in bench/; the gcp extra: a test builds the Dataflow job (dry run).
+        # pytest-xdist: make test uses every core; psutil: peak memory in bench/; the gcp extra:
+        # a test builds the Dataflow job (dry run).
         "test": ["pytest>=8,<10", "pytest-xdist>=3.5", "psutil>=5.9", *GCP],
         "gcp": GCP,
     },

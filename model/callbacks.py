@@ -123,8 +123,9 @@ class ProfileSteps(keras.callbacks.Callback):
             tf.profiler.experimental.start(self.log_dir)
             self.covered = (done + 1, None)
         if self._tracing():
-            # The step marker the profiler's Overview page times steps by (Keras 2 set it around
-            # every call of the train function; Keras 3 sets none): one per execution.
+            # XProf's step marker: a `train` block per execution in the Trace Viewer, numbered by
+            # its first optimizer step. Keras 2 set one around every call of the train function;
+            # Keras 3 sets none.
             self._step_marker = tf.profiler.experimental.Trace("train", step_num=done + 1, _r=1)
             self._step_marker.__enter__()
 

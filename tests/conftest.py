@@ -31,4 +31,3 @@ def sample_bson() -> pathlib.Path:
 def categories_csv() -> pathlib.Path:
     """The real category_names.csv: 5,270 categories."""
     return DATA / "category_names.csv"
-
