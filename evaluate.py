@@ -12,7 +12,7 @@ import sys
 
 from absl import app, flags
 
-from model import cli  # does not load TensorFlow
+from model import cli, errors  # neither loads TensorFlow
 
 cli.configure_environment()  # before TensorFlow loads: it reads these at import
 
@@ -37,7 +37,7 @@ cli.check_folder_flags(model_must_exist=True)
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-    from model import evaluation
+    from model.evaluation import evaluate as evaluation
 
     cli.quiet_logs()
     try:
@@ -46,7 +46,7 @@ def main(argv):
             batch_size=FLAGS.batch_size, flip_tta=FLAGS.flip_tta, dup_lookup=FLAGS.dup_lookup,
             train_data_dir=FLAGS.train_data_dir, skip_corrupt_records=FLAGS.skip_corrupt_records,
         )
-    except cli.UserError as error:
+    except errors.UserError as error:
         sys.exit(f"evaluate.py: error: {error}")
 
 

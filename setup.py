@@ -18,9 +18,8 @@ setuptools.setup(
     version="0.1.0",
     description=__doc__,
     python_requires=">=3.11",
-    # Listed by hand: sample_data (the synthetic data generator) stays out of the sdist that
-    # Dataflow workers install.
-    packages=["beam_convert", "model"],
+    # sample_data (the synthetic data generator) stays out of the sdist that Dataflow workers install.
+    packages=setuptools.find_packages(include=["beam_convert", "beam_convert.*", "model", "model.*"]),
     py_modules=["record_schema"],
     install_requires=[
         TENSORFLOW,

@@ -11,14 +11,16 @@ import sys
 
 from absl import app, flags
 
-from model import cli  # does not load TensorFlow
+from model import cli, errors  # neither loads TensorFlow
 
 cli.configure_environment()  # before TensorFlow loads: it reads these at import
 
-from model import backbone, distribution, fusion, optimization, training  # noqa: E402
+from model import config  # noqa: E402
+from model.network import backbone, fusion  # noqa: E402
+from model.training import distribution, loop, optimization  # noqa: E402
 
 FLAGS = flags.FLAGS
-D = training.TrainConfig  # defaults live in one place: the dataclass
+D = config.TrainConfig  # defaults live in one place: the dataclass
 
 flags.DEFINE_string("data_dir", None, "Output folder of `python -m beam_convert` (metadata.json, shards).")
 flags.DEFINE_string("model_dir", None, "Where checkpoints, logs, model.keras and export/ go.")
@@ -48,7 +50,7 @@ flags.DEFINE_float("momentum", D.momentum, "SGD momentum.", lower_bound=0, upper
 flags.DEFINE_float("label_smoothing", D.label_smoothing, "Label smoothing of every head.", lower_bound=0, upper_bound=1)
 flags.DEFINE_float("aux_loss_weight", D.aux_loss_weight, "Weight of the level1/level2 heads (0: none).", lower_bound=0)
 
-flags.DEFINE_enum("precision", D.precision, training.PRECISIONS, "Keras dtype policy.")
+flags.DEFINE_enum("precision", D.precision, config.PRECISIONS, "Keras dtype policy.")
 flags.DEFINE_bool("jit_compile", D.jit_compile, "XLA-compile the train step.")
 flags.DEFINE_integer("steps_per_execution", D.steps_per_execution, "Train steps per tf.function call.", lower_bound=1)
 flags.DEFINE_integer("cpu_devices", D.cpu_devices, "Split the CPU into N logical devices (MirroredStrategy "
@@ -94,10 +96,10 @@ def _profile_range(value):
 @flags.validator("data_service")
 def _data_service_address(value):
     if value:
-        from model import data_service
+        from model.data_service import probe
 
         try:
-            data_service.parse_service(value)
+            probe.parse_service(value)
         except ValueError as error:
             raise flags.ValidationError(f"--data_service: {error}") from None
     return True
@@ -129,16 +131,16 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     cli.quiet_logs()
-    config = training.TrainConfig(**{f.name: FLAGS[f.name].value for f in dataclasses.fields(training.TrainConfig)})
+    cfg = config.TrainConfig(**{f.name: FLAGS[f.name].value for f in dataclasses.fields(config.TrainConfig)})
     try:
-        state = training.train(config, flags_text=flags_file_text())
-    except cli.UserError as error:
+        state = loop.train(cfg, flags_text=flags_file_text())
+    except errors.UserError as error:
         sys.exit(f"train.py: error: {error}")
     final = state.get("final", {})
-    val = state.get("final_val", {}).get(training.TOP1)
+    val = state.get("final_val", {}).get(loop.TOP1)
     print(
         f"Done: {state['epochs']} epochs, {state['optimizer_iterations']} optimizer steps; last epoch train top-1 "
-        f"{final.get(training.TOP1, float('nan')):.4f}, {final.get('products_per_second', float('nan')):.0f} "
+        f"{final.get(loop.TOP1, float('nan')):.4f}, {final.get('products_per_second', float('nan')):.0f} "
         f"products/s" + (f"; final model val top-1 {val:.4f}" if val is not None else "")
     )
 

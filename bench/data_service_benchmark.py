@@ -15,7 +15,7 @@ decodes, random 160 px crops: configs/xception_gpu.flags), built once in this pr
   local            the pipeline in this process.
   service Nw, C    the same graph registered with a dispatcher that has N workers (launched with
                    `python -m model.data_service`, separate processes), read here through
-                   `model.data_service.distribute` with compression C (None or AUTO); dynamic
+                   `model.data_service.stream.distribute` with compression C (None or AUTO); dynamic
                    sharding (with `create_dataset(dynamic_sharding=True)` when it exists).
 
 Each round runs every loader in turn on a fresh iterator (for the service: a new job iteration),
@@ -55,7 +55,7 @@ LOCAL = "local"
 GPU_IMAGES_PER_S = 3000  # the issue's assumption: one GPU trains ~3,000 images/s at 160 px
 GPUS = 8
 # (workers, pack, compression): padded = the 4-slot stack as create_dataset makes it; packed = the
-# real images only, the stack rebuilt on the trainer (data_service.distribute(pack=True)).
+# real images only, the stack rebuilt on the trainer (stream.distribute(pack=True)).
 SERVICE_LOADERS = [(1, False, None), (1, False, "AUTO"), (1, True, None), (1, True, "AUTO"), (2, True, None),
                    (2, True, "AUTO")]
 
@@ -197,9 +197,9 @@ def timed_run(dataset, batches: int, warmup: int, services) -> dict:
 
 def wire_size(pattern: str, args, service: "Service", pack: bool, compression, batches: int = 12) -> float:
     """Loopback bytes per product for the real-sample stream (repeated: 82 products)."""
-    from model import data_service
+    from model.data_service import stream
 
-    ds = data_service.distribute(training_stream(pattern, args, True), service.target,
+    ds = stream.distribute(training_stream(pattern, args, True), service.target,
                                  job_name=f"wire-{pack}-{compression}-{time.time_ns()}", compression=compression,
                                  pack=pack)
     run = timed_run(ds, batches, 3, [])
@@ -231,13 +231,13 @@ def main(argv=None) -> int:
               f"({time.perf_counter() - start:.0f} s)", flush=True)
         import tensorflow as tf  # noqa: F401  (after the data: the converters' imports are lighter)
 
-        from model import data_service
+        from model.data_service import stream
 
         services = {1: Service(1), 2: Service(2)}
         loaders = {LOCAL: (training_stream(data["pattern"], args, False), [])}
         for workers, pack, compression in SERVICE_LOADERS:
             name = service_name(workers, pack, compression)
-            ds = data_service.distribute(training_stream(data["pattern"], args, True), services[workers].target,
+            ds = stream.distribute(training_stream(data["pattern"], args, True), services[workers].target,
                                          job_name=f"bench-{name}", compression=compression, pack=pack)
             loaders[name] = (ds, [services[workers]])
         runs = {name: [] for name in loaders}
@@ -306,7 +306,7 @@ def report(data, runs, wire, args, seconds, load_before, load_after) -> str:
         f"is {element_mb:.1f} MB of pixels (4 slots); {args.rounds} rounds of {args.batches} timed batches per "
         f"loader after {args.warmup} untimed, loaders interleaved; {seconds:.0f} s in all. Service graph: "
         + ("`create_dataset(..., dynamic_sharding=True)` (file splits from the dispatcher)." if dynamic_sharding()
-           else "`create_dataset` as it is (file shuffle and repeat on the workers: see model/data_service.py)."),
+           else "`create_dataset` as it is (file shuffle and repeat on the workers: see docs/DATA_SERVICE.md)."),
         "",
         "| loader | products/s median | best round | vs local (median of rounds) | products per CPU-s "
         "(all processes) | vs local per CPU-s | consumer CPU ms/batch | worker CPU ms/batch | overhead CPU "

@@ -37,7 +37,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 
-from model.multi_image import ModelConfig, build_model  # noqa: E402
+from model.network.multi_image import ModelConfig, build_model  # noqa: E402
 
 NUM_CLASSES = 5270
 EXACT_COUNTS = (1, 1, 1, 1, 1, 2, 3, 4)  # 14 images for 8 products: 1.75

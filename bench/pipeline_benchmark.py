@@ -9,7 +9,7 @@ converts it to TFRecords with a plain loop over record_schema.encode_example, so
 depend on the Beam job. Then, on the same JPEGs:
 
   ceiling     every image of the data decoded at full size (180 px) by the pipeline's own decoder
-              call (input_pipeline.decode_jpeg: INTEGER_ACCURATE, truncation recovery) in a
+              call (decode.decode_jpeg: INTEGER_ACCURATE, truncation recovery) in a
               parallel tf.data map (AUTOTUNE), nothing else; turned into products/s at the data's
               images per product.
   pipeline    model.input_pipeline.create_dataset(training=True, batch 64) as train.py builds it
@@ -61,7 +61,7 @@ IMAGE_SIZE = 180
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "RESULTS_pipeline.md"
 GPU_FLAGS, CPU_FLAGS = ROOT / "configs" / "xception_gpu.flags", ROOT / "configs" / "cpu_tiny.flags"
-# train.py's defaults for what shapes its training pipeline (model/training.py TrainConfig).
+# train.py's defaults for what shapes its training pipeline (model/training/loop.py TrainConfig).
 TRAIN_DEFAULTS = {"image_size": 180, "crop_size": 0, "shuffle_buffer": 2048, "seed": 0}
 CEILING, DEFAULT, GPU, SMALL90, CPU48, EVAL, SEED = (
     "ceiling: decode_jpeg map, 180 px", "train, defaults", "train, xception_gpu.flags",
@@ -136,7 +136,7 @@ def ceiling_loader(pattern: str, images_per_product: float):
     import tensorflow as tf
 
     import record_schema
-    from model import input_pipeline
+    from model.input_pipeline import decode
 
     jpegs = []
     for serialized in tf.data.TFRecordDataset(sorted(tf.io.gfile.glob(pattern))).batch(1024):
@@ -144,7 +144,7 @@ def ceiling_loader(pattern: str, images_per_product: float):
         jpegs.append(tf.boolean_mask(parsed[record_schema.IMAGES], parsed[record_schema.MASK] > 0))
     images_per_batch = round(BATCH * images_per_product)
     ds = tf.data.Dataset.from_tensor_slices(tf.concat(jpegs, 0)).repeat()
-    ds = ds.map(lambda b: input_pipeline.decode_jpeg(b), num_parallel_calls=tf.data.AUTOTUNE)
+    ds = ds.map(lambda b: decode.decode_jpeg(b), num_parallel_calls=tf.data.AUTOTUNE)
     return ds.batch(images_per_batch).prefetch(tf.data.AUTOTUNE), images_per_batch / images_per_product
 
 

@@ -1,1 +1,12 @@
-"""The tf.data input pipeline and the multi-image Xception."""
+"""The model side: TFRecords in, a trained classifier out. Packages by role, bottom to top:
+
+errors, config, model_dir   what every role may use: the user error, the run's settings, model_dir's file names
+data_service                the training stream on tf.data service workers (its split source is the input's first stage)
+input_pipeline              a beam_convert folder -> batches of decoded image stacks (create_dataset)
+network                     backbone, fusion under the mask, the multi-image model
+export                      the SavedModel that serves raw JPEG bytes
+training, evaluation        the train loop and what it needs; predictions, metrics, report, submission
+cli                         what train.py and evaluate.py share before TensorFlow loads
+
+A module imports its own role and the roles below it (tests/test_layout.py).
+"""

@@ -10,10 +10,6 @@ import record_schema
 from model import model_dir as model_dir_lib
 
 
-class UserError(Exception):
-    """A problem the user can fix (data, folders, flags): entry points print it as one line."""
-
-
 def configure_environment() -> None:
     """Call before TensorFlow is imported: it reads these once, at import. A user's own setting wins."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")

@@ -6,7 +6,8 @@ import keras
 import tensorflow as tf
 
 import record_schema
-from model import input_pipeline, labels as labels_lib
+from model.input_pipeline import decode
+from model.input_pipeline import labels as labels_lib
 
 # The converter's first two checks (beam_convert/jpeg_check.py), in TensorFlow ops: decode_jpeg
 # also takes PNG and GIF, and fills a truncated picture with grey instead of failing.
@@ -58,7 +59,7 @@ def export_serving_model(model: keras.Model, labels: labels_lib.Labels, path: st
         valid, error = check_slots(images, mask)
         mask = mask * tf.cast(valid, mask.dtype)[:, None]  # an invalid product's slots are not decoded
         # The evaluation decoding of the input pipeline: resize to image_size, centre crop_size.
-        decoded = input_pipeline.decode_images(images, mask, image_size, crop_size=crop_size or None)
+        decoded = decode.decode_images(images, mask, image_size, crop_size=crop_size or None)
         logits = model({"images": decoded, "mask": mask}, training=False)["category"]
         probabilities = tf.nn.softmax(tf.cast(logits, tf.float32))
         top = tf.math.top_k(probabilities, k=top_k)

@@ -17,7 +17,7 @@ import keras  # noqa: E402
 from absl import app  # noqa: E402
 
 import train  # noqa: E402  (defines the flags)
-from model import training  # noqa: E402
+from model.training import loop  # noqa: E402
 
 
 class SlowSteps(keras.callbacks.Callback):
@@ -25,8 +25,8 @@ class SlowSteps(keras.callbacks.Callback):
         time.sleep(SECONDS_PER_STEP)
 
 
-_train = training.train
-training.train = lambda config, extra_callbacks=(), **kwargs: _train(config, (*extra_callbacks, SlowSteps()), **kwargs)
+_train = loop.train
+loop.train = lambda config, extra_callbacks=(), **kwargs: _train(config, (*extra_callbacks, SlowSteps()), **kwargs)
 
 if __name__ == "__main__":
     app.run(train.main)

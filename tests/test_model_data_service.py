@@ -1,11 +1,11 @@
-"""model/data_service.py on localhost: the launchers (as subprocesses, on free ports), the training
+"""docs/DATA_SERVICE.md on localhost: the launchers (as subprocesses, on free ports), the training
 stream through a dispatcher and two workers, and the faults of issue 12.
 
 The data is the real sample written by tests/record_helpers (65 training products; the train.py
 test uses 480 synthetic products of 6 classes, learnable in a few steps). Workers run the
 create_dataset graph at 32 px, a few small batches per test. Tests that need
 `create_dataset(..., dynamic_sharding=True)` or `train.py --data_service` skip until those are
-wired (model/data_service.py's docstring says what they are).
+wired (docs/DATA_SERVICE.md's docstring says what they are).
 """
 
 import collections
@@ -23,7 +23,8 @@ import numpy as np
 import pytest
 
 import record_schema
-from model import data_service, input_pipeline
+from model import input_pipeline
+from model.data_service import probe, splits, stream
 from tests.record_helpers import write_data_dir
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -216,7 +217,7 @@ def test_launchers_ready_lines_a_waiting_trainer_and_sigterm(tmp_path):
     target = f"grpc://localhost:{port}"
     lines = []
     with pytest.raises(TimeoutError, match="unreachable"):  # no dispatcher yet
-        data_service.wait_for_workers(target, timeout=1.2, report_every=0.5, poll=0.25, log=lines.append)
+        probe.wait_for_workers(target, timeout=1.2, report_every=0.5, poll=0.25, log=lines.append)
     assert lines[0] == (f"data_service: waiting for {target} (0 s): dispatcher localhost:{port} unreachable "
                         f"(unavailable); start it with: python -m model.data_service dispatcher --port={port}")
     assert len(lines) >= 2  # and again every report_every seconds
@@ -230,18 +231,18 @@ def test_launchers_ready_lines_a_waiting_trainer_and_sigterm(tmp_path):
         assert f"work_dir {work_dir}, fault tolerant" in line and f"--dispatcher={socket.gethostname()}:{port}" in line
         lines.clear()
         with pytest.raises(TimeoutError, match="0 of 1 worker"):
-            data_service.wait_for_workers(target, timeout=1.0, poll=0.25, log=lines.append)
+            probe.wait_for_workers(target, timeout=1.0, poll=0.25, log=lines.append)
         assert lines == [f"data_service: waiting for {target} (0 s): 0 of 1 worker(s) up; start one with: "
                          f"python -m model.data_service worker --dispatcher=localhost:{port}"]
 
         worker = Server("worker", f"--dispatcher=localhost:{port}")  # arrives while the trainer waits
         lines.clear()
-        workers = data_service.wait_for_workers(target, timeout=90, poll=0.25, log=lines.append)
+        workers = probe.wait_for_workers(target, timeout=90, poll=0.25, log=lines.append)
         line = worker.wait_for("worker ready")
         match = re.fullmatch(rf"data_service: worker ready at localhost:(\d+) \(port \d+\), "
                              rf"registered with dispatcher localhost:{port}", line)
         assert match, line
-        assert workers == data_service.registered_workers(target) == [f"localhost:{match[1]}"]
+        assert workers == probe.registered_workers(target) == [f"localhost:{match[1]}"]
         assert lines[0].startswith(f"data_service: waiting for {target}") and re.fullmatch(
             rf"data_service: 1 worker\(s\) at {target} after \d+ s; starting", lines[-1])
 
@@ -302,20 +303,20 @@ def test_launchers_fail_in_one_line_on_bad_input():
 
 
 def test_service_addresses_and_arguments_are_checked():
-    assert data_service.parse_service("grpc://host:5050") == "host:5050"
-    assert data_service.parse_service("10.0.0.1:1") == "10.0.0.1:1"
+    assert probe.parse_service("grpc://host:5050") == "host:5050"
+    assert probe.parse_service("10.0.0.1:1") == "10.0.0.1:1"
     for bad in ("", "grpc://host", "http://host:5050", "host:port", "host:70000"):
         with pytest.raises(ValueError):
-            data_service.parse_service(bad)
+            probe.parse_service(bad)
     import tensorflow as tf
 
     ds = tf.data.Dataset.range(3)
     with pytest.raises(ValueError, match="processing_mode"):
-        data_service.distribute(ds, "grpc://localhost:1", job_name="j", processing_mode="parallel")
+        stream.distribute(ds, "grpc://localhost:1", job_name="j", processing_mode="parallel")
     with pytest.raises(ValueError, match="job_name"):
-        data_service.distribute(ds, "grpc://localhost:1", job_name="")
-    assert data_service.job_name_for("m", 32, 8) == data_service.job_name_for("m", 32, 8) != \
-        data_service.job_name_for("m", 32, 16)
+        stream.distribute(ds, "grpc://localhost:1", job_name="")
+    assert stream.job_name_for("m", 32, 8) == stream.job_name_for("m", 32, 8) != \
+        stream.job_name_for("m", 32, 16)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -324,20 +325,20 @@ def test_service_addresses_and_arguments_are_checked():
 
 def test_file_splits_visit_every_file_once_a_pass_in_a_new_order():
     files = [f"f{i:02d}" for i in range(7)]
-    passes = [x.decode() for x in data_service.file_splits(files, seed=3, repeat=True).take(21).as_numpy_iterator()]
+    passes = [x.decode() for x in splits.file_splits(files, seed=3, repeat=True).take(21).as_numpy_iterator()]
     orders = [passes[i:i + 7] for i in (0, 7, 14)]
     assert all(sorted(order) == files for order in orders)
     assert len({tuple(order) for order in orders}) == 3  # a new permutation every pass
-    again = [x.decode() for x in data_service.file_splits(files, seed=3, repeat=True).take(21).as_numpy_iterator()]
+    again = [x.decode() for x in splits.file_splits(files, seed=3, repeat=True).take(21).as_numpy_iterator()]
     assert again == passes  # the seed fixes the order
-    once = [x.decode() for x in data_service.file_splits(files, seed=3, repeat=False).as_numpy_iterator()]
+    once = [x.decode() for x in splits.file_splits(files, seed=3, repeat=False).as_numpy_iterator()]
     assert once == orders[0]
-    assert [x.decode() for x in data_service.file_splits(["a"], seed=None, repeat=False).as_numpy_iterator()] == ["a"]
+    assert [x.decode() for x in splits.file_splits(["a"], seed=None, repeat=False).as_numpy_iterator()] == ["a"]
 
 
 def test_dynamic_sharding_delivers_every_training_product_once_a_pass(shared_service, data_dir):
     service = shared_service
-    dataset = data_service.distribute(training_stream(data_dir, repeat=False), service.target,
+    dataset = stream.distribute(training_stream(data_dir, repeat=False), service.target,
                                       job_name="once-a-pass")
     expected = collections.Counter(train_ids(data_dir))
     assert len(expected) == 65
@@ -345,7 +346,7 @@ def test_dynamic_sharding_delivers_every_training_product_once_a_pass(shared_ser
         delivered = collections.Counter(read_ids(dataset))
         assert delivered == expected, (sum(delivered.values()), delivered - expected, expected - delivered)
     # The other mode, for contrast: every worker produces the whole dataset.
-    off = data_service.distribute(training_stream(data_dir, repeat=False), service.target, job_name="off",
+    off = stream.distribute(training_stream(data_dir, repeat=False), service.target, job_name="off",
                                   processing_mode="off")
     assert collections.Counter(read_ids(off)) == collections.Counter({i: 2 for i in expected})
 
@@ -358,7 +359,7 @@ def test_the_service_delivers_the_local_pixels(shared_service, data_dir, pack):
 
     local_ds = input_pipeline.create_dataset(os.path.join(data_dir, record_schema.shard_pattern("train")),
                                              batch_size=8, training=False, image_size=32, crop_size=24)
-    remote = data_service.distribute(local_ds, shared_service.target, job_name=f"pixels-{pack}", pack=pack)
+    remote = stream.distribute(local_ds, shared_service.target, job_name=f"pixels-{pack}", pack=pack)
     assert remote.element_spec == local_ds.element_spec
     local = {}
     for features, label in local_ds:
@@ -381,7 +382,7 @@ def test_both_workers_share_an_endless_stream(shared_service, tmp_path):
     data = write_data_dir(str(tmp_path / "one_per_file"), with_val=False, shards=65)
     service = shared_service
     before = [cpu_seconds(w.process.pid) for w in service.workers]
-    reader = Reader(data_service.distribute(training_stream(data, repeat=True, batch_size=4, seed=1),
+    reader = Reader(stream.distribute(training_stream(data, repeat=True, batch_size=4, seed=1),
                                             service.target, job_name="shared"))
     ids = reader.take(4 * 65 // 4)  # four passes' worth
     used = [cpu_seconds(w.process.pid) - b for w, b in zip(service.workers, before)]
@@ -398,7 +399,7 @@ def test_a_worker_killed_mid_stream_does_not_stop_it(make_service, data_dir):
     dead worker's files in flight are lost for that pass: at-most-once). A worker started again
     joins the running job: with the other original killed too, the stream comes from it alone."""
     service = make_service(workers=2)
-    reader = Reader(data_service.distribute(training_stream(data_dir, repeat=True), service.target,
+    reader = Reader(stream.distribute(training_stream(data_dir, repeat=True), service.target,
                                             job_name="worker-killed"))
     assert len(reader.take(6)) == 30
     first, second = service.workers
@@ -407,10 +408,10 @@ def test_a_worker_killed_mid_stream_does_not_stop_it(make_service, data_dir):
     after = reader.take(100)  # ~8 passes: far more than what was buffered
     assert len(after) == 500 and set(after) == set(train_ids(data_dir))
     # The dispatcher still lists the dead worker; live_workers (what train.py reports) does not.
-    assert len(data_service.registered_workers(service.target)) == 2
-    assert data_service.live_workers(service.target) == [ready_address(second)]
+    assert len(probe.registered_workers(service.target)) == 2
+    assert probe.live_workers(service.target) == [ready_address(second)]
     service.start_worker()
-    assert len(data_service.live_workers(service.target)) == 2
+    assert len(probe.live_workers(service.target)) == 2
     second.signal(signal.SIGKILL)
     assert second.finish() == -signal.SIGKILL
     alone = reader.take(100, timeout=180)
@@ -419,7 +420,7 @@ def test_a_worker_killed_mid_stream_does_not_stop_it(make_service, data_dir):
 
 def test_dispatcher_restarted_from_its_work_dir_lets_the_consumer_continue(make_service, data_dir):
     service = make_service(workers=2)
-    reader = Reader(data_service.distribute(training_stream(data_dir, repeat=True), service.target,
+    reader = Reader(stream.distribute(training_stream(data_dir, repeat=True), service.target,
                                             job_name="dispatcher-restarted"))
     assert len(reader.take(4)) == 20
     service.dispatcher.signal(signal.SIGKILL)
@@ -429,7 +430,7 @@ def test_dispatcher_restarted_from_its_work_dir_lets_the_consumer_continue(make_
     assert "fault tolerant" in service.dispatcher.lines[0]
     after = reader.take(100, timeout=180)  # ~8 passes: new splits from the restarted dispatcher
     assert len(after) == 500 and set(after) == set(train_ids(data_dir))
-    assert len(data_service.live_workers(service.target)) == 2  # the workers re-registered
+    assert len(probe.live_workers(service.target)) == 2  # the workers re-registered
 
 
 # ---------------------------------------------------------------------------------------------

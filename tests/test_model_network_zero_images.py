@@ -22,7 +22,7 @@ import json, sys
 import numpy as np, tensorflow as tf, keras
 cpus = tf.config.list_physical_devices("CPU")
 tf.config.set_logical_device_configuration(cpus[0], [tf.config.LogicalDeviceConfiguration()] * 2)
-from model.multi_image import ModelConfig, build_model
+from model.network.multi_image import ModelConfig, build_model
 
 packed = sys.argv[1] == "packed"
 config = ModelConfig(num_classes=5, image_size=32, backbone="tiny", fusion="mean_max", packed=packed)

@@ -2,7 +2,7 @@
 
 The data is the real sample BSON written as records with record_schema in a plain loop, so these
 tests do not depend on the converter. Everything runs the tiny backbone on 32x32 images. A file of
-their own because pytest-xdist gives each worker whole files: this one runs beside test_training.py.
+their own because pytest-xdist gives each worker whole files: this one runs beside test_model_training.py.
 """
 
 import glob
@@ -18,7 +18,7 @@ import pytest
 import tensorflow as tf
 
 import record_schema
-from model import labels as labels_lib
+from model.input_pipeline import labels as labels_lib
 from tests.record_helpers import REPO, TINY_TRAIN_FLAGS as TINY, sample_documents, write_data_dir
 
 
@@ -194,7 +194,7 @@ def test_submission_from_an_unlabelled_bson_with_bad_products(resumed_run, tmp_p
     import csv
 
     from beam_convert.__main__ import main as convert
-    from model import evaluation
+    from model.evaluation import evaluate as evaluation
     from tests.convert_helpers import png_bytes, product, write_bson
 
     docs = sample_documents()[:20]

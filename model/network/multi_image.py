@@ -15,8 +15,8 @@ import tensorflow as tf
 
 import record_schema
 
-from model import backbone as backbone_lib
-from model import fusion as fusion_lib
+from model.network import backbone as backbone_lib
+from model.network import fusion as fusion_lib
 
 
 @dataclasses.dataclass

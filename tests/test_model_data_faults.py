@@ -15,7 +15,10 @@ import numpy as np
 import pytest
 
 import record_schema
-from model import cli, evaluation, shards, training
+from model import config, errors
+from model.evaluation import evaluate as evaluation
+from model.input_pipeline import shards
+from model.training import loop
 from tests.record_helpers import REPO, sample_documents, write_data_dir
 
 TINY = dict(backbone="tiny", image_size=32, batch_size=8, sample_products=0, bn_recalibration_steps=1,
@@ -27,7 +30,7 @@ def trained(tmp_path_factory):
     root = tmp_path_factory.mktemp("faults")
     data = write_data_dir(str(root / "data"), shards=3)
     model_dir = str(root / "model")
-    training.train(training.TrainConfig(data_dir=data, model_dir=model_dir, epochs=1, steps_per_epoch=2, **TINY))
+    loop.train(config.TrainConfig(data_dir=data, model_dir=model_dir, epochs=1, steps_per_epoch=2, **TINY))
     test = write_data_dir(str(root / "test"), shards=3, val_name="test")
     return {"data": data, "model": model_dir, "test": test}
 
@@ -67,7 +70,7 @@ def test_missing_shards_are_named():
 def test_submission_from_a_folder_with_a_deleted_shard_fails_naming_it(trained, tmp_path):
     data = str(tmp_path / "test")
     damaged_copy(trained["test"], data, "delete")
-    with pytest.raises(cli.UserError, match=r"1 test shard\(s\) missing: test-00001-of-00003.tfrecord"):
+    with pytest.raises(errors.UserError, match=r"1 test shard\(s\) missing: test-00001-of-00003.tfrecord"):
         evaluate(trained, data, str(tmp_path / "out"))
     assert os.listdir(tmp_path) == ["test"]  # no output folder, no partial one
 
@@ -75,7 +78,7 @@ def test_submission_from_a_folder_with_a_deleted_shard_fails_naming_it(trained, 
 def test_a_shard_cut_at_a_record_boundary_is_counted_against_metadata(trained, tmp_path):
     data = str(tmp_path / "test")
     damaged_copy(trained["test"], data, "boundary")
-    with pytest.raises(cli.UserError, match=r"the test shards hold \d+ records, metadata.json counts 17"):
+    with pytest.raises(errors.UserError, match=r"the test shards hold \d+ records, metadata.json counts 17"):
         evaluate(trained, data, str(tmp_path / "out"))
 
 
@@ -83,7 +86,7 @@ def test_a_shard_cut_at_a_record_boundary_is_counted_against_metadata(trained, t
 def test_damaged_shard_stops_evaluation_naming_it_or_is_skipped_and_counted(trained, tmp_path, damage, reported):
     data = str(tmp_path / "test")
     path = damaged_copy(trained["test"], data, damage)
-    with pytest.raises(cli.UserError) as stopped:
+    with pytest.raises(errors.UserError) as stopped:
         evaluate(trained, data, str(tmp_path / "out"))
     assert str(stopped.value).startswith(f"{path}: {reported}")
     assert "--skip_corrupt_records" in str(stopped.value)
@@ -118,7 +121,7 @@ def test_a_failed_evaluation_leaves_the_earlier_output_as_it_was(trained, tmp_pa
     before = {name: (out / name).read_bytes() for name in os.listdir(out)}
     data = str(tmp_path / "test")
     damaged_copy(trained["test"], data, "truncate")
-    with pytest.raises(cli.UserError):
+    with pytest.raises(errors.UserError):
         evaluate(trained, data, str(out))
     assert {name: (out / name).read_bytes() for name in os.listdir(out)} == before
     assert sorted(os.listdir(tmp_path)) == ["out", "test"]  # no partial folder left

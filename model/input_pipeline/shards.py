@@ -15,7 +15,8 @@ import re
 
 import tensorflow as tf
 
-from model import cli, data_folder
+from model.errors import UserError
+from model.input_pipeline import data_folder
 
 _SHARD_NAME = re.compile(r"^(?P<split>.+)-(?P<index>\d{5})-of-(?P<count>\d{5})\.tfrecord$")
 
@@ -72,10 +73,10 @@ def check_split(data_dir: str, split: str, *, skip_corrupt_records: bool, log=pr
     pattern = data_folder.split_pattern(data_dir, split)
     files = tuple(sorted(tf.io.gfile.glob(pattern)))
     if not files:
-        raise cli.UserError(f"no {split} shards in {data_dir} (looked for {os.path.basename(pattern)})")
+        raise UserError(f"no {split} shards in {data_dir} (looked for {os.path.basename(pattern)})")
     missing = missing_shards(list(files))
     if missing:
-        raise cli.UserError(f"{data_dir}: {len(missing)} {split} shard(s) missing: {', '.join(missing[:5])}"
+        raise UserError(f"{data_dir}: {len(missing)} {split} shard(s) missing: {', '.join(missing[:5])}"
                             + (" ..." if len(missing) > 5 else ""))
     expected = data_folder.split_products(data_folder.read_metadata(data_dir), split)
     records, damaged = 0, {}
@@ -85,13 +86,13 @@ def check_split(data_dir: str, split: str, *, skip_corrupt_records: bool, log=pr
         if problem is not None:
             damaged[path] = problem
             if not skip_corrupt_records:
-                raise cli.UserError(f"{path}: {problem}; pass --skip_corrupt_records to read the rest of the data")
+                raise UserError(f"{path}: {problem}; pass --skip_corrupt_records to read the rest of the data")
             log(f"Skipping the rest of {path} after {readable} records: {problem}")
     check = SplitCheck(files, records, expected, damaged)
     if records < expected and not damaged:
-        raise cli.UserError(f"{data_dir}: the {split} shards hold {records} records, metadata.json counts {expected}: "
+        raise UserError(f"{data_dir}: the {split} shards hold {records} records, metadata.json counts {expected}: "
                             "a shard was cut short or replaced; convert again")
     if records > expected:
-        raise cli.UserError(f"{data_dir}: the {split} shards hold {records} records, metadata.json counts only "
+        raise UserError(f"{data_dir}: the {split} shards hold {records} records, metadata.json counts only "
                             f"{expected}: shards of another conversion are mixed in")
     return check

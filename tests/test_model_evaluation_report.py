@@ -1,22 +1,15 @@
-"""report.png and the TensorBoard sample grid (model/visuals.py): what they show, checked on the
-figure's texts and the grid's pixels."""
-
-import glob
-import io
-import os
+"""report.png (model/evaluation/report.py): what it shows, checked on the figure's texts and boxes."""
 
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 from matplotlib.patches import Rectangle  # noqa: E402
 from matplotlib.text import Text  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from model import visuals  # noqa: E402
-from model.labels import Labels  # noqa: E402
+from model.evaluation import report  # noqa: E402
 
 LONG = [
     "COQUE TELEPHONE - BUMPER TELEPHONE",
@@ -70,7 +63,7 @@ def figure():
     figures = []
 
     def make(metrics, **kwargs):
-        figures.append(visuals.report_figure(metrics, **kwargs))
+        figures.append(report.report_figure(metrics, **kwargs))
         return figures[-1]
 
     yield make
@@ -84,7 +77,7 @@ def figure():
 
 def test_report_png_written_at_a_readable_size(tmp_path):
     path = tmp_path / "report.png"
-    visuals.write_report(realistic_metrics(), str(path), model_name="xception", fusion="mean_max", split="val")
+    report.write_report(realistic_metrics(), str(path), model_name="xception", fusion="mean_max", split="val")
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     with Image.open(path) as image:
         width, height = image.size
@@ -95,7 +88,7 @@ def test_report_to_a_remote_filesystem():
     import tensorflow as tf
 
     path = "ram://visuals_test/report.png"
-    visuals.write_report(realistic_metrics(), path, model_name="tiny")
+    report.write_report(realistic_metrics(), path, model_name="tiny")
     with tf.io.gfile.GFile(path, "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
 
@@ -144,8 +137,8 @@ def test_confused_pairs_by_name_truncated(figure):
     shown = texts(fig)
     assert "1000010000  COQUE TELEPHONE - BUMPER TELEPHONE" in shown  # short names whole
     assert "→  1000020000  HOUSSE - ETUI - CHAUSSETTE" in shown
-    cut = visuals.shorten(LONG[2])
-    assert len(cut) <= visuals.NAME_CHARS and cut.endswith("…") and LONG[2].startswith(cut[:-1])
+    cut = report.shorten(LONG[2])
+    assert len(cut) <= report.NAME_CHARS and cut.endswith("…") and LONG[2].startswith(cut[:-1])
     assert f"1000010002  {cut}" in shown
     assert "900" in shown and "180" in shown  # counts, largest and smallest
 
@@ -154,7 +147,7 @@ def test_confused_pairs_capped(figure):
     m = realistic_metrics()
     m["most_confused"] = m["most_confused"] * 2
     fig = figure(m)
-    assert len([p for p in axes(fig, "most_confused").patches if p.get_gid() == "count"]) == visuals.CONFUSED_PAIRS
+    assert len([p for p in axes(fig, "most_confused").patches if p.get_gid() == "count"]) == report.CONFUSED_PAIRS
     assert any("top 10 of 20" in t for t in texts(fig))
 
 
@@ -185,7 +178,7 @@ def test_report_robust(case, tmp_path, figure):
     shown = flat(texts(fig))
     for text in expect:
         assert shown.count(text) >= expect.count(text), (text, shown)
-    visuals.write_report(m, str(tmp_path / "r.png"))
+    report.write_report(m, str(tmp_path / "r.png"))
     assert (tmp_path / "r.png").stat().st_size > 10_000
 
 
@@ -224,7 +217,7 @@ def test_nothing_overlaps(case, figure, monkeypatch):
     for bar in bars:
         box = bar.get_window_extent(renderer)
         for text, t in boxes:
-            if text != visuals.NO_PRODUCTS:
+            if text != report.NO_PRODUCTS:
                 assert not _overlaps(box, t), (bar.get_gid(), text)
     legend = axes(fig, "by_image_count").get_legend()
     legend_box = legend.get_window_extent(renderer)
@@ -236,94 +229,7 @@ def test_nothing_overlaps(case, figure, monkeypatch):
 
 
 def test_shorten():
-    assert visuals.shorten("COQUE - HOUSSE") == "COQUE - HOUSSE"
-    cut = visuals.shorten("A" * 50, 40)
+    assert report.shorten("COQUE - HOUSSE") == "COQUE - HOUSSE"
+    cut = report.shorten("A" * 50, 40)
     assert cut == "A" * 39 + "…"
-    assert visuals.shorten("ABC - DEFGH", 7) == "ABC…"  # no dangling separator
-
-
-# ---------------------------------------------------------------------------------------------
-# Sample grid
-
-SOLID = [(10, 40, 250), (250, 200, 10), (120, 10, 160)]  # one colour per product, not used by the grid
-
-
-def batch(masks, side=48):
-    masks = np.asarray(masks, np.float32)
-    images = np.zeros([len(masks), masks.shape[1], side, side, 3], np.uint8)
-    for i, colour in enumerate(SOLID[:len(masks)]):
-        images[i][masks[i] > 0] = colour
-    return {"images": images, "mask": masks, "product_id": np.array([1234567, 42, 7], np.int64)[:len(masks)]}
-
-
-def count(grid, colour):
-    return int((grid == np.array(colour, np.uint8)).all(axis=-1).sum())
-
-
-@pytest.mark.parametrize("side,shown", [(32, 96), (48, 96), (180, 180)])
-def test_grid_upscales_small_images_and_draws_real_slots_whole(side, shown):
-    masks = [[1, 1, 1, 0], [1, 0, 0, 0], [1, 1, 0, 0]]
-    grid = visuals.sample_grid(batch(masks, side), np.array([0, 1, -1]), ["11 A", "22 B"])
-    assert grid.dtype == np.uint8 and grid.ndim == 3 and grid.shape[2] == 3
-    slot = shown + 2 * visuals.BORDER
-    assert grid.shape[1] >= 4 * slot + visuals.LABEL_WIDTH
-    assert 3 * slot <= grid.shape[0] <= 3 * (slot + 40) + 80
-    for colour, real in zip(SOLID, np.sum(masks, axis=1)):  # every real picture, whole, at its shown size
-        assert count(grid, colour) == real * shown * shown
-
-
-def test_grid_marks_padded_slots_red_and_real_ones_green():
-    few = visuals.sample_grid(batch([[1, 1, 1, 1], [1, 1, 1, 0]]), np.array([0, 1]), None)
-    many = visuals.sample_grid(batch([[1, 0, 0, 0], [1, 1, 1, 0]]), np.array([0, 1]), None)
-    assert few.shape == many.shape
-    frame = (96 + 2 * visuals.BORDER) ** 2 - 96 ** 2
-    # Three more padded slots: three more red frames, three fewer green ones.
-    assert count(many, visuals.PAD_COLOR) - count(few, visuals.PAD_COLOR) == 3 * frame
-    assert count(few, visuals.REAL_COLOR) - count(many, visuals.REAL_COLOR) == 3 * frame
-    assert count(few, visuals.PAD_COLOR) >= frame
-    # A padded slot is filled dark and hatched, not left black like a zero image.
-    assert count(many, visuals.PAD_FILL) > 3 * 96 * 96 // 2
-    assert count(many, visuals.PAD_HATCH) > 0
-
-
-def test_row_labels():
-    assert visuals.row_lines(0, 1234567, 1, ["11 A", "1000010653 COQUE TELEPHONE - BUMPER TELEPHONE"], [1, 1, 0, 0]) == [
-        "#1  product 1234567", "1000010653 COQUE TELEPHONE - BUMPER TELEPHONE", "2 real, 2 padded"]
-    assert visuals.row_lines(2, 7, -1, ["11 A"], [1, 0, 0, 0])[1] == "(unlabelled)"
-    assert visuals.row_lines(2, 7, 5, None, [1, 0, 0, 0])[1] == "class 5"
-
-
-def test_row_text_is_drawn():
-    """The label column holds dark text pixels in every row, more for a longer name."""
-    masks = [[1, 0, 0, 0], [1, 0, 0, 0]]
-    grid = visuals.sample_grid(batch(masks), np.array([0, 1]), ["1 A", "2 " + " ".join(LONG[:3])])
-    label_column = grid[:, :visuals.LABEL_WIDTH]
-    dark = (label_column.max(axis=-1) < 100)
-    top, row = 2 * 17 + visuals.GAP, 96 + 2 * visuals.BORDER + visuals.GAP
-    first, second = dark[top:top + row].sum(), dark[top + row:top + 2 * row].sum()
-    assert first > 50 and second > first
-
-
-def test_class_names():
-    labels = Labels(category_ids=np.array([1000010653, 5]), level1=("A", "B"), level2=("a", "b"),
-                    level3=("COQUE TELEPHONE - BUMPER TELEPHONE", ""), level1_index=np.array([0, 1]),
-                    level2_index=np.array([0, 1]), level1_names=("A", "B"), level2_names=("A/a", "B/b"))
-    assert visuals.class_names(labels) == ["1000010653 COQUE TELEPHONE - BUMPER TELEPHONE", "5"]
-
-
-def test_summary_event_holds_the_grid(tmp_path):
-    import tensorflow as tf
-
-    features = {k: tf.constant(v) for k, v in batch([[1, 1, 0, 0], [1, 0, 0, 0]]).items()}
-    grid = visuals.write_sample_grid(features, tf.constant([1, 0]), ["11 A", "22 B"], str(tmp_path), step=3)
-    (event_file,) = glob.glob(os.path.join(tmp_path, "samples", "events.out.tfevents.*"))
-    found = []
-    for event in tf.compat.v1.train.summary_iterator(event_file):
-        for value in event.summary.value:
-            found.append(value.tag)
-            assert event.step == 3
-            assert "padded slot" in value.metadata.summary_description
-            width, height, png = value.tensor.string_val
-            assert (int(width), int(height)) == (grid.shape[1], grid.shape[0])
-            assert np.array_equal(np.asarray(Image.open(io.BytesIO(png)).convert("RGB")), grid)
-    assert found == ["training_products"]
+    assert report.shorten("ABC - DEFGH", 7) == "ABC…"  # no dangling separator

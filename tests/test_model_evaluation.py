@@ -9,8 +9,9 @@ import pytest
 import record_schema
 from beam_convert import labels as categories_lib
 import demo
-from model import data_folder, evaluation, visuals
-from model import labels as labels_lib
+from model.evaluation import duplicates, metrics, report, submission
+from model.input_pipeline import data_folder
+from model.input_pipeline import labels as labels_lib
 
 # Four classes under two level1 nodes; classes 2 and 3 share level1 "B" and level2 "x".
 TREE = {
@@ -56,7 +57,7 @@ def test_metrics_hand_computed(labels):
         [1, 0, 3, 2],  # miss, other level1
     ]
     images = [1, 1, 2, 2, 4, 4]
-    m = evaluation.compute_metrics(true, top, images, labels, train_class_counts=[5, 50, 500, 5000])
+    m = metrics.compute_metrics(true, top, images, labels, train_class_counts=[5, 50, 500, 5000])
     assert m["products"] == 6
     assert m["top1"] == pytest.approx(2 / 6)
     assert m["top5"] == pytest.approx(1.0)
@@ -77,8 +78,8 @@ def test_metrics_hand_computed(labels):
 
 
 def test_report_png(labels, tmp_path):
-    m = evaluation.compute_metrics([0, 1], [[0, 1], [0, 1]], [1, 3], labels, [1, 2, 3, 4])
-    visuals.write_report(m, str(tmp_path / "report.png"))
+    m = metrics.compute_metrics([0, 1], [[0, 1], [0, 1]], [1, 3], labels, [1, 2, 3, 4])
+    report.write_report(m, str(tmp_path / "report.png"))
     assert (tmp_path / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -91,7 +92,7 @@ def _digest_table(tmp_path, rows):
         category_id=np.array([c for _, c, _ in rows], np.int64),
         count=np.array([n for _, _, n in rows], np.int64),
     )
-    return evaluation.DigestTable(str(path))
+    return duplicates.DigestTable(str(path))
 
 
 def test_dup_lookup_overrides_on_match(labels, tmp_path):
@@ -106,7 +107,7 @@ def test_dup_lookup_overrides_on_match(labels, tmp_path):
         3: [record_schema.image_digest(b"img-c"), record_schema.image_digest(b"img-b")],  # one image matches
         4: [record_schema.image_digest(b"img-z")],  # category unknown to the model: ignored
     }
-    top, overridden = evaluation.apply_duplicate_lookup(predictions, digests, table, labels)
+    top, overridden = duplicates.apply_duplicate_lookup(predictions, digests, table, labels)
     assert overridden == 2
     assert top.tolist() == [[3, 1, 0, 2], [0, 1, 2, 3], [2, 0, 1, 3], [0, 1, 2, 3]]
     assert table.class_counts(labels).tolist() == [0, 1, 2, 3]
@@ -122,10 +123,10 @@ def test_submission_has_every_input_product(labels, tmp_path):
     ]
     (data_dir / "rejected-00000-of-00001.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rejected))
     entries = data_folder.read_rejected(str(data_dir))
-    fallback = evaluation.most_frequent_category(labels, [1, 9, 3, 4])
+    fallback = submission.most_frequent_category(labels, [1, 9, 3, 4])
     assert fallback == 22
     path = tmp_path / "submission.csv"
-    summary = evaluation.write_submission(str(path), [1, 2, 3], labels.category_ids[[3, 0, 0]], entries, fallback)
+    summary = submission.write_submission(str(path), [1, 2, 3], labels.category_ids[[3, 0, 0]], entries, fallback)
     with open(path, newline="") as f:
         rows = list(csv.reader(f))
     assert rows[0] == ["_id", "category_id"]

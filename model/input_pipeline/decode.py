@@ -1,23 +1,7 @@
-"""TFRecord shards (record_schema) -> batches of padded product image stacks for Keras.
-
-Over 400 lines because the why of each stage (measured costs) is written beside it; the code is ~200.
-
-    features["images"]      uint8   [batch, max_images, side, side, 3], zeros where mask is 0
-    features["mask"]        float32 [batch, max_images], 1.0 for a real image
-    features["product_id"]  int64   [batch]
-    label                   int64   [batch], -1 when unlabelled
-
-`side` is `image_size`, or `crop_size` when one is given (see `create_dataset`).
-
-Where the time goes, and so the shape of the pipeline (figures: bench/RESULTS_pipeline.md): a
-180x180 JPEG costs ~150 us to decode here, a tf.data element or a `tf.cond` with a big untaken
-branch tens of us, and a pass over a batch's output (4 slots x 97 KB a product, only 1.7 of them
-real on average) ~60 us a product. So a batch of records stays one element from reading to the
-end: one `parse_example` call, then one function decodes the batch's real images, several at
-once, into a pool and writes the padded stack with one gather, with one branch per batch (not
-per image) for pictures of an unexpected size. The earlier shape (products as elements, a branch
-per slot, a concat per product, then the batch copy) ran at 0.66-0.68 of the decode ceiling;
-this one, in training, at 0.9-1.0 of it at 180 px and 1.1-1.3 at 48 and 90 px (2026-11-30).
+"""Records to pixels, batch by batch: parse a batch of serialized Examples, decode its real
+JPEGs at the size training needs, crop, and lay out the padded stack. Pure functions: each works
+eagerly and inside tf.data / tf.function, and the serving signature (model/export.py) decodes
+with the same ones.
 
 The host does only what only the host can (issue 11): decoding, the crop, the padded stack. The
 random mirror is the model's first step (multi_image.ImageEncoder, training only), where an
@@ -25,6 +9,7 @@ accelerator does it almost for free and on the image at the backbone's size; her
 uint8 `reverse` cost a third of a decode. Smaller sizes decode smaller: libjpeg's scaled inverse
 DCT decodes a 180 px picture straight to 90, 45 or 23 px (`dct_ratio`), so 90 px costs less than
 180 px instead of three times more (a full decode plus an antialiased resize).
+
 """
 
 from __future__ import annotations
@@ -32,9 +17,7 @@ from __future__ import annotations
 import tensorflow as tf
 
 import record_schema
-from model import data_service
 
-AUTOTUNE = tf.data.AUTOTUNE
 # The mapped functions hold no Python control flow on tensors (branches and loops are explicit
 # tf.cond / tf.while_loop), so AutoGraph has nothing to convert; skipping it saves tracing time.
 _plain = tf.autograph.experimental.do_not_convert
@@ -48,11 +31,6 @@ _DCT_METHOD = "INTEGER_ACCURATE"
 # not a multi-day training run or a submission missing rows; garbage still fails loudly.
 _TRY_RECOVER_TRUNCATED = True
 _ACCEPTABLE_FRACTION = 0.5
-
-# Cap on the memory tf.data's autotuner may spend on buffers (prefetch, parallel map outputs). A
-# batch of 64 products at 180 px is 25 MB; the default budget is half the host's RAM, which on a
-# shared machine or with one pipeline per replica lets prefetch buffers grow far beyond any use.
-_RAM_BUDGET = 2 << 30
 
 # Images of one batch decoding at once (the while loop's parallel iterations). Batches in flight
 # (the map's num_parallel_calls, autotuned) multiply it; 8 was the best of 4-64 on 2 cores.
@@ -275,142 +253,3 @@ def decode_images(images: tf.Tensor, mask: tf.Tensor, image_size: int = record_s
 
     stacked = tf.reshape(tf.cond(all_standard, finish, slow), out_shape)
     return tf.ensure_shape(stacked, mask.shape.concatenate([side, side, 3]))
-
-
-# ---------------------------------------------------------------------------------------------
-# The pipeline
-
-
-def create_dataset(
-    file_pattern: str,
-    *,
-    batch_size: int,
-    training: bool,
-    image_size: int = record_schema.IMAGE_SIZE,
-    crop_size: int | None = None,
-    shuffle_buffer: int = 2048,
-    seed: int | None = None,
-    input_context: tf.distribute.InputContext | None = None,
-    max_images: int = record_schema.MAX_IMAGES,
-    repeat: bool = False,
-    dynamic_sharding: bool = False,
-    skip_corrupt_records: bool = False,
-) -> tf.data.Dataset:
-    """Batches of `(features, label)` from the TFRecord shards matching `file_pattern`.
-
-    training=False: every record in file order then record order (files sorted by name), no
-    shuffle, no augmentation, a short last batch kept. training=True: files and records shuffled,
-    each image randomly cropped (crop_size), batches of exactly batch_size (drop_remainder: static
-    shapes for distribution and XLA). No mirror here: the model mirrors in training
-    (multi_image.ModelConfig.flip), so evaluation, serving and training decode the same way.
-
-    Image side: decoded images are brought to image_size by `decode_image` (a DCT-scaled decode,
-    then a resize only where one is left to do). With a crop_size (<= image_size) the output side
-    is crop_size in both modes: a random crop_size window of the image_size picture in training,
-    the centre window in evaluation, so the model sees one input shape throughout (the Kaggle top
-    teams' recipe was random 160 px crops of the 180 px pictures). Without it, the side is
-    image_size as docs/FORMATS.md section 3 states.
-
-    skip_corrupt_records: a damaged record ends its file instead of the stream (model/shards.py
-    names and counts what that loses).
-
-    seed: None draws fresh file order, shuffle and crops every run, with nondeterministic
-    (faster) element order in training. An int makes training reproducible: the same seed gives
-    the same batches, at the cost of deterministic ordering in the parallel stages.
-
-    input_context (from `strategy.distribute_datasets_from_function`): this pipeline reads its
-    share only. With at least as many files as pipelines the share is whole files (cheap: each
-    file is read by one pipeline; shards are balanced by the converter); with fewer files every
-    pipeline reads every file and keeps every n-th record of each (exact, costs redundant reads).
-    batch_size is then the per-replica batch (`input_context.get_per_replica_batch_size`).
-
-    dynamic_sharding (training only): the pipeline is for tf.data service workers under dynamic
-    sharding (model/data_service.py). Its first source is `data_service.file_splits`: one split
-    per file, every file once a pass in a new seeded order, endless with repeat; the dispatcher
-    hands the splits to the workers. No file shuffle or repeat on the workers (the first would let
-    one worker take every file of a pass into its buffer, the second gives each worker passes of
-    its own) and no share per input pipeline (every replica and trainer reads the one job).
-    `seed` then orders the files only; each worker's record shuffle and crops draw their own
-    numbers (one seed would give every worker the same crops), so the order is not reproducible.
-    """
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    if dynamic_sharding and not training:
-        raise ValueError("dynamic_sharding is for the training stream (training=True)")
-    if crop_size is not None and not 0 < crop_size <= image_size:
-        raise ValueError(f"crop_size must be in 1..image_size ({image_size}), got {crop_size}")
-    files = sorted(tf.io.gfile.glob(file_pattern))
-    if not files:
-        raise FileNotFoundError(f"no TFRecord file matches {file_pattern!r}")
-
-    pipelines, pipeline_id = 1, 0
-    if input_context is not None and not dynamic_sharding:
-        pipelines, pipeline_id = input_context.num_input_pipelines, input_context.input_pipeline_id
-    record_shards = pipelines > 1 and len(files) < pipelines
-    if pipelines > 1 and not record_shards:
-        files = files[pipeline_id::pipelines]  # before any shuffle, so the shares are disjoint
-
-    @_plain
-    def read(path):
-        records = tf.data.TFRecordDataset(path)
-        if skip_corrupt_records:  # TensorFlow's reader cannot resynchronise: the rest of the file goes
-            records = records.ignore_errors()
-        return records.shard(pipelines, pipeline_id) if record_shards else records
-
-    if dynamic_sharding:
-        ds = data_service.file_splits(files, seed=seed, repeat=repeat)
-        seed = None  # from here on, each worker its own random numbers
-    else:
-        ds = tf.data.Dataset.from_tensor_slices(files)
-        if training:
-            ds = ds.shuffle(len(files), seed=seed, reshuffle_each_iteration=True)
-        if repeat:
-            ds = ds.repeat()  # at file level: no drained buffers and no short batch at epoch ends
-    if training:
-        # Several files at once: parallel reads (latency on GCS) and a better mix for the shuffle.
-        ds = ds.interleave(read, cycle_length=min(len(files), 16), num_parallel_calls=AUTOTUNE)
-        ds = ds.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=True)
-    else:
-        ds = ds.flat_map(read)  # one file after the other: file order, then record order
-
-    # A batch of records is one element from here on: one parse_example call and one decode
-    # function per batch (per-product elements cost ~100 us each of tf.data and executor machinery,
-    # half a JPEG decode). Parallelism comes from several batches in flight (the map's
-    # num_parallel_calls) and several images decoding at once within each (parallel_decodes).
-    # In training the batch's crop offsets come from a seed stream that gives new numbers every
-    # epoch (stateful random ops in a map would replay the same numbers each epoch).
-    ds = ds.batch(batch_size, drop_remainder=training)
-    if training and crop_size:
-        seeds = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True).batch(2)
-        ds = tf.data.Dataset.zip(ds, seeds)
-
-    @_plain
-    def parse_and_decode(serialized, batch_seed=None):
-        parsed = parse_batch(serialized, max_images)
-        offset = None
-        if batch_seed is not None:
-            offset = random_offsets(batch_seed, tf.shape(parsed[record_schema.IMAGES]),
-                                    image_size=image_size, crop_size=crop_size)
-        images = decode_images(parsed[record_schema.IMAGES], parsed[record_schema.MASK], image_size,
-                               crop_size=crop_size, offset=offset)
-        features = {record_schema.IMAGES: images, record_schema.MASK: parsed[record_schema.MASK],
-                    record_schema.PRODUCT_ID: parsed[record_schema.PRODUCT_ID]}
-        return features, parsed[record_schema.LABEL]
-
-    ds = ds.map(parse_and_decode, num_parallel_calls=AUTOTUNE)
-
-    options = tf.data.Options()
-    # Order only matters for evaluation (ids line up with predictions) and for seeded runs. In
-    # training a slow file or image must not stall the others, so every parallel stage (the
-    # interleave, both maps) may hand out elements as they finish.
-    options.deterministic = not training or seed is not None
-    options.autotune.ram_budget = _RAM_BUDGET
-    # Parallelism comes from the parallel maps across products; letting single ops (resize,
-    # concat) fan out inside an element only adds scheduling on a few cores.
-    options.threading.max_intra_op_parallelism = 1
-    # No private thread pool: on a CPU host the model step and the pipeline share the same cores
-    # whatever the pools, and on an accelerator host the shared pool is the pipeline's anyway.
-    if input_context is not None:
-        # Sharded above; stop tf.distribute from sharding again should it be handed this dataset.
-        options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.OFF
-    return ds.with_options(options).prefetch(AUTOTUNE)

@@ -3,7 +3,7 @@
 Reference pixels come from Pillow (independent decoder) and from `decode_image` (to check that a
 crop is exactly a window of the right picture, never mirrored, which also proves that images stay
 with their product through the nondeterministic parallel stages). The random mirror is the
-model's (tests/test_model.py); the pipeline must not mirror.
+model's (tests/test_model_network.py); the pipeline must not mirror.
 """
 
 import io
@@ -15,7 +15,8 @@ import tensorflow as tf
 from PIL import Image
 
 import record_schema
-from model import input_pipeline as ip
+from model.input_pipeline import dataset as ip
+from model.input_pipeline import decode
 
 SIZE = 180
 
@@ -127,8 +128,8 @@ def _serialized(products):
 
 def test_parse_batch(products):
     batch = products[:6]
-    eager = ip.parse_batch(tf.constant(_serialized(batch)))
-    graph = next(iter(tf.data.Dataset.from_tensor_slices(_serialized(batch)).batch(6).map(ip.parse_batch)))
+    eager = decode.parse_batch(tf.constant(_serialized(batch)))
+    graph = next(iter(tf.data.Dataset.from_tensor_slices(_serialized(batch)).batch(6).map(decode.parse_batch)))
     for parsed in (eager, graph):
         assert parsed["product_id"].numpy().tolist() == [p[0] for p in batch]
         assert parsed["label"].numpy().tolist() == [p[2] for p in batch]
@@ -147,8 +148,8 @@ def test_a_mask_with_holes_decodes_slot_by_slot(products, reference):
         "images": tf.train.Feature(bytes_list=tf.train.BytesList(value=[b"", jpegs[0], b"", b""])),
         "mask": tf.train.Feature(int64_list=tf.train.Int64List(value=[0, 1, 0, 0])),
     })).SerializeToString()
-    parsed = ip.parse_batch(tf.constant([example]))
-    decoded = ip.decode_images(parsed["images"], parsed["mask"], SIZE).numpy()
+    parsed = decode.parse_batch(tf.constant([example]))
+    decoded = decode.decode_images(parsed["images"], parsed["mask"], SIZE).numpy()
     assert not decoded[0, [0, 2, 3]].any()
     np.testing.assert_array_equal(decoded[0, 1], reference[pid][0])
 
@@ -159,23 +160,23 @@ def test_decode_images_eager_and_in_tf_data(products, reference):
     images = tf.constant([p[3] + [b""] * (4 - len(p[3])) for p in batch])
     mask = tf.constant([[1.0] * len(p[3]) + [0.0] * (4 - len(p[3])) for p in batch])
 
-    eager = ip.decode_images(images, mask, SIZE).numpy()
+    eager = decode.decode_images(images, mask, SIZE).numpy()
     assert eager.shape == (8, 4, SIZE, SIZE, 3) and eager.dtype == np.uint8
     in_data = next(iter(tf.data.Dataset.from_tensors((images, mask)).map(
-        lambda i, m: ip.decode_images(i, m, SIZE)))).numpy()
+        lambda i, m: decode.decode_images(i, m, SIZE)))).numpy()
     np.testing.assert_array_equal(eager, in_data)
     _assert_padded_zero(eager, mask.numpy())
     for i, (pid, _, _, jpegs) in enumerate(batch):
         assert np.abs(eager[i, :len(jpegs)].astype(int) - reference[pid]).mean() < 1.0
 
     # One product ([M] slots) works too; a crop_size gives the centre window.
-    single = ip.decode_images(images[0], mask[0], SIZE, crop_size=160).numpy()
+    single = decode.decode_images(images[0], mask[0], SIZE, crop_size=160).numpy()
     assert single.shape == (4, 160, 160, 3) and not single[1:].any()
     np.testing.assert_array_equal(single[0], eager[0, 0, 10:170, 10:170])
     # Another size: right shape, same picture. At 90 px, libjpeg's 1/2 scaled decode, which is
     # close to a 2x2 box average (Pillow's BOX filter: a mean difference of 0.8 over the 110
     # sample pictures; its antialiased BILINEAR, a wider triangle, 3.0).
-    small = ip.decode_images(images[:1], mask[:1], 90).numpy()
+    small = decode.decode_images(images[:1], mask[:1], 90).numpy()
     assert small.shape == (1, 4, 90, 90, 3)
     pil = np.asarray(Image.open(io.BytesIO(batch[0][3][0])).convert("RGB").resize((90, 90), Image.BOX))
     assert np.abs(small[0, 0].astype(int) - pil).mean() < 2
@@ -183,10 +184,10 @@ def test_decode_images_eager_and_in_tf_data(products, reference):
 
 def test_decode_image_recovers_a_truncated_jpeg(products):
     jpeg = products[0][3][0]
-    image = ip.decode_image(jpeg[: int(len(jpeg) * 0.8)], SIZE)
+    image = decode.decode_image(jpeg[: int(len(jpeg) * 0.8)], SIZE)
     assert image.shape == (SIZE, SIZE, 3)
     with pytest.raises(tf.errors.InvalidArgumentError):
-        ip.decode_image(b"not a picture at all", SIZE)
+        decode.decode_image(b"not a picture at all", SIZE)
 
 
 def _window_of(image, full):
@@ -215,14 +216,14 @@ def test_random_crops_eager_and_in_tf_data(products, size, crop):
     never mirrored; padded slots stay zero. 48 px: the crop follows the batched resize."""
     batch = [next(p for p in products if len(p[3]) == n) for n in (1, 2, 3, 4)] + products[1:5]
     images, mask = _slots(batch)
-    full = ip.decode_images(images, mask, size).numpy()
+    full = decode.decode_images(images, mask, size).numpy()
     seed = tf.constant([3, 4], tf.int64)
-    offset = ip.random_offsets(seed, tf.shape(mask), image_size=size, crop_size=crop)
+    offset = decode.random_offsets(seed, tf.shape(mask), image_size=size, crop_size=crop)
     assert offset.shape == (8, 4, 2) and offset.dtype == tf.int32
 
-    cropped = ip.decode_images(images, mask, size, crop_size=crop, offset=offset).numpy()
+    cropped = decode.decode_images(images, mask, size, crop_size=crop, offset=offset).numpy()
     again = next(iter(tf.data.Dataset.from_tensors((images, mask, offset)).map(
-        lambda i, m, o: ip.decode_images(i, m, size, crop_size=crop, offset=o)))).numpy()
+        lambda i, m, o: decode.decode_images(i, m, size, crop_size=crop, offset=o)))).numpy()
     np.testing.assert_array_equal(cropped, again)  # pure: same offsets, same pixels, eager or not
     assert cropped.shape == (8, 4, crop, crop, 3)
     _assert_padded_zero(cropped, mask.numpy())
@@ -231,15 +232,15 @@ def test_random_crops_eager_and_in_tf_data(products, size, crop):
         top, left = offset[b, m].numpy()
         np.testing.assert_array_equal(cropped[b, m], full[b, m, top:top + crop, left:left + crop])
     assert len({tuple(o) for o in offset.numpy()[real]}) > 5  # offsets vary from image to image
-    other = ip.random_offsets(seed + 1, tf.shape(mask), image_size=size, crop_size=crop)
-    assert not np.array_equal(cropped, ip.decode_images(images, mask, size, crop_size=crop, offset=other).numpy())
+    other = decode.random_offsets(seed + 1, tf.shape(mask), image_size=size, crop_size=crop)
+    assert not np.array_equal(cropped, decode.decode_images(images, mask, size, crop_size=crop, offset=other).numpy())
 
 
 def test_dct_ratio_is_the_largest_that_keeps_the_side():
     # libjpeg decodes a 180 px picture to ceil(180 / ratio): 180, 90, 45, 23 px.
     expected = {180: 1, 160: 1, 91: 1, 90: 2, 64: 2, 48: 2, 46: 2, 45: 4, 32: 4, 23: 8, 16: 8}
-    assert {size: ip.dct_ratio(size) for size in expected} == expected
-    assert ip.dct_ratio(100, stored_size=400) == 4
+    assert {size: decode.dct_ratio(size) for size in expected} == expected
+    assert decode.dct_ratio(100, stored_size=400) == 4
 
 
 @pytest.fixture(scope="module")
@@ -260,7 +261,7 @@ def test_dct_scaled_decode_is_close_to_decode_then_resize(jpegs, size):
     the full picture (a high-quality reference) at most 1 level further than the previous pixels
     (measured: 0.6 closer at 90 px, 0.6 further at 48 px, 0.4 at 32 px), where a plain bilinear
     shrink of the full decode is 2-6 levels further, but at exactly 2x (90 px)."""
-    ours = np.stack([ip.decode_image(j, size).numpy() for j in jpegs]).astype(int)
+    ours = np.stack([decode.decode_image(j, size).numpy() for j in jpegs]).astype(int)
     full = [tf.io.decode_jpeg(j, channels=3, dct_method="INTEGER_ACCURATE") for j in jpegs]
     previous = np.stack([tf.round(tf.image.resize(f, [size, size], antialias=True)).numpy() for f in full])
     per_picture = np.abs(ours - previous).reshape(len(jpegs), -1).mean(1)
@@ -275,7 +276,7 @@ def test_dct_scaled_decode_is_close_to_decode_then_resize(jpegs, size):
         assert previous_off + 1 < np.abs(aliased - lanczos).mean()  # the measure sees aliasing
 
     # It is the DCT-scaled decode (1/2 at 46-90 px, 1/4 at 23-45 px), resized only when needed.
-    scaled = tf.io.decode_jpeg(jpegs[0], channels=3, ratio=ip.dct_ratio(size), dct_method="INTEGER_ACCURATE")
+    scaled = tf.io.decode_jpeg(jpegs[0], channels=3, ratio=decode.dct_ratio(size), dct_method="INTEGER_ACCURATE")
     if scaled.shape[0] != size:
         scaled = tf.round(tf.image.resize(scaled, [size, size], method="bilinear"))
     np.testing.assert_array_equal(ours[0], scaled.numpy())
@@ -290,11 +291,11 @@ def test_training_evaluation_and_serving_see_the_same_pixels(data, products, siz
     side = crop or size
     evaluation = _collect(ip.create_dataset(data["single"], batch_size=16, training=False, image_size=size,
                                             crop_size=crop))
-    serve = tf.function(lambda i, m: ip.decode_images(i, m, size, crop_size=crop), input_signature=[
+    serve = tf.function(lambda i, m: decode.decode_images(i, m, size, crop_size=crop), input_signature=[
         tf.TensorSpec([None, 4], tf.string), tf.TensorSpec([None, 4], tf.float32)])
     np.testing.assert_array_equal(serve(*_slots(products)).numpy(), evaluation["images"])
 
-    pictures = {pid: [ip.decode_image(j, size).numpy() for j in jpegs] for pid, _, _, jpegs in products}
+    pictures = {pid: [decode.decode_image(j, size).numpy() for j in jpegs] for pid, _, _, jpegs in products}
     top = (size - side) // 2
     for i, (pid, _, _, jpegs) in enumerate(products):
         for m in range(len(jpegs)):
@@ -328,7 +329,7 @@ def test_pictures_of_other_sizes_come_out_right(products, size, crop):
     for (h, w) in odd:
         odd[h, w] = _encode(np.asarray(Image.fromarray(picture).resize((w, h), Image.LANCZOS)))
     for (h, w), jpeg in odd.items():
-        image = ip.decode_image(jpeg, size).numpy()
+        image = decode.decode_image(jpeg, size).numpy()
         assert image.shape == (size, size, 3)
         reference = np.asarray(Image.open(io.BytesIO(jpeg)).convert("RGB").resize((size, size), Image.BILINEAR))
         assert np.abs(image.astype(int) - reference).mean() < 2, (h, w)
@@ -336,20 +337,20 @@ def test_pictures_of_other_sizes_come_out_right(products, size, crop):
     batch = products[:6]
     images, mask = _slots(batch)
     side = crop or size
-    offset = None if crop is None else ip.random_offsets(tf.constant([5, 6], tf.int64), tf.shape(mask),
+    offset = None if crop is None else decode.random_offsets(tf.constant([5, 6], tf.int64), tf.shape(mask),
                                                          image_size=size, crop_size=crop)
-    standard = ip.decode_images(images, mask, size, crop_size=crop, offset=offset).numpy()
+    standard = decode.decode_images(images, mask, size, crop_size=crop, offset=offset).numpy()
     holes = [(b, m) for b, m in zip(*np.nonzero(mask.numpy() == 0))][:3]  # put the odd ones there
     mixed_images, mixed_mask = images.numpy(), mask.numpy()
     for (b, m), jpeg in zip(holes, odd.values()):
         mixed_images[b, m], mixed_mask[b, m] = jpeg, 1.0
-    mixed = ip.decode_images(mixed_images, mixed_mask, size, crop_size=crop, offset=offset).numpy()
+    mixed = decode.decode_images(mixed_images, mixed_mask, size, crop_size=crop, offset=offset).numpy()
     assert mixed.shape == (6, 4, side, side, 3)
     real = mask.numpy() > 0
     np.testing.assert_array_equal(mixed[real], standard[real])
     for (b, m), jpeg in zip(holes, odd.values()):
         top, left = (0, 0) if crop is None else offset[b, m].numpy()
-        whole = ip.decode_image(jpeg, size).numpy()
+        whole = decode.decode_image(jpeg, size).numpy()
         np.testing.assert_array_equal(mixed[b, m], whole[top:top + side, left:left + side])
     _assert_padded_zero(mixed, mixed_mask)
 
@@ -359,7 +360,7 @@ def test_pictures_of_other_sizes_come_out_right(products, size, crop):
 
 
 def test_training_batches_crop_real_images_only_and_never_mirror(data, products):
-    full = {pid: [ip.decode_image(j, SIZE).numpy() for j in jpegs] for pid, _, _, jpegs in products}
+    full = {pid: [decode.decode_image(j, SIZE).numpy() for j in jpegs] for pid, _, _, jpegs in products}
     ds = ip.create_dataset(data["train"], batch_size=8, training=True, crop_size=160, shuffle_buffer=64)
     assert ds.element_spec[0]["images"].shape.as_list() == [8, 4, 160, 160, 3]  # static batch
     got = _collect(ds)

@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from model import backbone as backbone_lib
-from model import fusion as fusion_lib
-from model.multi_image import ModelConfig, build_model
+from model.network import backbone as backbone_lib
+from model.network import fusion as fusion_lib
+from model.network.multi_image import ModelConfig, build_model
 
 SIZE = 32
 FUSIONS = fusion_lib.FUSIONS

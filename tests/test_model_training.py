@@ -1,6 +1,6 @@
-"""train.py and model.training: flags, flagfiles, two CPU devices, two workers in step, steps per execution.
+"""train.py and model.training.loop: flags, flagfiles, two CPU devices, two workers in step, steps per execution.
 
-The run killed and resumed, and what it leaves, is in test_train_run.py.
+The run killed and resumed, and what it leaves, is in test_model_training_run.py.
 
 The data is the real sample BSON written as records with record_schema in a plain loop, so these
 tests do not depend on the converter. Everything runs the tiny backbone on 32x32 images.
@@ -47,20 +47,21 @@ def test_bad_flags_fail_at_start_with_one_line(data_dir, tmp_path):
 
 
 def test_library_mirrored_two_cpu_devices_without_val_split(tmp_path, capsys):
-    """training.train called directly, MirroredStrategy over the 2 logical CPUs of conftest.py."""
+    """loop.train called directly, MirroredStrategy over the 2 logical CPUs of conftest.py."""
     import keras
 
-    from model import training
+    from model import config as config_lib
+    from model.training import loop
 
     data = write_data_dir(str(tmp_path / "noval"), with_val=False, one_level1=True)
-    config = training.TrainConfig(
+    config = config_lib.TrainConfig(
         data_dir=data, model_dir=str(tmp_path / "m"), backbone="tiny", image_size=32, batch_size=8,
         epochs=1, steps_per_epoch=2, fusion="late", sample_products=0, cpu_devices=2, precision="mixed_bfloat16",
         bn_recalibration_steps=2,
     )
     try:
-        state = training.train(config)
-        again = training.train(config)  # a finished run is never started over
+        state = loop.train(config)
+        again = loop.train(config)  # a finished run is never started over
     finally:
         keras.config.set_dtype_policy("float32")  # the policy is global: leave it as found
     out = capsys.readouterr().out
@@ -109,7 +110,7 @@ def test_multi_worker_training_keeps_the_workers_in_step(data_dir, tmp_path):
     # owns model_dir, the other worker writes under model_dir/workers/.
     import keras
 
-    import model.multi_image  # noqa: F401  (registers the custom layers for load_model)
+    import model.network.multi_image  # noqa: F401  (registers the custom layers for load_model)
 
     cluster = {"worker": [f"localhost:{port}" for port in _free_ports(2)]}
     model_dir = tmp_path / "model"
@@ -139,14 +140,15 @@ def test_steps_per_execution_keeps_steps_scalars_profile_and_throughput_in_optim
     """steps_per_execution=2 with an epoch of 5 steps: the epoch is rounded to 4 (Keras would run 6),
     step scalars land every 2 optimizer steps, the profile covers optimizer steps 3-5, and
     products/s is a number."""
-    from model import training
+    from model import config as config_lib
+    from model.training import loop
 
     model_dir = tmp_path / "m"
-    config = training.TrainConfig(
+    config = config_lib.TrainConfig(
         data_dir=data_dir, model_dir=str(model_dir), backbone="tiny", image_size=32, batch_size=8, epochs=2,
         steps_per_epoch=5, steps_per_execution=2, log_every_steps=2, profile_batches="3,5", sample_products=0,
         bn_recalibration_steps=1, validation_steps=1, fusion="mean")
-    state = training.train(config)
+    state = loop.train(config)
     out = capsys.readouterr().out
     assert "steps_per_epoch rounded down from 5 to 4, a multiple of steps_per_execution=2" in out
     assert state["steps_per_epoch"] == 4 and state["optimizer_iterations"] == 8

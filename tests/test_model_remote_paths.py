@@ -2,7 +2,7 @@
 
 In-process on TensorFlow's ram:// filesystem (train -> evaluate -> submission, data and model both
 there). The commands with file:// URIs, as a user types them, are run by
-tests/test_data_faults.py::test_commands_stop_on_a_truncated_shard_with_one_line_and_skip_it_when_asked.
+tests/test_model_data_faults.py::test_commands_stop_on_a_truncated_shard_with_one_line_and_skip_it_when_asked.
 """
 
 import csv
@@ -11,7 +11,9 @@ import os
 
 import tensorflow as tf
 
-from model import evaluation, training
+from model import config
+from model.evaluation import evaluate as evaluation
+from model.training import loop
 from tests.record_helpers import write_data_dir
 
 TINY = dict(backbone="tiny", image_size=32, batch_size=8, epochs=1, steps_per_epoch=2, sample_products=2,
@@ -30,7 +32,7 @@ def test_train_evaluate_submission_on_ram_filesystem(tmp_path, monkeypatch):
     copy_tree(write_data_dir(str(tmp_path / "local")), "ram://remote/data")
     copy_tree(str(tmp_path / "local_test"), "ram://remote/test")
 
-    training.train(training.TrainConfig(data_dir="ram://remote/data", model_dir="ram://remote/model", **TINY))
+    loop.train(config.TrainConfig(data_dir="ram://remote/data", model_dir="ram://remote/model", **TINY))
     for name in ("model.keras", "labels.csv", "train_config.json", "train_state.json", "export/saved_model.pb"):
         assert tf.io.gfile.exists(f"ram://remote/model/{name}"), name
     assert tf.io.gfile.glob("ram://remote/model/logs/train_steps/*tfevents*")

@@ -13,6 +13,7 @@ import numpy as np
 import tensorflow as tf
 
 import record_schema
+from model.input_pipeline import dataset
 
 
 def read_metadata(data_dir: str) -> dict:
@@ -45,3 +46,18 @@ def read_rejected(data_dir: str) -> list[dict]:
         with tf.io.gfile.GFile(path) as f:
             rows += [json.loads(line) for line in f if line.strip()]
     return rows
+
+
+def has_split(data_dir: str, metadata: dict, split: str) -> bool:
+    """metadata.json counts products in the split and its shards are there."""
+    return split_products(metadata, split) > 0 and bool(tf.io.gfile.glob(split_pattern(data_dir, split)))
+
+
+def split_dataset(cfg, split: str, *, training: bool, batch_size: int, **options) -> tf.data.Dataset:
+    """create_dataset over one split of cfg.data_dir, with a TrainConfig's image settings."""
+    if cfg.skip_corrupt_records:
+        options.setdefault("skip_corrupt_records", True)
+    return dataset.create_dataset(
+        split_pattern(cfg.data_dir, split), batch_size=batch_size, training=training,
+        image_size=cfg.image_size, crop_size=cfg.crop_size or None, **options,
+    )

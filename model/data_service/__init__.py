@@ -1,0 +1,7 @@
+"""Input beyond one host's CPUs: the training pipeline on tf.data service workers.
+
+splits: the split source the input pipeline starts from under dynamic sharding;
+stream: `distribute`, what a trainer calls; probe: the dispatcher's state, over plain gRPC;
+launchers and __main__: `python -m model.data_service dispatcher|worker`.
+The design and its measured effects: docs/DATA_SERVICE.md.
+"""

@@ -1,0 +1,3 @@
+"""Evaluation: predictions over a split (predict), their accuracy figures (metrics), the
+duplicate-image lookup (duplicates), report.png (report), submission.csv (submission), and the
+run that ties them together (evaluate). Needs a trained model_dir, never the train loop."""

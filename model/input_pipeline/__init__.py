@@ -1,0 +1,9 @@
+"""The input side on one host: a beam_convert output folder -> batches of decoded image stacks.
+
+`create_dataset` (docs/FORMATS.md section 3) is the public entry point; `data_folder` reads the
+folder's metadata and splits, `shards` checks them, `labels` reads labels.csv.
+"""
+
+from model.input_pipeline.dataset import create_dataset
+
+__all__ = ["create_dataset"]

@@ -1,0 +1,66 @@
+"""What the train loop feeds Keras: per-replica training streams, the validation stream, and the
+targets of every head (the category and, where the tree has them, its upper levels)."""
+
+from __future__ import annotations
+
+import tensorflow as tf
+
+from model.config import TrainConfig
+from model.data_service import stream
+from model.input_pipeline import data_folder
+from model.input_pipeline import labels as labels_lib
+
+
+def auxiliary_heads(labels: labels_lib.Labels, weight: float) -> dict:
+    """{"level1": classes, "level2": classes} of the category tree's levels worth a head: a level
+    with one class has nothing to learn (its loss is 0) and gets none."""
+    if weight <= 0:
+        return {}
+    sizes = {"level1": len(labels.level1_names), "level2": len(labels.level2_names)}
+    return {name: size for name, size in sizes.items() if size > 1}
+
+
+def make_targets(labels: labels_lib.Labels, aux_heads: dict):
+    """Class index -> one-hot targets per head (CategoricalCrossentropy is the one with smoothing)."""
+    level_index = {"level1": tf.constant(labels.level1_index), "level2": tf.constant(labels.level2_index)}
+
+    def targets(features, label):
+        inputs = {"images": features["images"], "mask": features["mask"]}
+        y = {"category": tf.one_hot(label, labels.num_classes)}
+        for name, classes in aux_heads.items():
+            y[name] = tf.one_hot(tf.gather(level_index[name], label), classes)
+        return inputs, y
+
+    return targets
+
+
+def train_dataset(cfg: TrainConfig, strategy, targets, service_job: str = ""):
+    """Per-replica pipelines: each replica reads its own batch (global batch / replicas).
+
+    With cfg.data_service the pipeline runs on the service's workers under dynamic sharding, and
+    every replica of every trainer reads one shared job (`service_job`, see data_service)."""
+
+    def dataset_fn(input_context: tf.distribute.InputContext):
+        batch_size = input_context.get_per_replica_batch_size(cfg.batch_size)
+        ds = data_folder.split_dataset(
+            cfg, "train", training=True, batch_size=batch_size,
+            shuffle_buffer=cfg.shuffle_buffer, seed=cfg.seed, input_context=input_context,
+            repeat=True,  # fit counts steps_per_epoch; the stream never ends mid-epoch
+            **({"dynamic_sharding": True} if cfg.data_service else {}),
+        )
+        if cfg.data_service:
+            ds = stream.distribute(ds, cfg.data_service, job_name=f"{service_job}-b{batch_size}")
+        return ds.map(targets, num_parallel_calls=tf.data.AUTOTUNE).prefetch(tf.data.AUTOTUNE)
+
+    return strategy.distribute_datasets_from_function(dataset_fn)
+
+
+def eval_dataset(cfg: TrainConfig, split: str, targets):
+    # A plain dataset of global batches: Keras distributes it, and handles the short last batch.
+    ds = data_folder.split_dataset(cfg, split, training=False, batch_size=cfg.batch_size)
+    # Multi-worker: every worker evaluates the same batches. Redundant, but exact, and valid for
+    # a val split of one file (AUTO sharding would demand a file per worker).
+    options = tf.data.Options()
+    options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.OFF
+    ds = ds.with_options(options)
+    return ds.map(targets, num_parallel_calls=tf.data.AUTOTUNE).prefetch(tf.data.AUTOTUNE)

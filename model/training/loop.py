@@ -1,0 +1,321 @@
+"""The training run behind train.py: `train(config)`, a few named steps read top to bottom.
+
+earlier run? -> strategy -> data -> run files -> model, optimizer, resume -> sample grid ->
+fit -> final model (BatchNorm recalibrated, measured on val) -> model.keras, export/, state.
+Tests call `train` directly; train.py only turns flags into a `TrainConfig`. Where it runs is
+distribution.py, what it feeds Keras inputs.py, what it reports callbacks.py, what it exports
+model/export.py.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import warnings
+
+import keras
+import tensorflow as tf
+
+import record_schema
+from model import export
+from model import model_dir as model_dir_lib
+from model.config import TrainConfig
+from model.data_service import probe, stream
+from model.errors import UserError
+from model.input_pipeline import data_folder, shards
+from model.input_pipeline import labels as labels_lib
+from model.network import multi_image
+from model.training import batchnorm, distribution, inputs, optimization, run_state, sample_grid
+from model.training import callbacks as callbacks_lib
+
+TOP1 = callbacks_lib.TOP1
+
+
+@dataclasses.dataclass
+class RunData:
+    """What the data folder gives a run: its streams, their sizes and the classes."""
+
+    labels: labels_lib.Labels
+    aux_heads: dict
+    train_products: int
+    has_val: bool
+    skipped: dict  # split -> records read past (--skip_corrupt_records)
+    steps_per_epoch: int
+    train_ds: object  # a distributed dataset
+    val_ds: tf.data.Dataset | None
+
+
+def train(cfg: TrainConfig, extra_callbacks: tuple = (), flags_text: str = "") -> dict:
+    """Trains (or resumes) into cfg.model_dir; returns the final state written to train_state.json.
+
+    extra_callbacks: Keras callbacks to run besides the built-in ones (after them).
+    flags_text: the command's flags, kept in model_dir/flags.txt beside train_config.json.
+    A damaged shard met while training stops it with a UserError naming the file (the backup
+    keeps what was trained); with cfg.skip_corrupt_records it is read past instead, and counted.
+    """
+    try:
+        return _train(cfg, extra_callbacks, flags_text)
+    except tf.errors.DataLossError as error:
+        # TensorFlow's message names no file: find it, which raises the one-line error.
+        for split in ("train", "val"):
+            if tf.io.gfile.glob(data_folder.split_pattern(cfg.data_dir, split)):
+                shards.check_split(cfg.data_dir, split, skip_corrupt_records=False)
+        raise UserError(f"{cfg.data_dir}: damaged record ({error.message.strip()})") from None
+
+
+def _train(cfg: TrainConfig, extra_callbacks: tuple, flags_text: str) -> dict:
+    tf.io.gfile.makedirs(cfg.model_dir)
+    finished = run_state.check_earlier_run(cfg.model_dir, cfg)
+    if finished is not None:
+        print(f"{cfg.model_dir} already holds a finished run of these settings ({cfg.epochs} epochs); nothing to do.")
+        return finished
+    # One tf.data service job for every replica and trainer of this run (model_dir as given: the
+    # other workers write elsewhere), another for another run or other data settings.
+    service_job = stream.job_name_for(cfg.model_dir, cfg.data_dir, cfg.image_size, cfg.crop_size, cfg.seed,
+                                      cfg.shuffle_buffer)
+    strategy, cfg = _place(cfg)
+    data, cfg = _read_data(cfg, strategy, service_job)
+    _describe(cfg, strategy, data)
+    mconfig = model_config(cfg, data.labels, data.aux_heads)
+    _write_run_files(cfg, mconfig, flags_text)
+    model, resumed_step = _build_and_restore(cfg, strategy, mconfig, data)
+    if cfg.sample_products > 0:
+        _write_samples(cfg, data.labels)
+    callbacks = callbacks_lib.make_callbacks(
+        cfg.model_dir, epochs=cfg.epochs, steps_per_epoch=data.steps_per_epoch, global_batch=cfg.batch_size,
+        backup_every_steps=cfg.backup_every_steps, log_every_steps=cfg.log_every_steps,
+        profile_steps=cfg.profile_batches, has_val=data.has_val,
+    ) + list(extra_callbacks)
+    history = _fit(model, cfg, strategy, data, callbacks, resumed_step)
+    final, recalibrated, final_val = _final_model(model, cfg, mconfig, data)
+    return _save(final, model, cfg, data, resumed_step, recalibrated, history, final_val)
+
+
+def _place(cfg: TrainConfig) -> tuple[tf.distribute.Strategy, TrainConfig]:
+    """The strategy, and the config with this worker's model_dir (multi-worker: non-chiefs write
+    elsewhere)."""
+    strategy = distribution.make_strategy(cfg.cpu_devices)
+    worker_dir = distribution.worker_model_dir(cfg.model_dir, strategy)
+    if worker_dir != cfg.model_dir:
+        cfg = dataclasses.replace(cfg, model_dir=worker_dir)
+        tf.io.gfile.makedirs(worker_dir)
+    distribution.check_batch_divisible(cfg.batch_size, strategy.num_replicas_in_sync)
+    if cfg.expect_gpus and not tf.config.list_logical_devices("GPU"):
+        print("WARNING: this is a GPU configuration (--expect_gpus) but TensorFlow sees no GPU: training on the "
+              "CPU. Install a GPU build of TensorFlow (README: GPUs) or drop --expect_gpus.", flush=True)
+    keras.config.set_dtype_policy(cfg.precision)
+    return strategy, cfg
+
+
+def _read_data(cfg: TrainConfig, strategy, service_job: str) -> tuple[RunData, TrainConfig]:
+    """Sizes from metadata.json, classes and tree from labels.csv, then the training and
+    validation streams; the config comes back with steps_per_execution fitted to the epoch."""
+    metadata = data_folder.read_metadata(cfg.data_dir)
+    labels = labels_lib.read_labels(cfg.data_dir)
+    aux_heads = inputs.auxiliary_heads(labels, cfg.aux_loss_weight)
+    train_products = data_folder.split_products(metadata, "train")
+    if train_products < 1 or not data_folder.has_split(cfg.data_dir, metadata, "train"):
+        raise UserError(f"{cfg.data_dir} has no training products (metadata.json: {train_products}, "
+                        f"shards: {data_folder.split_pattern(cfg.data_dir, 'train')})")
+    has_val = data_folder.has_split(cfg.data_dir, metadata, "val")
+    skipped = {}
+    if cfg.skip_corrupt_records:  # one read of the shards first, to name and count what is lost
+        for split in ("train", "val") if has_val else ("train",):
+            check = shards.check_split(cfg.data_dir, split, skip_corrupt_records=True)
+            skipped[split] = check.unreadable
+        train_products -= skipped["train"]
+    steps_per_epoch, steps_per_execution = run_state.align_to_executions(
+        cfg.steps_per_epoch or max(1, train_products // cfg.batch_size), cfg.steps_per_execution)
+    cfg = dataclasses.replace(cfg, steps_per_execution=steps_per_execution)
+    targets = inputs.make_targets(labels, aux_heads)
+    if cfg.data_service:
+        # Before the dataset is registered: with no dispatcher that would block without a word.
+        workers = probe.wait_for_workers(cfg.data_service)
+        print(f"Training input from the tf.data service at {cfg.data_service}: {len(workers)} worker(s)", flush=True)
+        probe.watch_workers(cfg.data_service)
+    train_ds = inputs.train_dataset(cfg, strategy, targets, service_job)
+    # Validation is a finite dataset and fit is NOT told its length: with a step count, Keras
+    # 3.15 evaluate() pulls a batch from its cached iterator before resetting it, and under a
+    # distribution strategy that is the exhausted iterator of the previous pass (StopIteration
+    # at the second validation); and steps_per_execution > 1 rounds a count up past the end.
+    # A shorter validation is a take() of the batches instead.
+    val_ds = inputs.eval_dataset(cfg, "val", targets) if has_val else None
+    if val_ds is not None and cfg.validation_steps:
+        val_ds = val_ds.take(cfg.validation_steps)
+    # Keras says this after every complete pass over a dataset of unknown length; the training
+    # stream is infinite, so it can only be about validation, where it means nothing.
+    warnings.filterwarnings("ignore", message="Your input ran out of data")
+    return RunData(labels, aux_heads, train_products, has_val, skipped, steps_per_epoch, train_ds, val_ds), cfg
+
+
+def _describe(cfg: TrainConfig, strategy, data: RunData) -> None:
+    heads = "".join(f" + {name} head ({classes})" for name, classes in data.aux_heads.items())
+    print(
+        f"{distribution.describe(strategy)}; {data.train_products} training products, "
+        f"{data.labels.num_classes} classes{heads}; "
+        f"global batch {cfg.batch_size}, {data.steps_per_epoch} steps x {cfg.epochs} epochs",
+        flush=True,
+    )
+    if data.train_products < cfg.batch_size:
+        print(f"The train split has {data.train_products} products, fewer than one global batch of "
+              f"{cfg.batch_size}: batches repeat products.", flush=True)
+    if cfg.aux_loss_weight > 0:
+        for name in ("level1", "level2"):
+            if name not in data.aux_heads:
+                print(f"No {name} head: labels.csv has one {name} class.", flush=True)
+    if not data.has_val:
+        print(f"No val split in {cfg.data_dir}: training without validation.", flush=True)
+
+
+def model_config(cfg: TrainConfig, labels: labels_lib.Labels, aux_heads: dict) -> multi_image.ModelConfig:
+    return multi_image.ModelConfig(
+        num_classes=labels.num_classes,
+        num_level1=aux_heads.get("level1", 0),
+        num_level2=aux_heads.get("level2", 0),
+        image_size=cfg.model_image_size,
+        backbone=cfg.backbone,
+        fusion=cfg.fusion,
+        packed=cfg.packed,
+        weights=cfg.weights or None,
+        dropout=cfg.dropout,
+        bn_momentum=cfg.bn_momentum,
+        max_images=record_schema.MAX_IMAGES,
+        flip=cfg.flip,
+        seed=cfg.seed,
+    )
+
+
+def _write_run_files(cfg: TrainConfig, mconfig: multi_image.ModelConfig, flags_text: str) -> None:
+    """labels.csv (evaluate.py maps class indices back to category ids with the model's own
+    copy), train_config.json and flags.txt."""
+    tf.io.gfile.copy(os.path.join(cfg.data_dir, record_schema.LABELS_FILE),
+                     os.path.join(cfg.model_dir, record_schema.LABELS_FILE), overwrite=True)
+    with tf.io.gfile.GFile(os.path.join(cfg.model_dir, model_dir_lib.CONFIG_FILE), "w") as f:
+        json.dump({"model": dataclasses.asdict(mconfig), "train": dataclasses.asdict(cfg)}, f, indent=1)
+    if flags_text:
+        with tf.io.gfile.GFile(os.path.join(cfg.model_dir, model_dir_lib.FLAGS_FILE), "w") as f:
+            f.write(flags_text)
+
+
+def _build_and_restore(cfg: TrainConfig, strategy, mconfig, data: RunData) -> tuple[keras.Model, int]:
+    """The model, built and compiled under the strategy so variables are mirrored on every
+    replica, with the backup's weights and optimizer step when there is one."""
+    backup_dir = os.path.join(cfg.model_dir, model_dir_lib.BACKUP_DIR)
+    with strategy.scope():
+        model = multi_image.build_model(mconfig)
+        schedule = optimization.learning_rate_schedule(cfg, data.steps_per_epoch)
+        optimizer = optimization.make_optimizer(cfg, schedule)
+        optimization.compile_model(model, cfg, optimizer, data.aux_heads)
+        resumed_step = callbacks_lib.restore_backup(model, backup_dir)
+    if resumed_step:
+        resumed_epoch = resumed_step // data.steps_per_epoch
+        print(f"Resuming from {backup_dir}: epoch {min(resumed_epoch, cfg.epochs - 1) + 1}/{cfg.epochs}, "
+              f"optimizer step {resumed_step}", flush=True)
+    return model, resumed_step
+
+
+def _write_samples(cfg: TrainConfig, labels: labels_lib.Labels) -> None:
+    samples = data_folder.split_dataset(cfg, "train", training=True, batch_size=cfg.sample_products,
+                                        shuffle_buffer=64, seed=cfg.seed)
+    features, label = next(iter(samples))
+    sample_grid.write_sample_grid(features, label, sample_grid.class_names(labels),
+                                  os.path.join(cfg.model_dir, model_dir_lib.LOGS_DIR))
+
+
+def fit_phases(resumed_step: int, steps_per_epoch: int, epochs: int) -> list[tuple[int, int, int]]:
+    """(first epoch, end epoch, steps per epoch) of each fit call left to run.
+
+    fit() runs whole epochs of one length: a run resumed inside an epoch (the optimizer's step
+    count is the run's position) first finishes that epoch's remaining steps in a fit call of
+    its own, so that no optimizer step is run twice."""
+    resumed_epoch, done_in_epoch = divmod(resumed_step, steps_per_epoch)
+    phases = []
+    if done_in_epoch:
+        phases.append((resumed_epoch, resumed_epoch + 1, steps_per_epoch - done_in_epoch))
+        resumed_epoch += 1
+    if resumed_epoch < epochs:
+        phases.append((resumed_epoch, epochs, steps_per_epoch))
+    return phases
+
+
+def _fit(model: keras.Model, cfg: TrainConfig, strategy, data: RunData, callbacks: list,
+         resumed_step: int) -> dict:
+    history = {}
+    for first_epoch, end_epoch, steps in fit_phases(resumed_step, data.steps_per_epoch, cfg.epochs):
+        try:
+            fitted = model.fit(
+                data.train_ds,
+                initial_epoch=first_epoch,
+                epochs=end_epoch,
+                steps_per_epoch=steps,
+                validation_data=data.val_ds,
+                callbacks=callbacks,
+                verbose=cfg.verbose,
+                shuffle=False,  # the pipeline shuffles; Keras cannot shuffle a tf.data stream anyway
+            )
+        except tf.errors.DataLossError:
+            raise  # a damaged shard: train() names it
+        except Exception as e:
+            if distribution.is_multi_worker(strategy):
+                raise RuntimeError(
+                    "model.fit failed under MultiWorkerMirroredStrategy (TF_CONFIG is set). Keras 3 has "
+                    "open issues there (keras-team/keras#20585, tensorflow/tensorflow#72388); the two met "
+                    "with Keras 3.15 are worked around (model/training/distribution.py), this one is not. "
+                    f"Unset TF_CONFIG to train on this machine's devices. Original error: {e}"
+                ) from e
+            raise
+        for name, values in fitted.history.items():
+            history.setdefault(name, []).extend(values)
+        if model.stop_training and any(not math.isfinite(v[-1]) for v in history.values() if v):
+            raise RuntimeError("training stopped on a NaN loss; backup/ is kept, lower --base_lr")
+    return history
+
+
+def _final_model(model: keras.Model, cfg: TrainConfig, mconfig, data: RunData) -> tuple[keras.Model, int, dict]:
+    """A plain copy outside the strategy (what evaluation and serving load), its BatchNorm
+    statistics recalibrated on training batches, measured once more on val."""
+    final = multi_image.build_model(mconfig)
+    final.set_weights(model.get_weights())
+    calibration = data_folder.split_dataset(cfg, "train", training=True, batch_size=cfg.batch_size, seed=cfg.seed,
+                                            repeat=True)
+    recalibrated = batchnorm.recalibrate_batchnorm(final, calibration, cfg.bn_recalibration_steps)
+    final_val = {}
+    if data.has_val:
+        optimization.compile_model(final, cfg, keras.optimizers.SGD(), data.aux_heads)  # for evaluate(); never trained
+        final_val = final.evaluate(data.val_ds, return_dict=True, verbose=0)
+        print(
+            f"Final model (BatchNorm recalibrated on {recalibrated} batches): val top-1 "
+            f"{final_val[TOP1]:.4f}, top-5 {final_val['category_top5']:.4f}",
+            flush=True,
+        )
+    return final, recalibrated, final_val
+
+
+def _save(final: keras.Model, model: keras.Model, cfg: TrainConfig, data: RunData, resumed_step: int,
+          recalibrated: int, history: dict, final_val: dict) -> dict:
+    """The final artefacts, then the backup dropped: from here a re-run has nothing left to do."""
+    model_path = os.path.join(cfg.model_dir, model_dir_lib.MODEL_FILE)
+    export_path = os.path.join(cfg.model_dir, model_dir_lib.EXPORT_DIR)
+    final.save(model_path)
+    export.export_serving_model(final, data.labels, export_path, image_size=cfg.image_size,
+                                crop_size=cfg.crop_size, top_k=cfg.export_top_k)
+    state = {
+        "epochs": cfg.epochs,
+        "steps_per_epoch": data.steps_per_epoch,
+        "optimizer_iterations": int(keras.ops.convert_to_numpy(model.optimizer.iterations)),
+        "resumed_epoch": resumed_step // data.steps_per_epoch,
+        "resumed_step": resumed_step,
+        "bn_recalibration_batches": recalibrated,
+        "final": {k: float(v[-1]) for k, v in history.items() if v},
+        "final_val": {k: float(v) for k, v in final_val.items()},
+        "skipped_records": data.skipped,
+    }
+    with tf.io.gfile.GFile(os.path.join(cfg.model_dir, model_dir_lib.STATE_FILE), "w") as f:
+        json.dump(state, f, indent=1)
+    backup_dir = os.path.join(cfg.model_dir, model_dir_lib.BACKUP_DIR)
+    if tf.io.gfile.exists(backup_dir):
+        tf.io.gfile.rmtree(backup_dir)
+    print(f"Saved {model_path} and the SavedModel {export_path}")
+    return state

@@ -1,0 +1,74 @@
+"""A model_dir's earlier run: whether it may be resumed or reused with this config, and how an
+epoch is cut into Keras executions."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+
+import tensorflow as tf
+
+from model import model_dir as model_dir_lib
+from model.config import TrainConfig
+from model.errors import UserError
+from model.training import callbacks as callbacks_lib
+
+
+# Settings that do not change what a run computes: a resumed or finished run may differ in them.
+RUN_INDEPENDENT = frozenset({"model_dir", "verbose", "profile_batches", "sample_products", "backup_every_steps",
+                             "export_top_k", "cpu_devices", "shuffle_buffer", "steps_per_execution",
+                             "log_every_steps", "expect_gpus",
+                             "skip_corrupt_records", "data_service"})
+
+
+def settings_differences(saved: dict, cfg: TrainConfig) -> list[str]:
+    """The settings of a saved train_config.json["train"] that differ from cfg, as flags."""
+    return [f"--{name}={saved[name]} (now {value})" for name, value in dataclasses.asdict(cfg).items()
+            if name not in RUN_INDEPENDENT and name in saved and saved[name] != value]
+
+
+def align_to_executions(steps_per_epoch: int, steps_per_execution: int) -> tuple[int, int]:
+    """(steps_per_epoch, steps_per_execution) such that an epoch is whole executions.
+
+    Keras runs whole executions: an epoch that is not a multiple of steps_per_execution silently
+    runs more steps than asked (an epoch of 4 steps runs 20 at steps_per_execution=20). So a
+    shorter epoch lowers steps_per_execution, and a longer one rounds down to a multiple; each
+    change is said once.
+    """
+    if steps_per_epoch < steps_per_execution:
+        print(f"steps_per_execution lowered from {steps_per_execution} to {steps_per_epoch}: an epoch has "
+              f"only {steps_per_epoch} steps", flush=True)
+        return steps_per_epoch, steps_per_epoch
+    if steps_per_epoch % steps_per_execution:
+        rounded = steps_per_epoch - steps_per_epoch % steps_per_execution
+        print(f"steps_per_epoch rounded down from {steps_per_epoch} to {rounded}, a multiple of "
+              f"steps_per_execution={steps_per_execution} (Keras runs whole executions)", flush=True)
+        return rounded, steps_per_execution
+    return steps_per_epoch, steps_per_execution
+
+
+def check_earlier_run(model_dir: str, cfg: TrainConfig) -> dict | None:
+    """The state of a finished run of this config in model_dir (None if there is none to reuse).
+
+    A finished or interrupted run made with other settings stops here with one line: resuming it
+    would mix two runs, and starting over would destroy it.
+    """
+    config_path = os.path.join(model_dir, model_dir_lib.CONFIG_FILE)
+    state_path = os.path.join(model_dir, model_dir_lib.STATE_FILE)
+    exists = tf.io.gfile.exists
+    finished = exists(state_path) and exists(os.path.join(model_dir, model_dir_lib.MODEL_FILE))
+    interrupted = exists(os.path.join(model_dir, model_dir_lib.BACKUP_DIR, callbacks_lib.BACKUP_WEIGHTS))
+    if not (finished or interrupted) or not exists(config_path):
+        return None
+    with tf.io.gfile.GFile(config_path) as f:
+        differences = settings_differences(json.load(f)["train"], cfg)
+    if differences:
+        kind = "a finished" if finished else "an interrupted"
+        raise UserError(f"{model_dir} holds {kind} run with other settings: {'; '.join(differences)}. "
+                            "Use another --model_dir, or the same settings to "
+                            + ("reuse it" if finished else "resume it"))
+    if not finished:
+        return None
+    with tf.io.gfile.GFile(state_path) as f:
+        return json.load(f)
