@@ -23,7 +23,7 @@ import time
 import psutil
 
 import record_schema
-from beam_convert.pipeline import ConvertConfig
+from beam_convert.job import ConvertConfig
 
 PLAIN_LOOP = r"""
 import csv, sys, time

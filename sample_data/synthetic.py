@@ -44,11 +44,11 @@ import bson
 import numpy as np
 from PIL import Image, ImageChops, ImageDraw
 
-from beam_convert import labels
+from beam_convert import categories as categories_lib
 
 IMAGE_SIZE = 180
 DEFAULT_CATEGORIES_CSV = pathlib.Path(__file__).resolve().parent.parent / "data" / "category_names.csv"
-CATEGORIES_HEADER = labels.CATEGORIES_HEADER  # of the file write_categories_csv writes
+CATEGORIES_HEADER = categories_lib.CATEGORIES_HEADER  # of the file write_categories_csv writes
 
 # The default number of classes, and how many of them are split classes (see Classes above).
 DEFAULT_CLASSES = 20
@@ -105,9 +105,9 @@ class ProductPlan(NamedTuple):
 
 
 @functools.lru_cache(maxsize=None)
-def _categories(path: str) -> tuple[labels.Category, ...]:
+def _categories(path: str) -> tuple[categories_lib.Category, ...]:
     with open(path, newline="", encoding="utf-8") as f:
-        return tuple(labels.categories_in_file_order(f.read(), path))
+        return tuple(categories_lib.categories_in_file_order(f.read(), path))
 
 
 def category_ids(num_classes: int, categories_csv=DEFAULT_CATEGORIES_CSV) -> list[int]:

@@ -9,7 +9,7 @@ import bson
 import numpy as np
 
 import record_schema
-from beam_convert import labels as categories_lib
+from beam_convert import categories as categories_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # The same code path as a real run, at a size that trains in seconds on 2 cores.

@@ -1,8 +1,6 @@
 """The conversion job end to end (python -m beam_convert), on real and hand-made BSON."""
 
-import collections
 import os
-import shutil
 import subprocess
 import sys
 import tarfile
@@ -10,7 +8,6 @@ import tarfile
 import numpy as np
 import pytest
 
-import record_schema
 from tests.convert_helpers import (
     CATEGORIES_CSV, REPO, SAMPLE_BSON, convert, product, read_labels, read_metadata, read_records,
     record_multiset, sample_documents, sample_jpegs, write_bson)
@@ -21,18 +18,6 @@ def sample_output(tmp_path_factory):
     out = tmp_path_factory.mktemp("sample")
     assert convert(f"--input={SAMPLE_BSON}", f"--output_dir={out}", f"--categories={CATEGORIES_CSV}") == 0
     return out
-
-
-def test_each_split_lists_its_product_ids_in_record_order(sample_output, tmp_path):
-    for split in ("train", "val"):
-        ids = np.load(sample_output / record_schema.product_ids_name(split))
-        assert ids.dtype == np.int64
-        assert ids.tolist() == [r["product_id"] for r in read_records(sample_output, split)]
-    # Several ranges into several shards: still the shards' order.
-    out = tmp_path / "ranges"
-    assert convert(f"--input={SAMPLE_BSON}", f"--output_dir={out}", "--range_size=7", "--num_shards=3") == 0
-    ids = np.load(out / record_schema.product_ids_name("train"))
-    assert ids.tolist() == [r["product_id"] for r in read_records(out, "train")] and len(ids) > 60
 
 
 def test_sample_every_product_and_jpeg_arrives_byte_identical(sample_output):
@@ -66,15 +51,6 @@ def test_sample_labels_map_back_to_category_ids(sample_output):
         assert int(by_label[record["label"]]["category_id"]) == record["category_id"]
     quoted = [r for r in rows if "," in r["category_level3"]]
     assert quoted, "the real file has level3 names holding commas"
-
-
-def test_digest_table_holds_train_images(sample_output):
-    table = np.load(os.path.join(sample_output, record_schema.IMAGE_DIGESTS_FILE))
-    train = read_records(sample_output, "train")
-    expected = collections.Counter(
-        (record_schema.image_digest(image), r["category_id"]) for r in train for image in r["images"] if image)
-    got = {(int(d), int(c)): int(n) for d, c, n in zip(table["digest"], table["category_id"], table["count"])}
-    assert got == dict(expected)
 
 
 def test_same_records_whatever_the_workers_and_ranges(tmp_path):
@@ -178,27 +154,6 @@ def test_several_files_through_a_glob(tmp_path):
     assert ids == {doc["_id"] for doc in documents}
 
 
-def test_refuses_a_non_empty_output_dir_unless_overwrite(tmp_path, capsys):
-    out = tmp_path / "out"
-    out.mkdir()
-    (out / "something").write_text("x")
-    assert convert(f"--input={SAMPLE_BSON}", f"--output_dir={out}") == 2
-    error = capsys.readouterr().err.strip().splitlines()[-1]
-    assert str(out) in error and "--overwrite" in error
-    assert convert(f"--input={SAMPLE_BSON}", f"--output_dir={out}", "--overwrite") == 0
-    assert read_metadata(out)["documents"] == 82
-    # A second overwrite replaces, never duplicates, the shards.
-    assert convert(f"--input={SAMPLE_BSON}", f"--output_dir={out}", "--overwrite", "--num_shards=2") == 0
-    assert sorted(p.name for p in out.glob("train-*")) == ["train-00000-of-00002.tfrecord",
-                                                           "train-00001-of-00002.tfrecord"]
-    assert not list(out.glob("_tmp-*"))
-
-
-def test_missing_input_is_one_line_error(tmp_path, capsys):
-    assert convert(f"--input={tmp_path / 'nothing*.bson'}", f"--output_dir={tmp_path / 'out'}") == 2
-    assert "no input file matches" in capsys.readouterr().err
-
-
 def test_sdist_carries_both_packages_and_requirements_but_no_sample_data(tmp_path):
     subprocess.run([sys.executable, "setup.py", "-q", "sdist", "--dist-dir", str(tmp_path)], cwd=REPO,
                    check=True, capture_output=True)
@@ -206,96 +161,10 @@ def test_sdist_carries_both_packages_and_requirements_but_no_sample_data(tmp_pat
     with tarfile.open(archive) as tar:
         names = tar.getnames()
         requires = next(tar.extractfile(n).read().decode() for n in names if n.endswith("requires.txt"))
-    for module in ("beam_convert/__main__.py", "beam_convert/pipeline.py", "model/__init__.py",
+    for module in ("beam_convert/__main__.py", "beam_convert/pipeline.py", "model/__init__.py", "model/training/loop.py",
                    "record_schema.py", "setup.py"):
         assert any(n.endswith(module) for n in names), module
     # Dataflow workers install this sdist: the synthetic data generator has no business there.
     assert not [n for n in names if "sample_data" in n or os.path.basename(n) == "synthetic.py"]
     for requirement in ("apache-beam", "pymongo", "google-crc32c", "tensorflow", "absl-py", "numpy"):
         assert requirement in requires, requirement
-
-
-def test_an_interrupted_job_resumes_without_redoing_finished_ranges(tmp_path, monkeypatch, capsys):
-    from beam_convert import pipeline
-
-    out = tmp_path / "out"
-    args = (f"--input={SAMPLE_BSON}", f"--output_dir={out}", "--range_size=10")
-    original = pipeline.ConvertRange.process
-    calls = []
-
-    def fails_on_the_fourth_range(self, index_range, index):
-        calls.append(index_range.range_id)
-        if len(calls) == 4:
-            raise RuntimeError("worker lost")
-        yield from original(self, index_range, index)
-
-    monkeypatch.setattr(pipeline.ConvertRange, "process", fails_on_the_fourth_range)
-    assert convert(*args) == 1
-    assert "run the same command again to resume" in capsys.readouterr().err
-    assert not (out / "metadata.json").exists()
-    monkeypatch.setattr(pipeline.ConvertRange, "process", original)
-    converted = []
-    convert_range = pipeline.ConvertRange._convert
-
-    def spy(self, index_range, index):
-        converted.append(index_range.range_id)
-        return convert_range(self, index_range, index)
-
-    monkeypatch.setattr(pipeline.ConvertRange, "_convert", spy)
-    assert convert(*args) == 0
-    assert "resuming the unfinished run" in capsys.readouterr().err
-    assert len(converted) == 9 - 3 and not set(converted) & set(calls[:3])
-    clean = tmp_path / "clean"
-    assert convert(f"--input={SAMPLE_BSON}", f"--output_dir={clean}", "--range_size=10") == 0
-    assert record_multiset(out) == record_multiset(clean)
-    assert read_metadata(out)["images_per_product"] == read_metadata(clean)["images_per_product"]
-    assert read_metadata(out)["rejected"] == {}
-
-
-def _files(folder) -> dict:
-    return {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file()}
-
-
-@pytest.fixture
-def earlier_conversion(sample_output, tmp_path):
-    out = tmp_path / "out"
-    shutil.copytree(sample_output, out)
-    return out, _files(out)
-
-
-def test_an_overwrite_that_fails_while_finalizing_puts_the_earlier_conversion_back(
-        earlier_conversion, monkeypatch, capsys):
-    from beam_convert import pipeline
-
-    out, before = earlier_conversion
-
-    def disk_full(sources, destination):
-        raise OSError("No space left on device")
-
-    monkeypatch.setattr(pipeline, "write_digest_table", disk_full)  # a finalize task, after the shards moved
-    assert convert(f"--input={SAMPLE_BSON}", f"--output_dir={out}", f"--categories={CATEGORIES_CSV}",
-                   "--overwrite", "--range_size=10") == 1
-    assert _files(out) == before
-    assert "back in place" in capsys.readouterr().err
-
-
-def test_an_overwrite_killed_while_finalizing_is_put_back_by_the_next_run(earlier_conversion, monkeypatch, capsys):
-    from beam_convert import __main__ as cli
-    from beam_convert import pipeline
-
-    out, before = earlier_conversion
-    args = (f"--input={SAMPLE_BSON}", f"--output_dir={out}", f"--categories={CATEGORIES_CSV}")
-
-    def fails(task_outputs, *args):
-        raise RuntimeError("killed")
-
-    # A killed process cleans nothing up: the failure is not followed by a restore.
-    monkeypatch.setattr(pipeline, "write_metadata", fails)
-    monkeypatch.setattr(cli, "restore_previous_output", lambda output_dir, tmp_dir: False)
-    assert convert(*args, "--overwrite", "--range_size=10") == 1
-    assert not (out / "metadata.json").exists()
-    monkeypatch.undo()
-    capsys.readouterr()
-    assert convert(*args) == 2, "the earlier conversion is back, so the folder is not empty"
-    assert "put back the earlier conversion" in capsys.readouterr().err
-    assert _files(out) == before

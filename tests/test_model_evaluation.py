@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import record_schema
-from beam_convert import labels as categories_lib
+from beam_convert import categories as categories_lib
 import demo
 from model.evaluation import duplicates, metrics, report, submission
 from model.input_pipeline import data_folder

@@ -1,7 +1,12 @@
-"""python -m model.data_service dispatcher [--port=5050] [--work_dir=DIR]
-python -m model.data_service worker --dispatcher=HOST:5050 [--port=PORT] [--worker_address=HOST:PORT]
+"""The tf.data service's processes: the training pipeline on other hosts' CPUs.
 
-The flags are defined here, in the program, so that --help lists them as the program's own."""
+    python -m model.data_service dispatcher --port=5050 [--work_dir=DIR]
+    python -m model.data_service worker --dispatcher=HOST:5050 [--port=PORT] [--worker_address=HOST:PORT]
+    python train.py ... --data_service=grpc://HOST:5050
+
+How it shards, shuffles and survives faults: docs/DATA_SERVICE.md.
+"""
+# The flags are defined here, in the program, so that --help lists them as the program's own.
 
 import sys
 

@@ -1,0 +1,253 @@
+"""The finalize stage: the ranges' temporary files -> the named output files, metadata.json last.
+
+  [RangeResult] -> require a product -> move previous output aside (--overwrite) -> plan ->
+  Reshuffle -> finalize tasks in parallel (shards, id lists, rejected, digests) -> labels.csv,
+  metadata.json
+
+Finalizing renames (or concatenates) the temporary files into the named shards and writes
+metadata.json last, so a failed run never leaves output that looks complete.
+"""
+
+import collections
+import dataclasses
+import io
+import json
+from typing import Iterable, Iterator, Optional
+
+import apache_beam as beam
+import numpy as np
+
+import record_schema
+from beam_convert import categories as categories_lib
+from beam_convert import files, products
+from beam_convert.errors import NothingConverted
+from beam_convert.job import (
+    SPLIT_CODES, TOO_MANY_IMAGES, ConvertConfig, DatasetIndex, RangeResult, npy_bytes, rejection_report)
+from beam_convert.output_folder import move_previous_output_aside
+
+
+class RunFinalize(beam.PTransform):
+    """The one-element list of RangeResults -> a one-element PCollection holding the final metadata."""
+
+    def __init__(self, config: ConvertConfig, inputs: list[str], dataset_index: beam.PCollection):
+        super().__init__()
+        self.config = config
+        self.inputs = inputs
+        self.dataset_index = dataset_index
+
+    def expand(self, results):
+        config, inputs = self.config, self.inputs
+        task_outputs = (
+            results
+            | "RequireProducts" >> beam.Map(
+                require_products, beam.pvalue.AsSingleton(self.dataset_index), config, inputs)
+            | "MovePreviousOutputAside" >> beam.Map(move_previous_output_aside, config)
+            | "PlanFinalize" >> beam.FlatMap(plan_finalize, config)
+            | "SpreadTasks" >> beam.Reshuffle()
+            | "RunTasks" >> beam.Map(run_finalize_task)
+            | "CollectTasks" >> beam.combiners.ToList()
+        )
+        return task_outputs | "WriteMetadata" >> beam.Map(
+            write_metadata, beam.pvalue.AsSingleton(results), beam.pvalue.AsSingleton(self.dataset_index), config,
+            inputs)
+
+
+@dataclasses.dataclass(frozen=True)
+class SplitOverlap:
+    """How many distinct images each side of the split has, and how many both (metadata.json)."""
+
+    train_distinct_images: int
+    val_distinct_images: int
+    images_on_both_sides: int
+
+
+@dataclasses.dataclass(frozen=True)
+class FinalizeTask:
+    """Turns temporary files into one output file; the tasks run in parallel."""
+
+    sources: tuple[str, ...]
+    destination: str
+
+    def run(self) -> Optional[SplitOverlap]:
+        raise NotImplementedError
+
+
+@dataclasses.dataclass(frozen=True)
+class ConcatFiles(FinalizeTask):
+    """Joins the sources, in order, into the destination: a rename when there is one."""
+
+    def run(self) -> None:
+        if len(self.sources) == 1:
+            files.FileSystems.rename(list(self.sources), [self.destination])
+            return
+        files.concatenate(self.sources, self.destination)
+        files.delete(list(self.sources))
+
+
+@dataclasses.dataclass(frozen=True)
+class JoinProductIds(FinalizeTask):
+    """Joins the ranges' product id lists of one split, in the shards' order: the split's ids in
+    record order, so that a reader can tell which products a damaged shard lost."""
+
+    def run(self) -> None:
+        ids = [np.load(io.BytesIO(files.read_bytes(path))) for path in self.sources]
+        files.write_bytes(self.destination, npy_bytes(np.concatenate(ids or [np.zeros(0, np.int64)])))
+        files.delete(list(self.sources))
+
+
+@dataclasses.dataclass(frozen=True)
+class WriteDigestTable(FinalizeTask):
+    """Turns the ranges' temporary digest rows into the output's image digest table."""
+
+    def run(self) -> SplitOverlap:
+        return write_digest_table(self.sources, self.destination)
+
+
+def require_products(results: list[RangeResult], index: DatasetIndex, config: ConvertConfig,
+                     inputs: list[str]) -> list[RangeResult]:
+    """Passes the ranges' results on if they hold a product, else stops the job with one line.
+
+    Runs before the previous output is touched, so an empty --overwrite run leaves it as it was.
+    The finished ranges stay in tmp_dir: the same command fails again at once, without converting.
+    """
+    if any(result.products for result in results):
+        return results
+    source = describe_inputs(inputs)
+    rejected = collections.Counter()
+    for result in results:
+        rejected.update(result.rejected)
+    rejected[products.CORRUPT_BSON] += index.corrupt_rejections
+    rejected = +rejected  # drops the zero count
+    if not rejected:
+        files.delete_tree(config.tmp_dir)  # nothing in it worth keeping
+        raise NothingConverted(f"{source}: 0 products: the input has no document")
+    report = keep_rejection_report(config)
+    reasons = ", ".join(f"{reason} {count:,}" for reason, count in rejected.most_common())
+    raise NothingConverted(f"{source}: 0 products: every one of {sum(rejected.values()):,} documents was "
+                           f"rejected ({reasons}), see {report}")
+
+
+def describe_inputs(paths: list[str]) -> str:
+    """The input files, for a message; a long glob's list is cut short."""
+    if len(paths) <= 2:
+        return ", ".join(paths)
+    return f"{paths[0]} and {len(paths) - 1:,} more input files"
+
+
+def keep_rejection_report(config: ConvertConfig) -> str:
+    """Puts the rejection report of a run that converted nothing where the user can read it.
+
+    It goes into tmp_dir, not output_dir: a failed run adds nothing to output_dir (which may hold
+    an earlier conversion that --overwrite must not disturb). The ranges' own reports are copied,
+    not moved, so the finished ranges stay whole.
+    """
+    destination = files.join(config.tmp_dir, record_schema.rejected_name())
+    files.concatenate(files.glob(rejection_report(config.tmp_dir)), destination)
+    return destination
+
+
+def plan_finalize(results: list[RangeResult], config: ConvertConfig) -> Iterator[FinalizeTask]:
+    """Tasks that turn temporary files into the output: one per shard and per split's id list, plus
+    rejected and digests."""
+    yield from _plan_shards(results, config)
+    ids = collections.defaultdict(list)
+    for result in sorted(results, key=lambda r: r.range_id):  # the shards' order
+        for split, split_file in result.records.items():
+            ids[split].append(split_file.ids)
+    for split, sources in sorted(ids.items()):
+        yield JoinProductIds(tuple(sources), files.join(config.output_dir, record_schema.product_ids_name(split)))
+    rejected_sources = files.glob(rejection_report(config.tmp_dir))
+    yield ConcatFiles(tuple(rejected_sources), files.join(config.output_dir, record_schema.rejected_name()))
+    digest_sources = tuple(sorted(result.digests for result in results if result.digests))
+    if digest_sources:
+        yield WriteDigestTable(digest_sources, files.join(config.output_dir, record_schema.IMAGE_DIGESTS_FILE))
+
+
+def _plan_shards(results: list[RangeResult], config: ConvertConfig) -> Iterator[ConcatFiles]:
+    """Each split's range files, in range order, cut into num_shards consecutive groups."""
+    by_split = collections.defaultdict(list)
+    for result in sorted(results, key=lambda r: r.range_id):
+        for split, split_file in result.records.items():
+            by_split[split].append(split_file.path)
+    for split, paths in sorted(by_split.items()):
+        count = config.num_shards or len(paths)
+        for shard in range(count):
+            group = paths[shard * len(paths) // count : (shard + 1) * len(paths) // count]
+            destination = files.join(config.output_dir, record_schema.shard_name(split, shard, count))
+            yield ConcatFiles(tuple(group), destination)
+
+
+def run_finalize_task(task: FinalizeTask) -> Optional[SplitOverlap]:
+    return task.run()
+
+
+def write_digest_table(sources: Iterable[str], destination: str) -> SplitOverlap:
+    """Train image digest -> category ids with counts (the duplicate-image lookup at evaluation).
+
+    npz arrays `digest` (int64, record_schema.image_digest of the JPEG bytes), `category_id`
+    (int64) and `count` (int64), one row per distinct (digest, category_id), sorted by both.
+    """
+    rows = np.concatenate([np.load(io.BytesIO(files.read_bytes(path))) for path in sources])
+    train = rows[rows["split"] == SPLIT_CODES["train"]]
+    pairs, counts = np.unique(np.stack([train["digest"], train["category_id"]], axis=1), axis=0, return_counts=True)
+    buffer = io.BytesIO()
+    np.savez(buffer, digest=pairs[:, 0].astype(np.int64), category_id=pairs[:, 1].astype(np.int64),
+             count=counts.astype(np.int64))
+    files.write_bytes(destination, buffer.getvalue())
+    train_digests = np.unique(train["digest"])
+    val_digests = np.unique(rows[rows["split"] == SPLIT_CODES["val"]]["digest"])
+    return SplitOverlap(
+        train_distinct_images=int(len(train_digests)),
+        val_distinct_images=int(len(val_digests)),
+        images_on_both_sides=int(len(np.intersect1d(train_digests, val_digests))),
+    )
+
+
+def _split_totals(results: list[RangeResult], output_dir: str) -> dict:
+    """split -> products, images and shards, in split order."""
+    splits = collections.defaultdict(lambda: {"products": 0, "images": 0, "shards": 0})
+    for result in results:
+        for split, split_file in result.records.items():
+            splits[split]["products"] += split_file.products
+            splits[split]["images"] += split_file.images
+    for split in splits:
+        splits[split]["shards"] = len(files.glob(files.join(output_dir, record_schema.shard_pattern(split))))
+    return dict(sorted(splits.items()))
+
+
+def write_metadata(task_outputs: list[Optional[SplitOverlap]], results: list[RangeResult], index: DatasetIndex,
+                   config: ConvertConfig, inputs: list[str]) -> dict:
+    categories = list(config.categories or categories_lib.categories_from_ids(index.category_ids_seen))
+    files.write_bytes(files.join(config.output_dir, record_schema.LABELS_FILE),
+                      categories_lib.labels_csv(categories).encode())
+    images_per_product = collections.Counter()
+    rejected = collections.Counter()
+    for result in results:
+        images_per_product.update(result.images_per_product)
+        rejected.update(result.rejected)
+    if index.corrupt_rejections:
+        rejected[products.CORRUPT_BSON] += index.corrupt_rejections
+    overlap = next((output for output in task_outputs if output is not None), None)
+    metadata = {
+        "schema_version": record_schema.SCHEMA_VERSION,
+        "num_classes": len(categories),
+        "max_images": config.max_images,
+        "splits": _split_totals(results, config.output_dir),
+        "images_per_product": {k: images_per_product[k] for k in sorted(images_per_product, key=int)},
+        "rejected": dict(sorted(rejected.items())),
+        "rejected_total": sum(rejected.values()),
+        TOO_MANY_IMAGES: sum(result.too_many_images for result in results),
+        "documents": index.documents,
+        "inputs": inputs,
+        "labelled_inputs": sorted(index.labelled_files),
+        "categories": "file" if config.categories else "seen in the data",
+        "val_fraction": config.val_fraction,
+        "split_key": "smallest image digest of the product (beam_convert/products.py: split_key)",
+        "image_digests": record_schema.IMAGE_DIGESTS_FILE if overlap is not None else None,
+        "split_overlap": dataclasses.asdict(overlap) if overlap is not None else None,
+    }
+    # Last, so that its presence means the output is complete.
+    files.write_bytes(files.join(config.output_dir, record_schema.METADATA_FILE),
+                      (json.dumps(metadata, indent=2) + "\n").encode())
+    files.delete_tree(config.tmp_dir)
+    return metadata

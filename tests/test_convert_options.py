@@ -1,0 +1,93 @@
+"""The converter's options (beam_convert/options.py): options that cannot be mistyped, flagfiles,
+one-line errors."""
+
+import pytest
+
+from tests.convert_helpers import SAMPLE_BSON, convert, convert_and_read_stderr, read_metadata
+
+
+# --- options that cannot be mistyped (issue 10, item 3) ------------------------------------------
+
+@pytest.mark.parametrize("typo, meant", [
+    ("--val_fracton=0.5", "--val_fraction"),
+    ("--runnr=DataflowRunner", "--runner"),
+    ("--direct_num_worker=2", "--direct_num_workers"),  # a Beam option misspelt
+    ("--val=0.5", "--val_fraction"),  # a prefix is not taken for the option
+])
+def test_a_misspelt_option_exits_2_naming_it_and_the_nearest_known_one(tmp_path, capsys, typo, meant):
+    out = tmp_path / "out"
+    status, lines = convert_and_read_stderr(capsys, f"--input={SAMPLE_BSON}", f"--output_dir={out}", typo)
+    assert status == 2
+    assert lines == [f"beam_convert: error: unknown option {typo.split('=')[0]} (did you mean {meant}?)"]
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--output_dir=OUT"], "the following arguments are required: --input"),
+    (["--input=IN", "--output_dir=OUT", "--val_fraction=half"], "argument --val_fraction: invalid float value"),
+    (["--input=IN", "--output_dir=OUT", "--val_fraction=1.5"], "--val_fraction must be in [0, 1)"),
+    (["--input=IN", "--output_dir=OUT", "--direct_running_mode=fast"], "argument --direct_running_mode: invalid"),
+    (["--input=IN", "--output_dir=OUT", "stray"], "unexpected argument 'stray'"),
+])
+def test_argument_errors_are_one_line_with_status_2(capsys, args, message):
+    status, lines = convert_and_read_stderr(capsys, *args)
+    assert status == 2
+    assert len(lines) == 1 and lines[0].startswith(f"beam_convert: error: {message}"), lines
+
+
+def test_real_beam_options_are_passed_to_beam_unchanged():
+    from beam_convert.options import parse_args
+
+    beam_args = ["--runner=DirectRunner", "--direct_num_workers=2", "--direct_running_mode=multi_processing",
+                 "--project=my-project", "--region", "europe-west1", "--temp_location=gs://bucket/tmp",
+                 "--setup_file=./setup.py", "--save_main_session", "--experiments=use_runner_v2"]
+    args, passed_on = parse_args(["--input=in.bson", "--output_dir=out", *beam_args])
+    assert passed_on == beam_args
+    assert (args.input, args.output_dir) == ("in.bson", "out")
+
+
+def test_a_real_beam_option_still_runs(tmp_path):
+    out = tmp_path / "out"
+    assert convert(f"--input={SAMPLE_BSON}", f"--output_dir={out}", "--direct_num_workers=2") == 0
+    assert read_metadata(out)["documents"] == 82
+
+
+def test_a_flagfile_sets_options_and_the_command_line_overrides_it(tmp_path):
+    (tmp_path / "beam.flags").write_text("--direct_num_workers=1\n")
+    (tmp_path / "convert.flags").write_text(
+        "# absl's flagfile format, as for train.py\n"
+        "--val_fraction=0.5\n"
+        "\n"
+        "// another kind of comment\n"
+        "  --range_size=10  \n"
+        f"--flagfile={tmp_path / 'beam.flags'}\n")
+    from_file = tmp_path / "from_file"
+    assert convert(f"--flagfile={tmp_path / 'convert.flags'}", f"--input={SAMPLE_BSON}",
+                   f"--output_dir={from_file}") == 0
+    metadata = read_metadata(from_file)
+    assert metadata["val_fraction"] == 0.5
+    assert sum(split["shards"] for split in metadata["splits"].values()) > 2, "--range_size=10: several shards"
+    overridden = tmp_path / "overridden"
+    assert convert(f"--flagfile={tmp_path / 'convert.flags'}", f"--input={SAMPLE_BSON}",
+                   f"--output_dir={overridden}", "--val_fraction=0.2") == 0
+    assert read_metadata(overridden)["val_fraction"] == 0.2
+
+
+def test_a_misspelt_option_in_a_flagfile_is_refused_too(tmp_path, capsys):
+    (tmp_path / "convert.flags").write_text("--max_image=2\n")
+    status, lines = convert_and_read_stderr(capsys, f"--flagfile={tmp_path / 'convert.flags'}",
+                                            f"--input={SAMPLE_BSON}", f"--output_dir={tmp_path / 'out'}")
+    assert status == 2
+    assert lines == ["beam_convert: error: unknown option --max_image (did you mean --max_images?)"]
+
+
+def test_an_unreadable_flagfile_is_one_line(tmp_path, capsys):
+    status, lines = convert_and_read_stderr(capsys, f"--flagfile={tmp_path / 'missing.flags'}",
+                                            f"--input={SAMPLE_BSON}", f"--output_dir={tmp_path / 'out'}")
+    assert status == 2
+    assert len(lines) == 1 and lines[0].startswith(f"beam_convert: error: {tmp_path / 'missing.flags'}: cannot read")
+
+
+def test_missing_input_is_one_line_error(tmp_path, capsys):
+    assert convert(f"--input={tmp_path / 'nothing*.bson'}", f"--output_dir={tmp_path / 'out'}") == 2
+    assert "no input file matches" in capsys.readouterr().err

@@ -1,0 +1,39 @@
+"""A run (beam_convert/run.py): what a failure says it leaves behind, and the Dataflow runner as far
+as this machine allows."""
+
+import pytest
+
+from tests.convert_helpers import SAMPLE_BSON, convert_and_read_stderr, run_command
+
+
+def test_a_failure_before_any_range_is_converted_claims_nothing_is_kept(tmp_path, monkeypatch, capsys):
+    from beam_convert.convert import ConvertRange
+
+    def fails(self, index_range, index):
+        raise RuntimeError("worker lost")
+        yield  # a generator, like the real process()
+
+    monkeypatch.setattr(ConvertRange, "process", fails)
+    status, lines = convert_and_read_stderr(capsys, f"--input={SAMPLE_BSON}", f"--output_dir={tmp_path / 'out'}")
+    assert status == 1
+    assert not [line for line in lines if "kept" in line or "resume" in line], lines
+    assert lines[-1].startswith("beam_convert: error: RuntimeError: worker lost")
+
+
+# --- Dataflow, as far as this machine allows (issue 10) -------------------------------------------
+
+def test_the_readme_dataflow_command_builds_a_job_that_stages_the_package(tmp_path):
+    """The README's Dataflow command with --dry_run=True (Beam's DataflowRunner builds the job,
+    pickling every DoFn, and makes the sdist of --setup_file, but submits nothing). The buckets
+    cannot be reached from here, so input and output are local, and the project and bucket valid names."""
+    pytest.importorskip("apitools", reason="the gcp extra (pip install -e '.[gcp]') is not installed")
+    out = tmp_path / "out"
+    result = run_command(
+        f"--input={SAMPLE_BSON}", f"--output_dir={out}", "--categories=data/category_names.csv",
+        "--runner=DataflowRunner", "--project=my-project", "--region=europe-west1",
+        "--temp_location=gs://my-bucket/tmp", "--setup_file=./setup.py", "--dry_run=True")
+    assert result.returncode == 0, result.stderr[-3000:]
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("beam_convert: dry run: the DataflowRunner job was built and not submitted")
+    assert "workflow.tar.gz" in last  # the sdist that --setup_file ships to every worker
+    assert list(out.iterdir()) == []  # nothing converted, no temporary folder left
