@@ -37,17 +37,23 @@ cli.check_folder_flags(model_must_exist=True)
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    from model import signals
     from model.evaluation import evaluate as evaluation
 
     cli.quiet_logs()
     try:
-        evaluation.evaluate(
-            data_dir=FLAGS.data_dir, model_dir=FLAGS.model_dir, split=FLAGS.split, output_dir=FLAGS.output_dir,
-            batch_size=FLAGS.batch_size, flip_tta=FLAGS.flip_tta, dup_lookup=FLAGS.dup_lookup,
-            train_data_dir=FLAGS.train_data_dir, skip_corrupt_records=FLAGS.skip_corrupt_records,
-        )
+        with signals.stop_requests():
+            evaluation.evaluate(
+                data_dir=FLAGS.data_dir, model_dir=FLAGS.model_dir, split=FLAGS.split, output_dir=FLAGS.output_dir,
+                batch_size=FLAGS.batch_size, flip_tta=FLAGS.flip_tta, dup_lookup=FLAGS.dup_lookup,
+                train_data_dir=FLAGS.train_data_dir, skip_corrupt_records=FLAGS.skip_corrupt_records,
+            )
     except errors.UserError as error:
         sys.exit(f"evaluate.py: error: {error}")
+    except errors.Interrupted as stop:
+        print(f"evaluate.py: {stop}; nothing written (an earlier evaluation in the output folder is kept)",
+              file=sys.stderr, flush=True)
+        sys.exit(128 + stop.signum)
 
 
 if __name__ == "__main__":

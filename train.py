@@ -136,6 +136,9 @@ def main(argv):
         state = loop.train(cfg, flags_text=flags_file_text())
     except errors.UserError as error:
         sys.exit(f"train.py: error: {error}")
+    except errors.Interrupted as stop:
+        print(f"train.py: {stop}", file=sys.stderr, flush=True)
+        sys.exit(128 + stop.signum)
     final = state.get("final", {})
     val = state.get("final_val", {}).get(loop.TOP1)
     print(

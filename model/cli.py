@@ -5,6 +5,7 @@ Importing this module does not load TensorFlow, so `configure_environment` can r
 """
 
 import os
+import sys
 
 import record_schema
 from model import model_dir as model_dir_lib
@@ -26,6 +27,18 @@ def quiet_logs() -> None:
 
     tf.get_logger().setLevel("WARNING")
     logging.set_verbosity(logging.WARNING)
+    sys.unraisablehook = _without_h5py_write_failures(sys.unraisablehook)
+
+
+def _without_h5py_write_failures(hook):
+    """After a failed write (a full disk), h5py's file objects fail once more as they are
+    collected, each printing a traceback: the failure itself is already reported in one line."""
+    def unraisable(info):
+        if "file write failed" in str(info.exc_value) or "h5py" in repr(info.object):
+            return
+        hook(info)
+
+    return unraisable
 
 
 def check_folder_flags(*, model_must_exist: bool) -> None:

@@ -10,10 +10,12 @@ FLAGS_FILE = "flags.txt"  # the effective flags, re-usable with --flagfile
 CONFIG_FILE = "train_config.json"  # model + input settings evaluate.py needs to rebuild inputs
 STATE_FILE = "train_state.json"  # written when training has finished
 MODEL_FILE = "model.keras"
-BEST_FILE = "best.keras"
+BEST_FILE = "best.keras"  # the epoch with the best val top-1 so far
+BEST_SCORE_FILE = "best.json"  # that epoch and its score: a resumed run compares against it
 EXPORT_DIR = "export"
 BACKUP_DIR = "backup"
 LOGS_DIR = "logs"
+LOCK_FILE = "run.lock"  # held by the running trainer (host, pid, start time, heartbeat)
 WORKERS_DIR = "workers"  # multi-worker runs: what the non-chief workers write
 
 # Inside an evaluation folder (default: model_dir/eval_SPLIT).

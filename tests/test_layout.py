@@ -12,13 +12,14 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 # model/'s roles, bottom to top: a module may import its own role and the roles below it.
 MODEL_LAYERS = {
     "model.errors": 0, "model.config": 0, "model.model_dir": 0,
-    "model.data_service": 1,
-    "model.input_pipeline": 2, "model.network": 2,
-    "model.export": 3,
-    "model.training": 4, "model.evaluation": 4,
-    "model.cli": 5,
+    "model.atomic": 1, "model.signals": 1,
+    "model.data_service": 2,
+    "model.input_pipeline": 3, "model.network": 3,
+    "model.export": 4,
+    "model.training": 5, "model.evaluation": 5,
+    "model.cli": 6,
 }
-ENTRY_POINT = 6  # a package's __main__: a command, above every role
+ENTRY_POINT = 7  # a package's __main__: a command, above every role
 
 
 def module_name(path: pathlib.Path) -> str:

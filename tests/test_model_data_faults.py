@@ -162,3 +162,48 @@ def test_commands_stop_on_a_truncated_shard_with_one_line_and_skip_it_when_asked
     assert evaluated.returncode == 0, evaluated.stderr[-2000:]
     assert (tmp_path / "m2" / "eval_test" / "submission.csv").exists()
     assert set(os.listdir(REPO)) == before  # no "file:" folder or other stray output
+
+
+@pytest.fixture
+def mounted(tmp_path):
+    """mount(options) -> a tmpfs of this test's own (as root), unmounted after."""
+    mounts = []
+
+    def mount(options):
+        path = tmp_path / f"disk{len(mounts)}"
+        path.mkdir()
+        if subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(path)]).returncode != 0:
+            pytest.fail("cannot mount a tmpfs (the disk tests run as root)")
+        mounts.append(path)
+        return path
+
+    yield mount
+    for path in mounts:
+        subprocess.run(["umount", "-l", str(path)])
+
+
+@pytest.mark.parametrize("options,reason", [("size=64k", "No space left on device"),
+                                            ("size=1m,ro", "Read-only file system")])
+def test_a_full_or_unwritable_output_folder_is_one_line(trained, mounted, options, reason):
+    disk = mounted(options)
+    if "ro" not in options.split(","):
+        (disk / "filler").write_bytes(b"\0" * (60 << 10))  # room left for metrics.json, not for report.png
+    with pytest.raises(errors.UserError) as failure:
+        evaluate(trained, trained["test"], str(disk / "eval"))
+    message = str(failure.value)
+    assert str(disk) in message and reason in message and "\n" not in message
+    assert not (disk / "eval").exists()
+
+
+def test_the_classes_are_compared_before_predicting(trained, tmp_path, monkeypatch):
+    from model.evaluation import predict
+
+    other = str(tmp_path / "other")
+    shutil.copytree(trained["test"], other)
+    labels = os.path.join(other, record_schema.LABELS_FILE)
+    header, first, *rest = open(labels).read().splitlines()
+    label, _, tree = first.split(",", 2)
+    open(labels, "w").write("\n".join([header, f"{label},999999,{tree}", *rest]) + "\n")  # another category
+    monkeypatch.setattr(predict, "predict_top_k", lambda *a, **k: pytest.fail("predicted before comparing"))
+    with pytest.raises(errors.UserError, match="labels.csv differs from the model's classes"):
+        evaluation.evaluate(data_dir=other, model_dir=trained["model"], split="val", batch_size=8)

@@ -7,6 +7,7 @@ model's (tests/test_model_network.py); the pipeline must not mirror.
 """
 
 import io
+import os
 
 import bson
 import numpy as np
@@ -109,6 +110,24 @@ def test_no_matching_file(tmp_path):
     pattern = str(tmp_path / "nothing-*.tfrecord")
     with pytest.raises(FileNotFoundError, match="nothing-"):
         ip.create_dataset(pattern, batch_size=4, training=True)
+
+
+def test_a_pipeline_whose_share_is_only_empty_files_reads_the_others(tmp_path, products):
+    """Two pipelines (workers) over four shards, two of them empty: by file, pipeline 0 would get
+    only the empty ones and repeat nothing forever (issue 20: a hang at step 1, at 128% CPU)."""
+    for i in range(4):
+        _write(tmp_path / record_schema.shard_name("train", i, 4), products[:20] if i % 2 else [])
+    pattern = str(tmp_path / record_schema.shard_pattern("train"))
+    for pipeline_id in (0, 1):
+        context = tf.distribute.InputContext(num_input_pipelines=2, input_pipeline_id=pipeline_id)
+        ds = ip.create_dataset(pattern, batch_size=4, training=True, image_size=32, seed=1, repeat=True,
+                               input_context=context)
+        ids = np.concatenate([features["product_id"].numpy() for features, _ in ds.take(10)])
+        assert len(ids) == 40 and set(ids) <= {pid for pid, *_ in products[:20]}
+    for i in (1, 3):
+        os.remove(tmp_path / record_schema.shard_name("train", i, 4))
+    with pytest.raises(ValueError, match="is empty: nothing to repeat"):
+        ip.create_dataset(pattern, batch_size=4, training=True, repeat=True)
 
 
 def test_bad_arguments(data):

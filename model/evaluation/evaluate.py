@@ -11,6 +11,7 @@ import numpy as np
 import tensorflow as tf
 
 import record_schema
+from model import atomic
 from model import model_dir as model_dir_lib
 from model.config import config_from_json
 from model.errors import UserError
@@ -29,16 +30,21 @@ def evaluate(*, data_dir: str, model_dir: str, split: str, output_dir: str | Non
     end: a failed evaluation leaves no half-written folder, and an earlier complete one unchanged.
     """
     output_dir = output_dir or model_dir_lib.eval_dir(model_dir, split)
+    with atomic.write_errors_named(output_dir):
+        return _evaluate_then_move(output_dir, data_dir=data_dir, model_dir=model_dir, split=split,
+                                   batch_size=batch_size, flip_tta=flip_tta, dup_lookup=dup_lookup,
+                                   train_data_dir=train_data_dir, skip_corrupt_records=skip_corrupt_records, log=log)
+
+
+def _evaluate_then_move(output_dir: str, **options) -> dict:
+    log = options["log"]
     # A sibling whose name does not extend output_dir's: object stores list by prefix.
-    parent, name = os.path.split(output_dir.rstrip("/"))
-    partial = os.path.join(parent, f".partial-{name}")
+    partial = atomic.partial_path(output_dir)
     if tf.io.gfile.exists(partial):
         tf.io.gfile.rmtree(partial)
     tf.io.gfile.makedirs(partial)
     try:
-        summary = _evaluate_into(partial, data_dir=data_dir, model_dir=model_dir, split=split,
-                                 batch_size=batch_size, flip_tta=flip_tta, dup_lookup=dup_lookup,
-                                 train_data_dir=train_data_dir, skip_corrupt_records=skip_corrupt_records, log=log)
+        summary = _evaluate_into(partial, **options)
     except BaseException:
         tf.io.gfile.rmtree(partial)
         if tf.io.gfile.exists(output_dir):
@@ -82,6 +88,8 @@ def _evaluate_into(output_dir: str, *, data_dir: str, model_dir: str, split: str
         raise UserError(f"--dup_lookup needs {digests_path}")
     class_counts = table.class_counts(labels) if table is not None else None
 
+    if split != "test":
+        _check_same_classes(data_dir, model_dir, labels)  # before a long prediction, not after
     check = shards.check_split(data_dir, split, skip_corrupt_records=skip_corrupt_records, log=log)
     pattern = data_folder.split_pattern(data_dir, split)
     trained = config_from_json(config["train"])
@@ -106,9 +114,8 @@ def _evaluate_into(output_dir: str, *, data_dir: str, model_dir: str, split: str
 
     labelled = len(predictions["label"]) and (predictions["label"] >= 0).all()
     if labelled:
-        data_labels = labels_lib.read_labels(data_dir)
-        if not np.array_equal(data_labels.category_ids, labels.category_ids):
-            raise UserError(f"{data_dir}/labels.csv differs from the model's classes ({model_dir}/labels.csv)")
+        if split == "test":  # labelled after all: the other splits were compared before predicting
+            _check_same_classes(data_dir, model_dir, labels)
         metrics = metrics_lib.compute_metrics(predictions["label"], top_classes, predictions["num_images"], labels, class_counts)
         if dup_lookup:
             plain = metrics_lib.compute_metrics(predictions["label"], predictions["top_classes"], predictions["num_images"], labels)
@@ -135,3 +142,8 @@ def _evaluate_into(output_dir: str, *, data_dir: str, model_dir: str, split: str
     with tf.io.gfile.GFile(os.path.join(output_dir, model_dir_lib.METRICS_FILE), "w") as f:
         json.dump(summary, f, indent=1)
     return summary
+
+
+def _check_same_classes(data_dir: str, model_dir: str, labels: labels_lib.Labels) -> None:
+    if not np.array_equal(labels_lib.read_labels(data_dir).category_ids, labels.category_ids):
+        raise UserError(f"{data_dir}/labels.csv differs from the model's classes ({model_dir}/labels.csv)")

@@ -102,6 +102,12 @@ def create_dataset(
     files = sorted(tf.io.gfile.glob(file_pattern))
     if not files:
         raise FileNotFoundError(f"no TFRecord file matches {file_pattern!r}")
+    # An empty file holds no record. Left in, a pipeline whose share is only empty files would
+    # repeat nothing forever (a spinning, silent hang at step 1 under a multi-worker strategy).
+    records = [path for path in files if tf.io.gfile.stat(path).length > 0]
+    if repeat and not records:
+        raise ValueError(f"every file matching {file_pattern!r} is empty: nothing to repeat")
+    files = records or files
 
     pipelines, pipeline_id = 1, 0
     if input_context is not None and not dynamic_sharding:

@@ -1,14 +1,17 @@
-"""What training reports and keeps while it runs: Keras callbacks and the TensorBoard sample grid."""
+"""What training reports and keeps while it runs: Keras callbacks for progress, throughput,
+TensorBoard scalars and profile, the backup, best.keras, and the stop on SIGINT/SIGTERM."""
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 
 import keras
 import tensorflow as tf
 
+from model import atomic
 from model import model_dir as model_dir_lib
 
 # The monitored metric: Keras prefixes metric names with the output name for dict outputs.
@@ -183,14 +186,62 @@ class Backup(keras.callbacks.Callback):
 
     def _save(self, step: int) -> None:
         tf.io.gfile.makedirs(self.backup_dir)
-        weights = os.path.join(self.backup_dir, BACKUP_WEIGHTS)
-        partial = os.path.join(self.backup_dir, "partial." + BACKUP_WEIGHTS)
-        self.model.save_weights(partial, overwrite=True)
-        tf.io.gfile.rename(partial, weights, overwrite=True)
+        with atomic.written_whole(os.path.join(self.backup_dir, BACKUP_WEIGHTS)) as partial:
+            self.model.save_weights(partial, overwrite=True)
         epoch, in_epoch = divmod(step, self.steps_per_epoch)
-        with tf.io.gfile.GFile(os.path.join(self.backup_dir, BACKUP_PROGRESS), "w") as f:
-            json.dump({"optimizer_step": step, "epoch": epoch, "step_in_epoch": in_epoch}, f)
+        atomic.write_text(os.path.join(self.backup_dir, BACKUP_PROGRESS),
+                          json.dumps({"optimizer_step": step, "epoch": epoch, "step_in_epoch": in_epoch}))
         self._saved_at = step
+
+
+class BestModel(keras.callbacks.Callback):
+    """best.keras: the model of the epoch with the highest val top-1, written whole.
+
+    Its score is kept beside it (best.json), so a resumed run compares against the best of the
+    whole run; Keras' ModelCheckpoint starts from scratch and overwrote best.keras with the first
+    epoch after every resume."""
+
+    def __init__(self, path: str, score_path: str, monitor: str):
+        super().__init__()
+        self.path, self.score_path, self.monitor = path, score_path, monitor
+        self.best = -math.inf
+        if tf.io.gfile.exists(score_path) and tf.io.gfile.exists(path):
+            with tf.io.gfile.GFile(score_path) as f:
+                self.best = float(json.load(f)[monitor])
+
+    def on_epoch_end(self, epoch, logs=None):
+        score = (logs or {}).get(self.monitor)
+        if score is None or not score > self.best:
+            return
+        with atomic.written_whole(self.path) as partial:
+            self.model.save(partial)
+        atomic.write_text(self.score_path, json.dumps({"epoch": epoch + 1, self.monitor: float(score)}))
+        self.best = float(score)
+
+
+class StopOnSignal(keras.callbacks.Callback):
+    """SIGINT or SIGTERM during fit: the step in flight finishes, a backup is written at that
+    step (the epoch-end backup when it came during validation), and fit stops; the train loop
+    then raises errors.Interrupted."""
+
+    def __init__(self, requests, backup: Backup):
+        super().__init__()
+        self.requests, self.backup = requests, backup
+
+    def on_train_begin(self, logs=None):
+        self.requests.deferred = True
+
+    def on_train_batch_end(self, batch, logs=None):
+        if self.requests.signum is not None:
+            self.backup._save(_optimizer_step(self.model))
+            self.model.stop_training = True
+
+    def on_epoch_end(self, epoch, logs=None):
+        if self.requests.signum is not None:
+            self.model.stop_training = True  # Backup ran first: this epoch's end is saved
+
+    def on_train_end(self, logs=None):
+        self.requests.deferred = False
 
 
 def restore_backup(model: keras.Model, backup_dir: str) -> int:
@@ -205,22 +256,19 @@ def restore_backup(model: keras.Model, backup_dir: str) -> int:
 
 
 def make_callbacks(model_dir: str, *, epochs: int, steps_per_epoch: int, global_batch: int,
-                   backup_every_steps: int, log_every_steps: int, profile_steps: str, has_val: bool) -> list:
+                   backup_every_steps: int, log_every_steps: int, profile_steps: str, has_val: bool,
+                   stop_requests=None) -> list:
     logs = os.path.join(model_dir, model_dir_lib.LOGS_DIR)
-    callbacks = [
-        keras.callbacks.TerminateOnNaN(),
-        # Kept after fit and removed only once model.keras and export/ exist, so a kill at any
-        # moment leaves something to resume from.
-        Backup(os.path.join(model_dir, model_dir_lib.BACKUP_DIR), max(1, backup_every_steps), steps_per_epoch),
-        Throughput(global_batch),
-    ]
+    # Kept after fit and removed only once model.keras and export/ exist, so a kill at any
+    # moment leaves something to resume from.
+    backup = Backup(os.path.join(model_dir, model_dir_lib.BACKUP_DIR), max(1, backup_every_steps), steps_per_epoch)
+    callbacks = [keras.callbacks.TerminateOnNaN(), backup]
+    if stop_requests is not None:
+        callbacks.append(StopOnSignal(stop_requests, backup))
+    callbacks.append(Throughput(global_batch))
     if has_val:
-        callbacks.append(
-            keras.callbacks.ModelCheckpoint(
-                os.path.join(model_dir, model_dir_lib.BEST_FILE), monitor=f"val_{TOP1}", mode="max",
-                save_best_only=True,
-            )
-        )
+        callbacks.append(BestModel(os.path.join(model_dir, model_dir_lib.BEST_FILE),
+                                   os.path.join(model_dir, model_dir_lib.BEST_SCORE_FILE), f"val_{TOP1}"))
     if log_every_steps > 0:
         callbacks.append(StepScalars(os.path.join(logs, "train_steps"), log_every_steps, global_batch))
     if profile_steps:

@@ -13,21 +13,22 @@ import dataclasses
 import json
 import math
 import os
+import signal
 import warnings
 
 import keras
 import tensorflow as tf
 
 import record_schema
-from model import export
+from model import atomic, export, signals
 from model import model_dir as model_dir_lib
 from model.config import TrainConfig
 from model.data_service import probe, stream
-from model.errors import UserError
+from model.errors import Interrupted, UserError
 from model.input_pipeline import data_folder, shards
 from model.input_pipeline import labels as labels_lib
 from model.network import multi_image
-from model.training import batchnorm, distribution, inputs, optimization, run_state, sample_grid
+from model.training import batchnorm, distribution, inputs, optimization, run_lock, run_state, sample_grid
 from model.training import callbacks as callbacks_lib
 
 TOP1 = callbacks_lib.TOP1
@@ -54,9 +55,11 @@ def train(cfg: TrainConfig, extra_callbacks: tuple = (), flags_text: str = "") -
     flags_text: the command's flags, kept in model_dir/flags.txt beside train_config.json.
     A damaged shard met while training stops it with a UserError naming the file (the backup
     keeps what was trained); with cfg.skip_corrupt_records it is read past instead, and counted.
+    SIGINT or SIGTERM finishes the step in flight, backs it up and raises errors.Interrupted.
     """
     try:
-        return _train(cfg, extra_callbacks, flags_text)
+        with atomic.write_errors_named(cfg.model_dir), signals.stop_requests() as stop_requests:
+            return _train(cfg, extra_callbacks, flags_text, stop_requests)
     except tf.errors.DataLossError as error:
         # TensorFlow's message names no file: find it, which raises the one-line error.
         for split in ("train", "val"):
@@ -65,17 +68,25 @@ def train(cfg: TrainConfig, extra_callbacks: tuple = (), flags_text: str = "") -
         raise UserError(f"{cfg.data_dir}: damaged record ({error.message.strip()})") from None
 
 
-def _train(cfg: TrainConfig, extra_callbacks: tuple, flags_text: str) -> dict:
+def _train(cfg: TrainConfig, extra_callbacks: tuple, flags_text: str, stop_requests) -> dict:
     tf.io.gfile.makedirs(cfg.model_dir)
-    finished = run_state.check_earlier_run(cfg.model_dir, cfg)
-    if finished is not None:
-        print(f"{cfg.model_dir} already holds a finished run of these settings ({cfg.epochs} epochs); nothing to do.")
-        return finished
     # One tf.data service job for every replica and trainer of this run (model_dir as given: the
     # other workers write elsewhere), another for another run or other data settings.
     service_job = stream.job_name_for(cfg.model_dir, cfg.data_dir, cfg.image_size, cfg.crop_size, cfg.seed,
                                       cfg.shuffle_buffer)
+    given_model_dir = cfg.model_dir
     strategy, cfg = _place(cfg)
+    with run_lock.hold(cfg.model_dir):
+        finished = run_state.check_earlier_run(given_model_dir, cfg)
+        if finished is not None:
+            print(f"{given_model_dir} already holds a finished run of these settings ({cfg.epochs} epochs); "
+                  "nothing to do.")
+            return finished
+        return _train_held(cfg, strategy, service_job, extra_callbacks, flags_text, stop_requests)
+
+
+def _train_held(cfg: TrainConfig, strategy, service_job: str, extra_callbacks: tuple, flags_text: str,
+                stop_requests) -> dict:
     data, cfg = _read_data(cfg, strategy, service_job)
     _describe(cfg, strategy, data)
     mconfig = model_config(cfg, data.labels, data.aux_heads)
@@ -86,9 +97,14 @@ def _train(cfg: TrainConfig, extra_callbacks: tuple, flags_text: str) -> dict:
     callbacks = callbacks_lib.make_callbacks(
         cfg.model_dir, epochs=cfg.epochs, steps_per_epoch=data.steps_per_epoch, global_batch=cfg.batch_size,
         backup_every_steps=cfg.backup_every_steps, log_every_steps=cfg.log_every_steps,
-        profile_steps=cfg.profile_batches, has_val=data.has_val,
+        profile_steps=cfg.profile_batches, has_val=data.has_val, stop_requests=stop_requests,
     ) + list(extra_callbacks)
     history = _fit(model, cfg, strategy, data, callbacks, resumed_step)
+    if stop_requests.signum is not None:
+        step = int(keras.ops.convert_to_numpy(model.optimizer.iterations))
+        raise Interrupted(stop_requests.signum, f"stopped by {signal.Signals(stop_requests.signum).name} at "
+                          f"optimizer step {step}; the backup in {cfg.model_dir}/{model_dir_lib.BACKUP_DIR} holds it. "
+                          "Run the same command to resume.")
     final, recalibrated, final_val = _final_model(model, cfg, mconfig, data)
     return _save(final, model, cfg, data, resumed_step, recalibrated, history, final_val)
 
@@ -119,13 +135,15 @@ def _read_data(cfg: TrainConfig, strategy, service_job: str) -> tuple[RunData, T
     if train_products < 1 or not data_folder.has_split(cfg.data_dir, metadata, "train"):
         raise UserError(f"{cfg.data_dir} has no training products (metadata.json: {train_products}, "
                         f"shards: {data_folder.split_pattern(cfg.data_dir, 'train')})")
-    has_val = data_folder.has_split(cfg.data_dir, metadata, "val")
+    has_val = data_folder.split_products(metadata, "val") > 0  # its shards, if gone, stop the check below
+    # Every split read is checked first, as evaluate.py does: a missing, damaged or short shard
+    # stops here with one line (damage is read past with --skip_corrupt_records, and counted).
     skipped = {}
-    if cfg.skip_corrupt_records:  # one read of the shards first, to name and count what is lost
-        for split in ("train", "val") if has_val else ("train",):
-            check = shards.check_split(cfg.data_dir, split, skip_corrupt_records=True)
+    for split in ("train", "val") if has_val else ("train",):
+        check = shards.check_split(cfg.data_dir, split, skip_corrupt_records=cfg.skip_corrupt_records)
+        if cfg.skip_corrupt_records:
             skipped[split] = check.unreadable
-        train_products -= skipped["train"]
+    train_products -= skipped.get("train", 0)
     steps_per_epoch, steps_per_execution = run_state.align_to_executions(
         cfg.steps_per_epoch or max(1, train_products // cfg.batch_size), cfg.steps_per_execution)
     cfg = dataclasses.replace(cfg, steps_per_execution=steps_per_execution)
@@ -190,13 +208,12 @@ def model_config(cfg: TrainConfig, labels: labels_lib.Labels, aux_heads: dict) -
 def _write_run_files(cfg: TrainConfig, mconfig: multi_image.ModelConfig, flags_text: str) -> None:
     """labels.csv (evaluate.py maps class indices back to category ids with the model's own
     copy), train_config.json and flags.txt."""
-    tf.io.gfile.copy(os.path.join(cfg.data_dir, record_schema.LABELS_FILE),
-                     os.path.join(cfg.model_dir, record_schema.LABELS_FILE), overwrite=True)
-    with tf.io.gfile.GFile(os.path.join(cfg.model_dir, model_dir_lib.CONFIG_FILE), "w") as f:
-        json.dump({"model": dataclasses.asdict(mconfig), "train": dataclasses.asdict(cfg)}, f, indent=1)
+    with atomic.written_whole(os.path.join(cfg.model_dir, record_schema.LABELS_FILE)) as partial:
+        tf.io.gfile.copy(os.path.join(cfg.data_dir, record_schema.LABELS_FILE), partial, overwrite=True)
+    atomic.write_text(os.path.join(cfg.model_dir, model_dir_lib.CONFIG_FILE),
+                      json.dumps({"model": dataclasses.asdict(mconfig), "train": dataclasses.asdict(cfg)}, indent=1))
     if flags_text:
-        with tf.io.gfile.GFile(os.path.join(cfg.model_dir, model_dir_lib.FLAGS_FILE), "w") as f:
-            f.write(flags_text)
+        atomic.write_text(os.path.join(cfg.model_dir, model_dir_lib.FLAGS_FILE), flags_text)
 
 
 def _build_and_restore(cfg: TrainConfig, strategy, mconfig, data: RunData) -> tuple[keras.Model, int]:
@@ -270,6 +287,8 @@ def _fit(model: keras.Model, cfg: TrainConfig, strategy, data: RunData, callback
             history.setdefault(name, []).extend(values)
         if model.stop_training and any(not math.isfinite(v[-1]) for v in history.values() if v):
             raise RuntimeError("training stopped on a NaN loss; backup/ is kept, lower --base_lr")
+        if model.stop_training:
+            break  # SIGINT or SIGTERM: the backup holds this step, train() says so
     return history
 
 
@@ -298,9 +317,11 @@ def _save(final: keras.Model, model: keras.Model, cfg: TrainConfig, data: RunDat
     """The final artefacts, then the backup dropped: from here a re-run has nothing left to do."""
     model_path = os.path.join(cfg.model_dir, model_dir_lib.MODEL_FILE)
     export_path = os.path.join(cfg.model_dir, model_dir_lib.EXPORT_DIR)
-    final.save(model_path)
-    export.export_serving_model(final, data.labels, export_path, image_size=cfg.image_size,
-                                crop_size=cfg.crop_size, top_k=cfg.export_top_k)
+    with atomic.written_whole(model_path) as partial:
+        final.save(partial)
+    with atomic.written_whole(export_path) as partial:
+        export.export_serving_model(final, data.labels, partial, image_size=cfg.image_size,
+                                    crop_size=cfg.crop_size, top_k=cfg.export_top_k)
     state = {
         "epochs": cfg.epochs,
         "steps_per_epoch": data.steps_per_epoch,
@@ -312,8 +333,7 @@ def _save(final: keras.Model, model: keras.Model, cfg: TrainConfig, data: RunDat
         "final_val": {k: float(v) for k, v in final_val.items()},
         "skipped_records": data.skipped,
     }
-    with tf.io.gfile.GFile(os.path.join(cfg.model_dir, model_dir_lib.STATE_FILE), "w") as f:
-        json.dump(state, f, indent=1)
+    atomic.write_text(os.path.join(cfg.model_dir, model_dir_lib.STATE_FILE), json.dumps(state, indent=1))
     backup_dir = os.path.join(cfg.model_dir, model_dir_lib.BACKUP_DIR)
     if tf.io.gfile.exists(backup_dir):
         tf.io.gfile.rmtree(backup_dir)

@@ -22,10 +22,24 @@ RUN_INDEPENDENT = frozenset({"model_dir", "verbose", "profile_batches", "sample_
                              "skip_corrupt_records", "data_service"})
 
 
+PATH_SETTINGS = frozenset({"data_dir", "weights"})
+
+
+def normalised_path(path: str) -> str:
+    """DIR/, DIR/./ and DIR name one folder; gs://B/DIR/ and gs://B/DIR one prefix."""
+    if not path or "://" in path:
+        return path.rstrip("/") if path else path
+    return os.path.normpath(path)
+
+
 def settings_differences(saved: dict, cfg: TrainConfig) -> list[str]:
-    """The settings of a saved train_config.json["train"] that differ from cfg, as flags."""
+    """The settings of a saved train_config.json["train"] that differ from cfg, as flags (paths
+    compared once normalised)."""
+    def same(name, a, b):
+        return normalised_path(a) == normalised_path(b) if name in PATH_SETTINGS else a == b
+
     return [f"--{name}={saved[name]} (now {value})" for name, value in dataclasses.asdict(cfg).items()
-            if name not in RUN_INDEPENDENT and name in saved and saved[name] != value]
+            if name not in RUN_INDEPENDENT and name in saved and not same(name, saved[name], value)]
 
 
 def align_to_executions(steps_per_epoch: int, steps_per_execution: int) -> tuple[int, int]:

@@ -1,0 +1,93 @@
+"""Files a user relies on are written whole or not at all: to a temporary name beside the final
+one, then renamed over it. A kill or a full disk mid-write leaves the earlier file (or none),
+never a truncated one under the final name; the failure is one line naming the path.
+
+Paths may be on any filesystem TensorFlow knows. A file rename is atomic on local disks and
+single-object on gs://; a folder (the SavedModel) is moved file by file where the filesystem has
+no folder rename, its completion marker (saved_model.pb) last.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+
+import tensorflow as tf
+
+from model.errors import UserError
+
+PARTIAL = ".partial-"  # a prefix, not a suffix: object stores list by prefix, and Keras wants ".keras" last
+
+
+def partial_path(path: str) -> str:
+    parent, name = os.path.split(path.rstrip("/"))
+    return os.path.join(parent, PARTIAL + name)
+
+
+@contextlib.contextmanager
+def written_whole(path: str):
+    """Yields a temporary path to write `path`'s content to; renames it into place on success,
+    removes it on failure. An OSError or TensorFlow I/O error becomes a one-line UserError."""
+    partial = partial_path(path)
+    _remove(partial)
+    try:
+        with write_errors_named(path):
+            yield partial
+            if tf.io.gfile.isdir(partial):
+                _replace_folder(partial, path)
+            else:
+                tf.io.gfile.rename(partial, path, overwrite=True)
+    finally:
+        _remove(partial)
+
+
+def write_text(path: str, text: str) -> None:
+    with written_whole(path) as partial, tf.io.gfile.GFile(partial, "w") as f:
+        f.write(text)
+
+
+_WRITE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS, errno.EAGAIN)
+
+
+@contextlib.contextmanager
+def write_errors_named(path: str):
+    """A full disk, a read-only or unwritable folder, a file locked by another process, while
+    working under `path`: one line that names the file and the reason. Other errors pass through."""
+    try:
+        yield
+    except OSError as error:
+        if error.errno not in _WRITE_ERRNOS:
+            raise
+        raise UserError(f"{error.filename or path}: {os.strerror(error.errno)}") from None
+    except (tf.errors.ResourceExhaustedError, tf.errors.PermissionDeniedError) as error:
+        raise UserError(f"{path}: {_first_line(error.message)}") from None
+
+
+def _first_line(message: str) -> str:
+    return (message.strip().splitlines() or [""])[0]
+
+
+def _remove(path: str) -> None:
+    try:
+        if tf.io.gfile.isdir(path):
+            tf.io.gfile.rmtree(path)
+        elif tf.io.gfile.exists(path):
+            tf.io.gfile.remove(path)
+    except (OSError, tf.errors.OpError):
+        pass  # a leftover partial is harmless: the next write replaces it
+
+
+def _replace_folder(partial: str, path: str) -> None:
+    if tf.io.gfile.exists(path):
+        tf.io.gfile.rmtree(path)
+    try:
+        tf.io.gfile.rename(partial, path)
+        return
+    except (tf.errors.UnimplementedError, tf.errors.FailedPreconditionError):
+        pass  # no folder rename (object stores): file by file, the completion marker last
+    files = [os.path.join(root, name)[len(partial):].lstrip("/")
+             for root, _, names in tf.io.gfile.walk(partial) for name in names]
+    for name in sorted(files, key=lambda n: n == "saved_model.pb"):
+        tf.io.gfile.makedirs(os.path.dirname(os.path.join(path, name)))
+        tf.io.gfile.rename(os.path.join(partial, name), os.path.join(path, name), overwrite=True)

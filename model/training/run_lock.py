@@ -1,0 +1,135 @@
+"""One trainer per model_dir: a running trainer holds model_dir/run.lock.
+
+A second trainer on the same folder stops at once with one line naming the holder (host, pid,
+start time) and writes nothing. A holder that died leaves its lock behind; it does not block the
+next run:
+  * on the holder's own machine (same host name and boot): the holder's pid is looked up, with
+    its start time, so a pid reused by another process is not taken for the holder;
+  * from another machine (a lost VM, a shared gs:// folder): the holder rewrites its heartbeat
+    every HEARTBEAT_SECONDS; a lock whose heartbeat is older than STALE_SECONDS is dead. A lost
+    VM therefore blocks its model_dir for at most STALE_SECONDS.
+Object stores have no exclusive create: two trainers started within the same second on gs://
+can both read "free"; each reads its lock back after writing it and the one that finds the
+other's stops. On local disks O_EXCL decides.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import json
+import os
+import socket
+import threading
+import time
+
+import tensorflow as tf
+
+from model import atomic
+from model import model_dir as model_dir_lib
+from model.errors import UserError
+
+HEARTBEAT_SECONDS = 30.0
+STALE_SECONDS = 120.0
+
+
+def _boot_id() -> str:
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            return f.read().strip()
+    except OSError:
+        return ""
+
+
+def _process_start(pid: int) -> str:
+    """The process's start time in clock ticks since boot (Linux), "" where unknown."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return ""
+
+
+def _this_process() -> dict:
+    pid = os.getpid()
+    return {"host": socket.gethostname(), "pid": pid, "process_start": _process_start(pid), "boot_id": _boot_id(),
+            "started": datetime.datetime.now().astimezone().isoformat(timespec="seconds"), "heartbeat": time.time()}
+
+
+def holder_alive(holder: dict, now: float | None = None) -> bool:
+    if holder.get("host") == socket.gethostname() and holder.get("boot_id") == _boot_id():
+        start = _process_start(int(holder["pid"]))
+        if start or not os.path.exists("/proc"):
+            return not holder.get("process_start") or start == holder["process_start"]
+        try:
+            os.kill(int(holder["pid"]), 0)
+            return True
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True
+    return (now or time.time()) - float(holder.get("heartbeat", 0)) < STALE_SECONDS
+
+
+def describe(holder: dict) -> str:
+    return f"pid {holder.get('pid')} on {holder.get('host')}, started {holder.get('started')}"
+
+
+def _read(path: str) -> dict | None:
+    try:
+        with tf.io.gfile.GFile(path) as f:
+            return json.load(f)
+    except (tf.errors.NotFoundError, json.JSONDecodeError, ValueError):
+        return None
+
+
+def _create(path: str, me: dict) -> bool:
+    """Writes the lock; False if another trainer's lock stands there now."""
+    text = json.dumps(me)
+    if "://" not in path:
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            return False
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        return True
+    atomic.write_text(path, text)
+    return (_read(path) or {}).get("pid") == me["pid"] and (_read(path) or {}).get("host") == me["host"]
+
+
+@contextlib.contextmanager
+def hold(model_dir: str, log=print):
+    """Holds model_dir while the block runs; UserError (one line) if a live trainer holds it."""
+    path = os.path.join(model_dir, model_dir_lib.LOCK_FILE)
+    me = _this_process()
+    with atomic.write_errors_named(path):
+        for _ in range(3):  # a stale lock removed, then a race with another starter: bounded
+            holder = _read(path)
+            if holder is not None and holder_alive(holder):
+                raise UserError(f"{model_dir} is in use by another trainer ({describe(holder)}); wait for it "
+                                f"to finish or stop it, or use another --model_dir")
+            if holder is not None:
+                log(f"Taking over {path}: its holder ({describe(holder)}) is no longer running", flush=True)
+                tf.io.gfile.remove(path)
+            if _create(path, me):
+                break
+        else:
+            raise UserError(f"{model_dir}: another trainer is starting on it at the same time")
+    stop = threading.Event()
+
+    def beat():
+        while not stop.wait(HEARTBEAT_SECONDS):
+            with contextlib.suppress(Exception):  # a missed beat only makes the lock look older
+                atomic.write_text(path, json.dumps({**me, "heartbeat": time.time()}))
+
+    heart = threading.Thread(target=beat, name="run-lock-heartbeat", daemon=True)
+    heart.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        heart.join()
+        with contextlib.suppress(Exception):
+            if (_read(path) or {}).get("pid") == me["pid"]:
+                tf.io.gfile.remove(path)

@@ -1,0 +1,215 @@
+"""Issue 20, the trainer's side: one run per model_dir, real signals, a full disk, unchecked
+shards, paths that differ only in spelling, and the best score across a resume.
+
+The signal and lock tests run real train.py processes (tests/slow_train.py, a pause after each
+step); the disk-full test trains in a small tmpfs of its own.
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from model import config, errors
+from model.training import callbacks as callbacks_lib
+from model.training import loop, run_lock, run_state
+from tests.record_helpers import REPO, TINY_TRAIN_FLAGS as TINY, write_data_dir
+
+pytestmark = pytest.mark.slow
+ENV = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    return write_data_dir(str(tmp_path_factory.mktemp("data")))
+
+
+def slow_train(data_dir, model_dir, *extra):
+    return [sys.executable, "tests/slow_train.py", "0.5", f"--data_dir={data_dir}", f"--model_dir={model_dir}",
+            *TINY, "--epochs=2", "--steps_per_epoch=6", "--backup_every_steps=100", *extra]
+
+
+class Trainer:
+    """A train.py process whose output goes to files, so that it can be read while it runs."""
+
+    def __init__(self, args, folder, name):
+        self.out_path, self.err_path = os.path.join(folder, name + ".out"), os.path.join(folder, name + ".err")
+        with open(self.out_path, "w") as out, open(self.err_path, "w") as err:
+            self.process = subprocess.Popen(args, cwd=REPO, stdout=out, stderr=err, text=True, env=ENV)
+        self.pid = self.process.pid
+
+    def output(self):
+        with open(self.out_path) as out, open(self.err_path) as err:
+            return out.read(), err.read()
+
+    def wait_for_training(self, seconds_after=0.0, timeout=180):
+        """Until the first epoch has begun (its line is printed as fit starts), then seconds_after."""
+        deadline = time.time() + timeout
+        while time.time() < deadline and self.process.poll() is None and "Epoch " not in self.output()[0]:
+            time.sleep(0.2)
+        assert self.process.poll() is None and "Epoch " in self.output()[0], self.output()[1][-3000:]
+        time.sleep(seconds_after)
+        assert self.process.poll() is None, self.output()[1][-3000:]
+
+    def stop(self, signum, timeout=120):
+        self.process.send_signal(signum)
+        self.process.wait(timeout=timeout)
+        return self.output()
+
+
+def last_line(stderr: str) -> str:
+    lines = [line for line in stderr.splitlines() if line.strip() and not line.startswith(("I0000", "W0000", "WARNING"))]
+    return lines[-1] if lines else ""
+
+
+def test_one_trainer_per_model_dir_and_signals_stop_with_a_backup(data_dir, tmp_path):
+    model_dir = str(tmp_path / "m")
+    first = Trainer(slow_train(data_dir, model_dir), str(tmp_path), "first")
+    first.wait_for_training()
+
+    # A second trainer on the same folder: one line naming the holder, nothing changed.
+    written = {name: os.stat(os.path.join(model_dir, name)).st_mtime_ns
+               for name in ("train_config.json", "flags.txt", "labels.csv", "run.lock")}
+    second = subprocess.run(slow_train(data_dir, model_dir), cwd=REPO, capture_output=True, text=True,
+                            timeout=120, env=ENV)
+    assert second.returncode == 1
+    line = last_line(second.stderr)
+    assert f"is in use by another trainer (pid {first.pid} on " in line and "started " in line, second.stderr[-2000:]
+    assert "Traceback" not in second.stderr
+    assert {name: os.stat(os.path.join(model_dir, name)).st_mtime_ns for name in written} == written
+
+    # SIGTERM: the step in flight finishes, a backup at that step, one line, exit 128 + 15.
+    out, err = first.stop(signal.SIGTERM)
+    assert first.process.returncode == 128 + signal.SIGTERM, err[-3000:]
+    assert "Traceback" not in err
+    with open(os.path.join(model_dir, "backup", "progress.json")) as f:
+        stopped_at = json.load(f)["optimizer_step"]
+    assert 1 <= stopped_at < 12  # backups every 100 steps: this one is the signal's
+    assert last_line(err) == (f"train.py: stopped by SIGTERM at optimizer step {stopped_at}; the backup in "
+                              f"{model_dir}/backup holds it. Run the same command to resume.")
+    assert not os.path.exists(os.path.join(model_dir, "run.lock"))
+
+    # SIGINT (Ctrl-C) on the resumed run: the same, from where it stood.
+    third = Trainer(slow_train(data_dir, model_dir), str(tmp_path), "third")
+    third.wait_for_training(seconds_after=1.0)
+    out, err = third.stop(signal.SIGINT)
+    assert third.process.returncode == 128 + signal.SIGINT, err[-3000:]
+    assert f"Resuming from {model_dir}/backup" in out and "Traceback" not in err
+    assert last_line(err).startswith("train.py: stopped by SIGINT at optimizer step ")
+
+    # A holder killed outright leaves its lock behind; it does not block the next run.
+    fourth = Trainer(slow_train(data_dir, model_dir), str(tmp_path), "fourth")
+    fourth.wait_for_training()
+    fourth.stop(signal.SIGKILL)
+    assert os.path.exists(os.path.join(model_dir, "run.lock"))
+    last = subprocess.run(slow_train(data_dir, model_dir), cwd=REPO, capture_output=True, text=True, timeout=240,
+                          env=ENV)
+    assert last.returncode == 0, last.stderr[-3000:]
+    assert "is no longer running" in last.stdout
+    with open(os.path.join(model_dir, "train_state.json")) as f:
+        assert json.load(f)["optimizer_iterations"] == 12  # no step lost or repeated across four stops
+    assert not os.path.exists(os.path.join(model_dir, "run.lock"))
+
+
+def test_a_dead_holder_is_told_from_a_live_one(tmp_path):
+    me = run_lock._this_process()
+    assert run_lock.holder_alive(me)
+    assert not run_lock.holder_alive({**me, "process_start": "1"})  # the pid now belongs to another process
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    assert not run_lock.holder_alive({**me, "pid": child.pid, "process_start": ""})
+    other_host = {**me, "host": "elsewhere"}
+    assert run_lock.holder_alive(other_host)  # heartbeat fresh
+    assert not run_lock.holder_alive(other_host, now=me["heartbeat"] + run_lock.STALE_SECONDS + 1)
+
+
+@pytest.mark.parametrize("split,shards,message", [
+    ("val", 1, "no val shards in"),  # used to train without validation, saying only "no val split"
+    ("val", 2, "1 val shard(s) missing: val-00000-of-00002.tfrecord"),  # used to validate on half
+    ("train", 2, "1 train shard(s) missing: train-00000-of-00002.tfrecord"),
+])
+def test_training_checks_every_split_it_reads(tmp_path, split, shards, message):
+    damaged = write_data_dir(str(tmp_path / "data"), shards=shards)
+    os.remove(os.path.join(damaged, sorted(p for p in os.listdir(damaged) if p.startswith(split + "-"))[0]))
+    cfg = config.TrainConfig(data_dir=damaged, model_dir=str(tmp_path / "m"), backbone="tiny", image_size=32,
+                             batch_size=8, epochs=1, steps_per_epoch=1, sample_products=0)
+    with pytest.raises(errors.UserError) as failure:
+        loop.train(cfg)
+    assert message in str(failure.value)
+    assert not os.path.exists(str(tmp_path / "m" / "backup"))
+
+
+@pytest.mark.parametrize("saved,now,differs", [
+    ("/data/run", "/data/run/", False),
+    ("/data/run", "/data/./run", False),
+    ("gs://b/data", "gs://b/data/", False),
+    ("/data/run", "/data/other", True),
+])
+def test_paths_are_compared_normalised(saved, now, differs):
+    cfg = config.TrainConfig(data_dir=now, model_dir="m")
+    saved_config = {**config.dataclasses.asdict(cfg), "data_dir": saved}
+    assert bool(run_state.settings_differences(saved_config, cfg)) == differs
+
+
+class _Model:
+    def __init__(self):
+        self.saved = []
+
+    def save(self, path):
+        with open(path, "w") as f:
+            f.write("model")
+        self.saved.append(path)
+
+
+def test_the_best_score_survives_a_resume(tmp_path):
+    path, score_path = str(tmp_path / "best.keras"), str(tmp_path / "best.json")
+    first = callbacks_lib.BestModel(path, score_path, "val_category_top1")
+    first.set_model(_Model())
+    first.on_epoch_end(0, {"val_category_top1": 0.6})
+    first.on_epoch_end(1, {"val_category_top1": 0.4})
+    with open(score_path) as f:
+        assert json.load(f) == {"epoch": 1, "val_category_top1": 0.6}
+    resumed = callbacks_lib.BestModel(path, score_path, "val_category_top1")  # a new process after a kill
+    resumed.set_model(_Model())
+    resumed.on_epoch_end(2, {"val_category_top1": 0.5})
+    assert resumed.model.saved == []  # worse than the run's best: best.keras kept
+    resumed.on_epoch_end(3, {"val_category_top1": 0.7})
+    assert len(resumed.model.saved) == 1 and not os.path.exists(resumed.model.saved[0])  # renamed into place
+    with open(score_path) as f:
+        assert json.load(f)["epoch"] == 4
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 3 MB tmpfs: room for the data and the run's first files, not for its models."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(mount)]).returncode != 0:
+        pytest.fail("cannot mount a tmpfs (the disk-full tests run as root)")
+    try:
+        yield str(mount)
+    finally:
+        subprocess.run(["umount", "-l", str(mount)])
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # h5py, after the failed write
+def test_a_full_disk_is_one_line_and_leaves_no_truncated_model(data_dir, small_disk):
+    model_dir = os.path.join(small_disk, "m")
+    cfg = config.TrainConfig(data_dir=data_dir, model_dir=model_dir, backbone="tiny", image_size=32, batch_size=8,
+                             epochs=2, steps_per_epoch=2, sample_products=0, bn_recalibration_steps=1,
+                             log_every_steps=0)
+    filler = os.path.join(small_disk, "filler")
+    with open(filler, "wb") as f:  # leave ~1 MB: the tiny model's backup (~2 MB with Adam) does not fit
+        f.write(np.zeros(2 * 1024 * 1024, np.uint8).tobytes())
+    with pytest.raises(errors.UserError) as failure:
+        loop.train(cfg)
+    message = str(failure.value)
+    assert "No space left on device" in message and model_dir in message and "\n" not in message
+    for name in ("model.keras", "best.keras", "train_state.json"):
+        assert not os.path.exists(os.path.join(model_dir, name)), name
+    assert not [n for n in os.listdir(os.path.join(model_dir, "backup")) if n.startswith(".partial-")]
