@@ -3,8 +3,8 @@ one, then renamed over it. A kill or a full disk mid-write leaves the earlier fi
 never a truncated one under the final name; the failure is one line naming the path.
 
 Paths may be on any filesystem TensorFlow knows. A file rename is atomic on local disks and
-single-object on gs://; a folder (the SavedModel) is moved file by file where the filesystem has
-no folder rename, its completion marker (saved_model.pb) last.
+single-object on gs://; a folder (the SavedModel) is renamed whole on a local disk and moved file
+by file elsewhere, its completion marker (saved_model.pb) last.
 """
 
 from __future__ import annotations
@@ -81,11 +81,11 @@ def _remove(path: str) -> None:
 def _replace_folder(partial: str, path: str) -> None:
     if tf.io.gfile.exists(path):
         tf.io.gfile.rmtree(path)
-    try:
-        tf.io.gfile.rename(partial, path)
+    if "://" not in partial or partial.startswith("file://"):
+        tf.io.gfile.rename(partial, path)  # a local folder: one atomic rename
         return
-    except (tf.errors.UnimplementedError, tf.errors.FailedPreconditionError):
-        pass  # no folder rename (object stores): file by file, the completion marker last
+    # Object stores have no folder rename (and ram:// "renames" a folder without its files):
+    # file by file, the completion marker last.
     files = [os.path.join(root, name)[len(partial):].lstrip("/")
              for root, _, names in tf.io.gfile.walk(partial) for name in names]
     for name in sorted(files, key=lambda n: n == "saved_model.pb"):
