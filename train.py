@@ -76,6 +76,8 @@ flags.DEFINE_integer("log_every_steps", D.log_every_steps, "TensorBoard scalars 
                      "top-1, learning rate, products/s) besides the per-epoch ones; 0: per epoch only.", lower_bound=0)
 flags.DEFINE_bool("expect_gpus", D.expect_gpus, "A GPU configuration: warn at start when TensorFlow sees no GPU.")
 flags.DEFINE_integer("sample_products", D.sample_products, "Products in the TensorBoard sample grid.", lower_bound=0)
+flags.DEFINE_bool("input_check", D.input_check, "At start, measure what the model consumes (one cached batch) and "
+                  "what the input delivers, and say whether the input keeps up; also gives step_input_wait.")
 flags.DEFINE_integer("export_top_k", D.export_top_k, "Categories returned by the SavedModel.", lower_bound=1)
 flags.DEFINE_integer("verbose", D.verbose, "Keras fit verbosity: 1 progress bar, 2 one line an epoch.")
 

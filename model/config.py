@@ -54,6 +54,7 @@ class TrainConfig:
     profile_batches: str = ""  # "10,20": profile those optimizer steps into logs/train
     expect_gpus: bool = False  # a GPU configuration: warn when none is visible
     sample_products: int = 8  # products shown in the TensorBoard image grid at start
+    input_check: bool = True  # at start: the model's and the input's products/s, and the verdict
     export_top_k: int = 5
     verbose: int = 2
 

@@ -75,35 +75,84 @@ def _optimizer_step(model: keras.Model) -> int:
 
 class StepScalars(keras.callbacks.Callback):
     """Scalars every `every_steps` optimizer steps, so that a long epoch draws a curve: the loss and
-    top-1 so far in the epoch (Keras' running means), the learning rate, and products/s since the
-    last point. Written to logs/train_steps, against the optimizer step."""
+    top-1 so far in the epoch (Keras' running means), the learning rate, products/s since the
+    last point and, given the compute time per product measured at start (input_check), the
+    share of the window's training time not explained by compute (`step_input_wait`). Written to
+    logs/train_steps, against the optimizer step. The time between two epochs (validation, the
+    epoch-end backup and best model) is not counted.
 
-    def __init__(self, log_dir: str, every_steps: int, global_batch: int):
+    Also a progress line at a window's end once `progress_seconds` have passed since the last
+    one: a long epoch shows where it is without TensorBoard."""
+
+    def __init__(self, log_dir: str, every_steps: int, global_batch: int, *, total_steps: int = 0,
+                 compute_seconds_per_product: float | None = None, progress_seconds: float = 30.0):
         super().__init__()
         self.log_dir, self.every_steps, self.global_batch = log_dir, every_steps, global_batch
+        self.total_steps, self.compute = total_steps, compute_seconds_per_product
+        self.progress_seconds = progress_seconds
         self._writer = None
 
     def on_train_begin(self, logs=None):
         if self._writer is None:
             self._writer = tf.summary.create_file_writer(self.log_dir)
         self._mark = None  # (step, time) of the last point; none yet: the first interval holds tracing
+        self._excluded = 0.0  # seconds between epochs inside the current window
+        self._gap_from = self._last_end = None
+        self._printed = time.perf_counter()
+
+    def on_epoch_end(self, epoch, logs=None):
+        self._gap_from = self._last_end  # to the next epoch's first step: validation, epoch-end saves
+
+    def on_train_batch_begin(self, batch, logs=None):
+        if self._gap_from is not None:
+            self._excluded += time.perf_counter() - self._gap_from
+            self._gap_from = None
 
     def on_train_batch_end(self, batch, logs=None):
         step, now = _optimizer_step(self.model), time.perf_counter()
+        self._last_end = now
         if self._mark is None:
-            self._mark = (step, now)
+            self._mark, self._excluded = (step, now), 0.0
             return
         if step - self._mark[0] < self.every_steps:
             return
+        steps, seconds = step - self._mark[0], max(now - self._mark[1] - self._excluded, 1e-9)
+        rate = steps * self.global_batch / seconds
+        wait = None if self.compute is None else min(1.0, max(0.0, 1.0 - rate * self.compute))
+        logs = logs or {}
         with self._writer.as_default(step=step):
-            for name, value in (logs or {}).items():
+            for name, value in logs.items():
                 if name in ("loss", TOP1):
                     tf.summary.scalar(f"step_{name}", float(value))
             tf.summary.scalar("step_learning_rate", float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate)))
-            tf.summary.scalar("step_products_per_second",
-                              (step - self._mark[0]) * self.global_batch / max(now - self._mark[1], 1e-9))
+            tf.summary.scalar("step_products_per_second", rate)
+            if wait is not None:
+                tf.summary.scalar("step_input_wait", wait, description=(
+                    "Share of this window's training time (time between epochs excluded) not explained by compute "
+                    "at the rate measured on one cached batch at start: time the devices waited for input, or for "
+                    "anything else that stalls the step loop (a mid-epoch backup being written)."))
         self._writer.flush()
-        self._mark = (step, now)
+        if now - self._printed >= self.progress_seconds:
+            self._print_progress(step, logs, rate, wait, seconds / steps)
+            self._printed = now
+        self._mark, self._excluded = (step, now), 0.0
+
+    def _print_progress(self, step, logs, rate, wait, seconds_per_step):
+        parts = [f"step {step}" + (f"/{self.total_steps}" if self.total_steps else "")]
+        if "loss" in logs:
+            parts.append(f"loss {float(logs['loss']):.4f}")
+        parts.append(f"{rate:,.0f} products/s")
+        if wait is not None:
+            parts.append(f"input wait {wait:.0%}")
+        if self.total_steps > step:
+            parts.append(f"ETA {_duration((self.total_steps - step) * seconds_per_step)} (training steps only)")
+        print("  " + ", ".join(parts), flush=True)
+
+
+def _duration(seconds: float) -> str:
+    minutes, seconds = divmod(int(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{seconds:02d}s"
 
 
 class ProfileSteps(keras.callbacks.Callback):
@@ -257,7 +306,7 @@ def restore_backup(model: keras.Model, backup_dir: str) -> int:
 
 def make_callbacks(model_dir: str, *, epochs: int, steps_per_epoch: int, global_batch: int,
                    backup_every_steps: int, log_every_steps: int, profile_steps: str, has_val: bool,
-                   stop_requests=None) -> list:
+                   stop_requests=None, compute_seconds_per_product: float | None = None) -> list:
     logs = os.path.join(model_dir, model_dir_lib.LOGS_DIR)
     # Kept after fit and removed only once model.keras and export/ exist, so a kill at any
     # moment leaves something to resume from.
@@ -270,7 +319,9 @@ def make_callbacks(model_dir: str, *, epochs: int, steps_per_epoch: int, global_
         callbacks.append(BestModel(os.path.join(model_dir, model_dir_lib.BEST_FILE),
                                    os.path.join(model_dir, model_dir_lib.BEST_SCORE_FILE), f"val_{TOP1}"))
     if log_every_steps > 0:
-        callbacks.append(StepScalars(os.path.join(logs, "train_steps"), log_every_steps, global_batch))
+        callbacks.append(StepScalars(os.path.join(logs, "train_steps"), log_every_steps, global_batch,
+                                     total_steps=epochs * steps_per_epoch,
+                                     compute_seconds_per_product=compute_seconds_per_product))
     if profile_steps:
         first, last = (int(step) for step in profile_steps.split(","))
         callbacks.append(ProfileSteps(os.path.join(logs, "train"), first, last))

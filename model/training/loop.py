@@ -28,7 +28,7 @@ from model.errors import Interrupted, UserError
 from model.input_pipeline import data_folder, shards
 from model.input_pipeline import labels as labels_lib
 from model.network import multi_image
-from model.training import batchnorm, distribution, inputs, optimization, run_lock, run_state, sample_grid
+from model.training import batchnorm, distribution, input_check, inputs, optimization, run_lock, run_state, sample_grid
 from model.training import callbacks as callbacks_lib
 
 TOP1 = callbacks_lib.TOP1
@@ -94,10 +94,16 @@ def _train_held(cfg: TrainConfig, strategy, service_job: str, extra_callbacks: t
     model, resumed_step = _build_and_restore(cfg, strategy, mconfig, data)
     if cfg.sample_products > 0:
         _write_samples(cfg, data.labels)
+    rates = None
+    if cfg.input_check:
+        # A shared tf.data service job would lose the batches read here: only the model is timed.
+        rates = input_check.measure(model, strategy, data.train_ds, cfg.batch_size, measure_input=not cfg.data_service)
+        print(rates.verdict(distribution.describe(strategy)), flush=True)
     callbacks = callbacks_lib.make_callbacks(
         cfg.model_dir, epochs=cfg.epochs, steps_per_epoch=data.steps_per_epoch, global_batch=cfg.batch_size,
         backup_every_steps=cfg.backup_every_steps, log_every_steps=cfg.log_every_steps,
         profile_steps=cfg.profile_batches, has_val=data.has_val, stop_requests=stop_requests,
+        compute_seconds_per_product=rates.step_seconds if rates else None,
     ) + list(extra_callbacks)
     history = _fit(model, cfg, strategy, data, callbacks, resumed_step)
     if stop_requests.signum is not None:
@@ -169,6 +175,10 @@ def _read_data(cfg: TrainConfig, strategy, service_job: str) -> tuple[RunData, T
 
 
 def _describe(cfg: TrainConfig, strategy, data: RunData) -> None:
+    defaults = TrainConfig(data_dir=cfg.data_dir, model_dir=cfg.model_dir)
+    changed = [f"--{name}={value}" for name, value in dataclasses.asdict(cfg).items()
+               if name not in ("data_dir", "model_dir") and value != getattr(defaults, name)]
+    print(f"Settings other than the defaults: {' '.join(changed) or 'none'}", flush=True)
     heads = "".join(f" + {name} head ({classes})" for name, classes in data.aux_heads.items())
     print(
         f"{distribution.describe(strategy)}; {data.train_products} training products, "
@@ -226,6 +236,9 @@ def _build_and_restore(cfg: TrainConfig, strategy, mconfig, data: RunData) -> tu
         optimizer = optimization.make_optimizer(cfg, schedule)
         optimization.compile_model(model, cfg, optimizer, data.aux_heads)
         resumed_step = callbacks_lib.restore_backup(model, backup_dir)
+    trainable = sum(int(keras.ops.size(v)) for v in model.trainable_variables)
+    print(f"Model: {model.count_params():,} parameters ({trainable:,} trainable); {cfg.backbone} backbone at "
+          f"{cfg.model_image_size} px, {cfg.fusion} fusion", flush=True)
     if resumed_step:
         resumed_epoch = resumed_step // data.steps_per_epoch
         print(f"Resuming from {backup_dir}: epoch {min(resumed_epoch, cfg.epochs - 1) + 1}/{cfg.epochs}, "

@@ -16,7 +16,7 @@ from model.training import callbacks as callbacks_lib
 
 
 # Settings that do not change what a run computes: a resumed or finished run may differ in them.
-RUN_INDEPENDENT = frozenset({"model_dir", "verbose", "profile_batches", "sample_products", "backup_every_steps",
+RUN_INDEPENDENT = frozenset({"model_dir", "verbose", "profile_batches", "sample_products", "backup_every_steps", "input_check",
                              "export_top_k", "cpu_devices", "shuffle_buffer", "steps_per_execution",
                              "log_every_steps", "expect_gpus",
                              "skip_corrupt_records", "data_service"})
