@@ -1,11 +1,13 @@
 # The two commands of the README: `make demo` and `make test`. Both build ./.venv on first use.
 # make test: pytest-xdist, one worker a core; each worker takes whole test files, so a module
 # fixture (a training run, a conversion) is built once and shared by its tests.
+# make test-fast: the same without the tests marked slow (pytest.ini): no training in a
+# subprocess, under a minute on 2 cores.
 VENV ?= .venv
 PYTHON ?= python3
 PY := $(VENV)/bin/python
 
-.PHONY: demo test bench clean
+.PHONY: demo test test-fast bench clean
 
 $(VENV)/.installed: setup.py
 	$(PYTHON) -m venv $(VENV)
@@ -15,6 +17,9 @@ $(VENV)/.installed: setup.py
 
 test: $(VENV)/.installed
 	$(PY) -m pytest -q -n auto --dist loadfile tests
+
+test-fast: $(VENV)/.installed
+	$(PY) -m pytest -q -n auto --dist loadfile -m "not slow" tests
 
 demo: $(VENV)/.installed
 	$(PY) demo.py

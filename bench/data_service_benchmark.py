@@ -30,21 +30,18 @@ local pipeline's CPU per batch.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import pathlib
 import shutil
-import signal
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 
 from bench import results as results_file
 from model import cli
+from tests.launchers import Service
 
 cli.configure_environment()  # the same allocator and log level as train.py and the launchers
 
@@ -69,50 +66,6 @@ FULL_DATA_IMAGES_PER_PRODUCT = 1.7  # train.bson: 12.4M images, 7.07M products
 # Processes and counters
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("localhost", 0))
-        return s.getsockname()[1]
-
-
-class Launched:
-    """A `python -m model.data_service ...` process; waits for its ready line."""
-
-    def __init__(self, *args, ready: str):
-        self.process = subprocess.Popen([sys.executable, "-m", "model.data_service", *args], cwd=REPO,
-                                        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        self.errors = []
-        threading.Thread(target=lambda: self.errors.extend(self.process.stderr), daemon=True).start()
-        deadline = time.time() + 120
-        for line in self.process.stdout:
-            if ready in line:
-                break
-            if time.time() > deadline:
-                break
-        else:
-            raise RuntimeError(f"{args}: no ready line; stderr: {''.join(self.errors)[-2000:]}")
-        threading.Thread(target=lambda: [None for _ in self.process.stdout], daemon=True).start()
-
-    def cpu(self) -> float:
-        return process_cpu(self.process.pid)
-
-    def stop(self):
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-
-
-def process_cpu(pid: int) -> float:
-    """User + system CPU seconds of a process (all its threads)."""
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 def loopback_bytes() -> int:
     with open("/proc/net/dev") as f:
         for line in f:
@@ -120,22 +73,6 @@ def loopback_bytes() -> int:
             if name.strip() == "lo":
                 return int(rest.split()[0])  # received = sent on lo
     return 0
-
-
-class Service:
-    def __init__(self, workers: int):
-        port = free_port()
-        self.target = f"grpc://localhost:{port}"
-        self.dispatcher = Launched("dispatcher", f"--port={port}", ready="dispatcher ready")
-        self.workers = [Launched("worker", f"--dispatcher=localhost:{port}", ready="worker ready")
-                        for _ in range(workers)]
-
-    def worker_cpu(self) -> float:
-        return sum(w.cpu() for w in self.workers) + self.dispatcher.cpu()
-
-    def stop(self):
-        for server in (*self.workers, self.dispatcher):
-            server.stop()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -184,12 +121,12 @@ def timed_run(dataset, batches: int, warmup: int, services) -> dict:
     iterator = iter(dataset)
     for _ in range(warmup):
         next(iterator)
-    worker_cpu = sum(s.worker_cpu() for s in services)
+    worker_cpu = sum(s.cpu() for s in services)
     wire, cpu, wall = loopback_bytes(), time.process_time(), time.perf_counter()
     for _ in range(batches):
         next(iterator)
     wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
-    worker_cpu = sum(s.worker_cpu() for s in services) - worker_cpu
+    worker_cpu = sum(s.cpu() for s in services) - worker_cpu
     wire = loopback_bytes() - wire
     del iterator
     return {"wall": wall, "consumer_cpu": cpu, "worker_cpu": worker_cpu, "wire": wire, "batches": batches}
@@ -233,7 +170,7 @@ def main(argv=None) -> int:
 
         from model.data_service import stream
 
-        services = {1: Service(1), 2: Service(2)}
+        services = {1: Service(1, timeout=120), 2: Service(2, timeout=120)}
         loaders = {LOCAL: (training_stream(data["pattern"], args, False), [])}
         for workers, pack, compression in SERVICE_LOADERS:
             name = service_name(workers, pack, compression)

@@ -25,100 +25,16 @@ import pytest
 import record_schema
 from model import input_pipeline
 from model.data_service import probe, splits, stream
+from tests.launchers import COMMAND as LAUNCHER, REPO, Launched, Service, free_port, process_cpu
 from tests.record_helpers import write_data_dir
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+pytestmark = pytest.mark.slow
+
 ENV = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
-LAUNCHER = [sys.executable, "-m", "model.data_service"]
 
 
 # ---------------------------------------------------------------------------------------------
 # Helpers
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("localhost", 0))
-        return s.getsockname()[1]
-
-
-class Server:
-    """A launcher subprocess, its output read by a thread (so a full pipe never blocks it)."""
-
-    def __init__(self, *args):
-        self.process = subprocess.Popen([*LAUNCHER, *args], cwd=REPO, env=ENV, stdout=subprocess.PIPE,
-                                        stderr=subprocess.PIPE, text=True)
-        self.lines, self.errors = [], []
-        self._threads = [threading.Thread(target=self._read, args=(stream, out), daemon=True)
-                         for stream, out in ((self.process.stdout, self.lines), (self.process.stderr, self.errors))]
-        for thread in self._threads:
-            thread.start()
-
-    @staticmethod
-    def _read(stream, out):
-        for line in stream:
-            out.append(line.rstrip("\n"))
-
-    def wait_for(self, text: str, timeout: float = 90) -> str:
-        deadline = time.time() + timeout
-        while time.time() < deadline:
-            for line in list(self.lines):
-                if text in line:
-                    return line
-            if self.process.poll() is not None:
-                time.sleep(0.2)  # the last lines
-                break
-            time.sleep(0.1)
-        raise AssertionError(f"no {text!r} from {self.process.args}: stdout {self.lines}, stderr {self.errors[-20:]}")
-
-    def signal(self, sig):
-        if self.process.poll() is None:
-            self.process.send_signal(sig)
-
-    def finish(self, timeout: float = 30) -> int:
-        code = self.process.wait(timeout=timeout)
-        for thread in self._threads:
-            thread.join(timeout=5)
-        return code
-
-    def kill(self) -> None:
-        self.signal(signal.SIGKILL)
-        self.finish()
-
-
-class Service:
-    """A dispatcher and workers on localhost, through the launchers; everything killed at the end."""
-
-    def __init__(self, tmp_path, *, workers: int, work_dir: bool = True):
-        self.port = free_port()
-        self.address = f"localhost:{self.port}"
-        self.target = f"grpc://{self.address}"
-        self.work_dir = str(tmp_path / f"dispatcher-{self.port}") if work_dir else ""
-        self.servers = []
-        self.dispatcher = self.start_dispatcher()
-        self.workers = [self.start_worker(wait=False) for _ in range(workers)]
-        for worker in self.workers:
-            worker.wait_for("worker ready")
-
-    def start_dispatcher(self) -> Server:
-        args = ["dispatcher", f"--port={self.port}"]
-        server = Server(*args, *([f"--work_dir={self.work_dir}"] if self.work_dir else []))
-        self.servers.append(server)
-        server.wait_for("dispatcher ready")
-        return server
-
-    def start_worker(self, wait: bool = True) -> Server:
-        server = Server("worker", f"--dispatcher={self.address}")
-        self.servers.append(server)
-        if wait:
-            server.wait_for("worker ready")
-        return server
-
-    def close(self):
-        for server in self.servers:
-            server.signal(signal.SIGKILL)
-        for server in self.servers:
-            server.finish()
 
 
 @pytest.fixture
@@ -127,7 +43,7 @@ def make_service(tmp_path):
     services = []
 
     def make(**kwargs):
-        services.append(Service(tmp_path, **kwargs))
+        services.append(Service(work_root=str(tmp_path), **kwargs))
         return services[-1]
 
     yield make
@@ -138,7 +54,7 @@ def make_service(tmp_path):
 @pytest.fixture(scope="module")
 def shared_service(tmp_path_factory):
     """A dispatcher and two workers for the tests that leave them alone (each uses its own job)."""
-    service = Service(tmp_path_factory.mktemp("shared"), workers=2)
+    service = Service(workers=2, work_root=str(tmp_path_factory.mktemp("shared")))
     yield service
     service.close()
 
@@ -194,15 +110,9 @@ class Reader:
         return out
 
 
-def ready_address(worker: Server) -> str:
+def ready_address(worker: Launched) -> str:
     """The address a worker's ready line gives (what the dispatcher lists)."""
     return re.search(r"worker ready at (\S+) ", worker.lines[0])[1]
-
-
-def cpu_seconds(pid: int) -> float:
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -223,7 +133,7 @@ def test_launchers_ready_lines_a_waiting_trainer_and_sigterm(tmp_path):
     assert len(lines) >= 2  # and again every report_every seconds
 
     work_dir = tmp_path / "journal"
-    dispatcher = Server("dispatcher", f"--port={port}", f"--work_dir={work_dir}")
+    dispatcher = Launched("dispatcher", f"--port={port}", f"--work_dir={work_dir}")
     worker = None
     try:
         line = dispatcher.wait_for("dispatcher ready")
@@ -235,7 +145,7 @@ def test_launchers_ready_lines_a_waiting_trainer_and_sigterm(tmp_path):
         assert lines == [f"data_service: waiting for {target} (0 s): 0 of 1 worker(s) up; start one with: "
                          f"python -m model.data_service worker --dispatcher=localhost:{port}"]
 
-        worker = Server("worker", f"--dispatcher=localhost:{port}")  # arrives while the trainer waits
+        worker = Launched("worker", f"--dispatcher=localhost:{port}")  # arrives while the trainer waits
         lines.clear()
         workers = probe.wait_for_workers(target, timeout=90, poll=0.25, log=lines.append)
         line = worker.wait_for("worker ready")
@@ -262,12 +172,12 @@ def test_a_worker_started_before_its_dispatcher_waits_for_it():
     """Started together (one launch script), the worker comes up before the dispatcher has: it asks
     again until --connect_timeout, then registers."""
     port = free_port()
-    worker = Server("worker", f"--dispatcher=localhost:{port}", "--connect_timeout=90")
+    worker = Launched("worker", f"--dispatcher=localhost:{port}", "--connect_timeout=90")
     dispatcher = None
     try:
         time.sleep(2)
         assert worker.process.poll() is None  # still waiting, not failed
-        dispatcher = Server("dispatcher", f"--port={port}")
+        dispatcher = Launched("dispatcher", f"--port={port}")
         dispatcher.wait_for("dispatcher ready")
         assert worker.wait_for("worker ready").endswith(f"registered with dispatcher localhost:{port}")
     finally:
@@ -381,11 +291,11 @@ def test_both_workers_share_an_endless_stream(shared_service, tmp_path):
     # One product a file and more files than two interleaves hold (2 x 16): each worker reads.
     data = write_data_dir(str(tmp_path / "one_per_file"), with_val=False, shards=65)
     service = shared_service
-    before = [cpu_seconds(w.process.pid) for w in service.workers]
+    before = [process_cpu(w.process.pid) for w in service.workers]
     reader = Reader(stream.distribute(training_stream(data, repeat=True, batch_size=4, seed=1),
                                             service.target, job_name="shared"))
     ids = reader.take(4 * 65 // 4)  # four passes' worth
-    used = [cpu_seconds(w.process.pid) - b for w, b in zip(service.workers, before)]
+    used = [process_cpu(w.process.pid) - b for w, b in zip(service.workers, before)]
     assert min(used) > 0.2 * sum(used), used
     # Passes overlap by what the workers hold (16 open files each, the shuffle buffer, batches in
     # flight: more than a pass of this one-product-a-file data), no more: every product comes,
@@ -487,3 +397,19 @@ def test_train_py_trains_on_two_workers_like_a_local_run(shared_service, synthet
     top1 = {name: state["final_val"]["category_top1"] for name, (_, state) in runs.items()}
     print(f"final val top-1 {top1}; service epoch losses {losses}")
     assert top1["service"] >= 0.35 and abs(top1["service"] - top1["local"]) <= 0.25, top1
+
+
+def test_the_trainer_says_when_workers_are_lost_and_what_it_cost(monkeypatch):
+    """From the count training started with: a worker lost before the first poll is reported too
+    (it used to be taken as the starting count and never mentioned)."""
+    counts = iter([1, 1, 2])
+    monkeypatch.setattr(probe, "live_workers", lambda address: ["w"] * next(counts, 2))
+    lines = []
+    stop = probe.watch_workers("grpc://localhost:5050", workers=2, poll=0.01, log=lines.append)
+    deadline = time.time() + 10
+    while len(lines) < 2 and time.time() < deadline:
+        time.sleep(0.01)
+    stop.set()
+    assert lines[0].startswith("data_service: 1 worker(s) up at grpc://localhost:5050 (was 2): what the 1 lost "
+                               "worker(s) held") and "skipped for this pass" in lines[0]
+    assert lines[1] == "data_service: 2 worker(s) up at grpc://localhost:5050 (was 1)"

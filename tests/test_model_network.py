@@ -17,6 +17,8 @@ from model.network import backbone as backbone_lib
 from model.network import fusion as fusion_lib
 from model.network.multi_image import ModelConfig, build_model
 
+pytestmark = pytest.mark.slow  # in-process, but ~90 s of model builds and train steps
+
 SIZE = 32
 FUSIONS = fusion_lib.FUSIONS
 # 1, 2, 3 and 4 real images, and one product whose real images are not the first slots.

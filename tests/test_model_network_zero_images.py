@@ -17,6 +17,8 @@ import pytest
 
 from tests.record_helpers import REPO
 
+pytestmark = pytest.mark.slow
+
 SCRIPT = r"""
 import json, sys
 import numpy as np, tensorflow as tf, keras

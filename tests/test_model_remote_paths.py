@@ -9,12 +9,15 @@ import csv
 import io
 import os
 
+import pytest
 import tensorflow as tf
 
 from model import config
 from model.evaluation import evaluate as evaluation
 from model.training import loop
 from tests.record_helpers import write_data_dir
+
+pytestmark = pytest.mark.slow
 
 TINY = dict(backbone="tiny", image_size=32, batch_size=8, epochs=1, steps_per_epoch=2, sample_products=2,
             bn_recalibration_steps=1, fusion="mean", log_every_steps=1)

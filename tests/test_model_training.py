@@ -19,6 +19,7 @@ import tensorflow as tf
 
 from tests.record_helpers import REPO, TINY_TRAIN_FLAGS as TINY, write_data_dir
 
+pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")

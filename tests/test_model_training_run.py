@@ -21,6 +21,7 @@ import record_schema
 from model.input_pipeline import labels as labels_lib
 from tests.record_helpers import REPO, TINY_TRAIN_FLAGS as TINY, sample_documents, write_data_dir
 
+pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")

@@ -159,16 +159,18 @@ def wait_for_workers(service: str, *, min_workers: int = 1, timeout: float | Non
         time.sleep(poll)
 
 
-def watch_workers(service: str, *, poll: float = 10.0, report_every: float = REPORT_EVERY, log=None) -> threading.Event:
-    """A daemon thread that prints a line when the number of live workers changes, and
-    every `report_every` seconds while there is none or the dispatcher does not answer (training
-    then runs on what is buffered, then waits). Set the returned event to stop it."""
+def watch_workers(service: str, *, workers: int | None = None, poll: float = 10.0, report_every: float = REPORT_EVERY,
+                  log=None) -> threading.Event:
+    """A daemon thread that prints a line when the number of live workers changes (from
+    `workers`, the count training started with), saying what a lost worker cost, and every
+    `report_every` seconds while there is none or the dispatcher does not answer (training then
+    runs on what is buffered, then waits). Set the returned event to stop it."""
     address = parse_service(service)
     log = log or _say
     stop = threading.Event()
 
     def run():
-        known, last_report = None, 0.0
+        known, last_report = workers, 0.0
         while not stop.wait(poll):
             try:
                 count, problem = len(live_workers(address)), None
@@ -178,7 +180,10 @@ def watch_workers(service: str, *, poll: float = 10.0, report_every: float = REP
                 problem = "no worker up: training waits for input"
             now = time.monotonic()
             if count != known and count is not None and known is not None:
-                log(f"{PREFIX} {count} worker(s) up at grpc://{address} (was {known})")
+                lost = (f": what the {known - count} lost worker(s) held (batches in their buffers, the rest of "
+                        "their open files, up to 16 each) is skipped for this pass of the data, never repeated"
+                        if count < known else "")
+                log(f"{PREFIX} {count} worker(s) up at grpc://{address} (was {known}){lost}")
             if problem and (count != known or now - last_report >= report_every):
                 log(f"{PREFIX} {problem}")
                 last_report = now

@@ -158,7 +158,7 @@ def _read_data(cfg: TrainConfig, strategy, service_job: str) -> tuple[RunData, T
         # Before the dataset is registered: with no dispatcher that would block without a word.
         workers = probe.wait_for_workers(cfg.data_service)
         print(f"Training input from the tf.data service at {cfg.data_service}: {len(workers)} worker(s)", flush=True)
-        probe.watch_workers(cfg.data_service)
+        probe.watch_workers(cfg.data_service, workers=len(workers))
     train_ds = inputs.train_dataset(cfg, strategy, targets, service_job)
     # Validation is a finite dataset and fit is NOT told its length: with a step count, Keras
     # 3.15 evaluate() pulls a batch from its cached iterator before resetting it, and under a

@@ -42,6 +42,9 @@ def compile_model(model: keras.Model, cfg, optimizer, aux_heads: dict) -> None:
     ce = lambda: keras.losses.CategoricalCrossentropy(  # noqa: E731
         from_logits=True, label_smoothing=cfg.label_smoothing
     )
+    # Keras prefixes a metric with its output's name only when the model has several outputs: the
+    # callbacks and the final report read category_top1 either way.
+    prefix = "" if aux_heads else "category_"
     losses = {"category": ce()}
     weights = {"category": 1.0}
     for name in aux_heads:
@@ -53,8 +56,8 @@ def compile_model(model: keras.Model, cfg, optimizer, aux_heads: dict) -> None:
         loss_weights=weights,
         metrics={
             "category": [
-                keras.metrics.CategoricalAccuracy(name="top1"),
-                keras.metrics.TopKCategoricalAccuracy(k=5, name="top5"),
+                keras.metrics.CategoricalAccuracy(name=prefix + "top1"),
+                keras.metrics.TopKCategoricalAccuracy(k=5, name=prefix + "top5"),
             ]
         },
         jit_compile=cfg.jit_compile,

@@ -1,0 +1,220 @@
+"""model/input_pipeline/shards.py on its own: missing_shards on names, count_records on intact and
+damaged files, and check_split's one-line stops (missing, short, damaged, mixed-in shards) or its
+count of what --skip_corrupt_records skips. The data folder is record_helpers' (82 real products,
+3 shards a split: train 22 + 22 + 21, val 6 + 6 + 5); one train shard is damaged in a copy.
+
+test_model_data_faults runs the same faults through evaluate and train.py with a trained model."""
+
+import json
+import os
+import re
+import shutil
+
+import pytest
+import tensorflow as tf
+
+import record_schema
+from model.errors import UserError
+from model.input_pipeline import shards
+from tests.record_helpers import write_data_dir
+
+SHARD_RECORDS = [22, 22, 21]  # train, round-robin over 3 shards
+
+
+# ---------------------------------------------------------------------------------------------
+# missing_shards
+
+
+@pytest.mark.parametrize("files, missing", [
+    ([], []),
+    (["/d/train-00000-of-00001.tfrecord"], []),
+    (["gs://b/d/train-00002-of-00003.tfrecord"], ["train-00000-of-00003.tfrecord", "train-00001-of-00003.tfrecord"]),
+    # Each split against its own count, splits in order.
+    (["/d/val-00000-of-00002.tfrecord", "/d/train-00001-of-00002.tfrecord"],
+     ["train-00000-of-00002.tfrecord", "val-00001-of-00002.tfrecord"]),
+    # Shards of two conversions (another -of-N) are two sets: each is checked whole.
+    (["/d/train-00000-of-00002.tfrecord", "/d/train-00001-of-00002.tfrecord", "/d/train-00000-of-00003.tfrecord"],
+     ["train-00001-of-00003.tfrecord", "train-00002-of-00003.tfrecord"]),
+    # A split name with dashes; files not named like shards are no promise.
+    (["/d/my-test-00001-of-00002.tfrecord", "/d/notes.txt", "/d/train-1-of-2.tfrecord"], ["my-test-00000-of-00002.tfrecord"]),
+])
+def test_missing_shards(files, missing):
+    assert shards.missing_shards(files) == missing
+
+
+# ---------------------------------------------------------------------------------------------
+# Damage
+
+
+def record_starts(path) -> list[int]:
+    """Byte offsets of a TFRecord file's records (length 8, its CRC 4, data, data CRC 4)."""
+    data, starts, offset = open(path, "rb").read(), [], 0
+    while offset < len(data):
+        starts.append(offset)
+        offset += 16 + int.from_bytes(data[offset:offset + 8], "little")
+    return starts
+
+
+def damage(path, kind) -> tuple[int, int]:
+    """Damages a shard in place: "truncate" (cut in the middle of a record), "flip" (a byte of a
+    record's data changed), "boundary" (cut after the first record: well-formed, short) or
+    "delete". Returns (records still readable, offset of the damaged record)."""
+    data = open(path, "rb").read()
+    starts = record_starts(path)
+    middle = len(data) // 2
+    hit = max(i for i, start in enumerate(starts) if start + 12 <= middle)  # the record whose data holds it
+    if kind == "delete":
+        os.remove(path)
+        return 0, 0
+    if kind == "boundary":
+        open(path, "wb").write(data[:starts[1]])
+        return 1, 0
+    if kind == "truncate":
+        open(path, "wb").write(data[:middle])
+    elif kind == "flip":
+        broken = bytearray(data)
+        broken[middle] ^= 0xFF
+        open(path, "wb").write(bytes(broken))
+    return hit, starts[hit]
+
+
+@pytest.fixture(scope="module")
+def source(tmp_path_factory):
+    return write_data_dir(str(tmp_path_factory.mktemp("shards") / "data"), shards=3)
+
+
+@pytest.fixture
+def data(source, tmp_path):
+    """A copy of the data folder to damage, and its second train shard."""
+    copy = str(tmp_path / "data")
+    shutil.copytree(source, copy)
+    return copy, os.path.join(copy, record_schema.shard_name("train", 1, 3))
+
+
+# TensorFlow's words after the offset vary ("truncated record at 77836 failed with Read less bytes
+# than requested"): the message must start with the kind and the record's offset, on one line,
+# with none of the op names and quotes around it.
+MESSAGE = {"truncate": r"truncated record at {offset}( failed with [^\n\['{{}}]*)?", "flip": r"corrupted record at {offset}"}
+
+
+def assert_problem(problem, kind, offset):
+    assert re.fullmatch(MESSAGE[kind].format(offset=offset), problem), problem
+
+
+def test_count_records_of_an_intact_and_an_empty_file(data, tmp_path):
+    _, path = data
+    assert shards.count_records(path) == (22, None)
+    empty = tmp_path / "empty.tfrecord"
+    empty.write_bytes(b"")
+    assert shards.count_records(str(empty)) == (0, None)
+
+
+@pytest.mark.parametrize("kind", ["truncate", "flip"])
+def test_count_records_of_a_damaged_file(data, kind):
+    _, path = data
+    readable, offset = damage(path, kind)
+    assert 0 < readable < 22  # the damage is in the middle
+    count, problem = shards.count_records(path)
+    assert count == readable
+    assert_problem(problem, kind, offset + (12 if kind == "flip" else 0))
+
+
+@pytest.mark.parametrize("message, line", [
+    ("{{function_node __wrapped__IteratorGetNext_output_types_1_device_/job:localhost/replica:0/task:0/device:CPU:0}} "
+     "corrupted record at 29476 [Op:IteratorGetNext] name: ", "corrupted record at 29476"),
+    ("truncated record at 77836' failed with Read less bytes than requested [Op:ReduceDataset]\nname: x",
+     "truncated record at 77836 failed with Read less bytes than requested"),
+    ("corrupted record at 5", "corrupted record at 5"),
+])
+def test_tensorflow_message_is_cut_to_one_line(message, line):
+    assert shards._tensorflow_message(tf.errors.DataLossError(None, None, message)) == line
+
+
+# ---------------------------------------------------------------------------------------------
+# check_split
+
+
+def test_an_intact_split(data):
+    folder, _ = data
+    logged = []
+    check = shards.check_split(folder, "train", skip_corrupt_records=False, log=logged.append)
+    assert check == shards.SplitCheck(
+        files=tuple(os.path.join(folder, record_schema.shard_name("train", i, 3)) for i in range(3)),
+        records=65, expected=65, damaged={})
+    assert check.unreadable == 0 and logged == []
+    assert shards.check_split(folder, "val", skip_corrupt_records=False).records == 17
+
+
+@pytest.mark.parametrize("kind, skip, message", [
+    ("delete", False, "{folder}: 1 train shard(s) missing: train-00001-of-00003.tfrecord"),
+    ("delete", True, "{folder}: 1 train shard(s) missing: train-00001-of-00003.tfrecord"),  # nothing stands in
+    ("boundary", False, "{folder}: the train shards hold 44 records, metadata.json counts 65: "
+                        "a shard was cut short or replaced; convert again"),
+    ("boundary", True, "{folder}: the train shards hold 44 records, metadata.json counts 65: "
+                       "a shard was cut short or replaced; convert again"),
+    ("truncate", False, "{path}: {problem}; pass --skip_corrupt_records to read the rest of the data"),
+    ("flip", False, "{path}: {problem}; pass --skip_corrupt_records to read the rest of the data"),
+])
+def test_check_split_stops_with_one_line(data, kind, skip, message):
+    folder, path = data
+    damage(path, kind)
+    problem = shards.count_records(path)[1] if kind in MESSAGE else None
+    with pytest.raises(UserError) as stopped:
+        shards.check_split(folder, "train", skip_corrupt_records=skip, log=pytest.fail)
+    assert str(stopped.value) == message.format(folder=folder, path=path, problem=problem)
+    assert "\n" not in str(stopped.value)
+
+
+@pytest.mark.parametrize("kind", ["truncate", "flip"])
+def test_check_split_skips_the_rest_of_a_damaged_shard_and_counts_it(data, kind):
+    folder, path = data
+    readable, offset = damage(path, kind)
+    logged = []
+    check = shards.check_split(folder, "train", skip_corrupt_records=True, log=logged.append)
+    [problem] = check.damaged.values()
+    assert list(check.damaged) == [path]
+    assert_problem(problem, kind, offset + (12 if kind == "flip" else 0))
+    assert check.records == 22 + readable + 21 and check.expected == 65
+    assert check.unreadable == 22 - readable
+    assert logged == [f"Skipping the rest of {path} after {readable} records: {problem}"]
+
+
+def test_check_split_names_every_damaged_shard_once(data):
+    folder, path = data
+    other = os.path.join(folder, record_schema.shard_name("train", 2, 3))
+    first, _ = damage(path, "truncate")
+    second, _ = damage(other, "flip")
+    logged = []
+    check = shards.check_split(folder, "train", skip_corrupt_records=True, log=logged.append)
+    assert list(check.damaged) == [path, other]
+    assert [line.split(" after ")[0] for line in logged] == [f"Skipping the rest of {path}",
+                                                             f"Skipping the rest of {other}"]
+    assert check.records == 22 + first + second
+
+
+def test_check_split_with_more_records_than_metadata(data):
+    folder, _ = data
+    metadata_path = os.path.join(folder, record_schema.METADATA_FILE)
+    metadata = json.load(open(metadata_path))
+    metadata["splits"]["train"]["products"] = 60
+    json.dump(metadata, open(metadata_path, "w"))
+    with pytest.raises(UserError) as stopped:
+        shards.check_split(folder, "train", skip_corrupt_records=False)
+    assert str(stopped.value) == (f"{folder}: the train shards hold 65 records, metadata.json counts only 60: "
+                                  "shards of another conversion are mixed in")
+
+
+def test_check_split_of_a_split_with_no_shards(data):
+    folder, _ = data
+    with pytest.raises(UserError) as stopped:
+        shards.check_split(folder, "test", skip_corrupt_records=True)
+    assert str(stopped.value) == f"no test shards in {folder} (looked for test-*-of-*.tfrecord)"
+
+
+def test_check_split_names_the_first_five_missing_shards(tmp_path):
+    for index in (0, 7):  # 1-6 of 8 missing; nothing is read before the names are checked
+        (tmp_path / record_schema.shard_name("train", index, 8)).write_bytes(b"")
+    with pytest.raises(UserError) as stopped:
+        shards.check_split(str(tmp_path), "train", skip_corrupt_records=False)
+    names = ", ".join(record_schema.shard_name("train", i, 8) for i in range(1, 6))
+    assert str(stopped.value) == f"{tmp_path}: 6 train shard(s) missing: {names} ..."
