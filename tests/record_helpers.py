@@ -13,8 +13,9 @@ from beam_convert import categories as categories_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # The same code path as a real run, at a size that trains in seconds on 2 cores.
+# --noinput_check: its ~5 s a start are tested in test_model_training_input_check.py and the demo.
 TINY_TRAIN_FLAGS = ["--backbone=tiny", "--image_size=32", "--batch_size=8", "--sample_products=4",
-                    "--warmup_epochs=0.5", "--bn_recalibration_steps=2"]
+                    "--warmup_epochs=0.5", "--bn_recalibration_steps=2", "--noinput_check"]
 
 
 def sample_documents():

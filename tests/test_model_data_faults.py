@@ -24,7 +24,7 @@ from tests.record_helpers import REPO, sample_documents, write_data_dir
 pytestmark = pytest.mark.slow
 
 TINY = dict(backbone="tiny", image_size=32, batch_size=8, sample_products=0, bn_recalibration_steps=1,
-            warmup_epochs=0.5, fusion="mean")
+            warmup_epochs=0.5, fusion="mean", input_check=False)
 
 
 @pytest.fixture(scope="module")

@@ -20,8 +20,8 @@ import keras
 import tensorflow as tf
 
 MODEL_STEPS = 5  # timed train steps on the cached batch, after one untimed (tracing) step
-INPUT_SECONDS = 3.0  # the input is read for this long at most (after its first batch) ...
-INPUT_BATCHES = 30  # ... or this many batches
+INPUT_SECONDS = 2.0  # the input is read for this long at most (after its first batch) ...
+INPUT_BATCHES = 20  # ... or this many batches
 
 
 @dataclasses.dataclass(frozen=True)
