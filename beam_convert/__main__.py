@@ -2,7 +2,8 @@
 
 Converts Cdiscount BSON files into sharded TFRecords (docs/FORMATS.md section 1); `--help` lists
 the options (beam_convert/options.py). Exit status: 0 done, 2 bad arguments or folders, 1 any
-other failure, 130 interrupted; every error is one line `beam_convert: error: ...`.
+other failure, 130 / 143 stopped by SIGINT / SIGTERM (beam_convert/stopping.py); every error is one
+line `beam_convert: error: ...`, a stop one line `beam_convert: stopped by SIGNAL: ...`.
 """
 
 import logging
@@ -14,6 +15,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # before TensorFlow loads, i
 logging.getLogger().addFilter(lambda record: "apitools not found" not in record.getMessage())
 
 # Imported after the lines above: these modules import Beam.
+from beam_convert import stopping
 from beam_convert.errors import DataError, UsageError
 from beam_convert.run import convert
 from beam_convert.terminal import one_line, quiet_beam_logs
@@ -21,6 +23,15 @@ from beam_convert.terminal import one_line, quiet_beam_logs
 
 def main(argv: list[str]) -> int:
     quiet_beam_logs()
+    with stopping.stop_on_signals():
+        try:
+            return _convert(argv)
+        except stopping.Stopped as stop:  # also one that arrives while an error line is printed
+            print(f"beam_convert: {stop.message}", file=sys.stderr)
+            return stop.status
+
+
+def _convert(argv: list[str]) -> int:
     try:
         convert(argv)
     except UsageError as error:
@@ -29,10 +40,12 @@ def main(argv: list[str]) -> int:
     except DataError as error:
         print(f"beam_convert: error: {error}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
-        print("beam_convert: error: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt:  # no handler of ours (main() called outside the main thread)
+        print("beam_convert: stopped by SIGINT", file=sys.stderr)
+        return stopping.exit_status(stopping.signal.SIGINT)
     except Exception as error:  # noqa: BLE001 - the runner wraps worker errors in many types
+        if stopping.received() is not None:  # a stop that the runner wrapped outside run_pipeline
+            raise stopping.Stopped(stopping.received()) from None
         print(f"beam_convert: error: {one_line(error)}", file=sys.stderr)
         return 1
     return 0

@@ -5,8 +5,8 @@
 
 Elements are coarse (an index range of thousands of products), because Beam's per-element cost
 is paid per element, not per byte. A range writes its temporary files under tmp_dir (records/,
-ids/, digests/, rejected/), then its progress marker holding its RangeResult: a re-run of an
-interrupted job takes the result from there instead of converting the range again.
+ids/, sizes/, digests/, rejected/), then its progress marker holding its RangeResult: a re-run of
+an interrupted job takes the result from there instead of converting the range again.
 """
 
 import collections
@@ -54,8 +54,8 @@ def _finished_result(marker: str) -> Optional[RangeResult]:
         result = RangeResult.from_json(json.loads(files.read_bytes(marker))["result"])
     except (OSError, ValueError, KeyError, TypeError):
         return None
-    if any(not split_file.ids for split_file in result.records.values()):
-        return None  # a marker of a version that kept no id lists: convert the range again
+    if any(not (split_file.ids and split_file.sizes) for split_file in result.records.values()):
+        return None  # a marker of a version that kept no id lists or record sizes: convert the range again
     if not all(files.FileSystems.exists(path) for path in result.temporary_files()):
         return None
     return result
@@ -124,21 +124,26 @@ class ConvertRange(beam.DoFn):
 class _SplitWriter:
     """A range's temporary TFRecord file of one split, open for writing, and its counts."""
 
-    def __init__(self, path: str, ids_path: str):
+    def __init__(self, path: str, ids_path: str, sizes_path: str):
         self._writer = files.BufferedWriter(path)
         self._ids_path = ids_path
+        self._sizes_path = sizes_path
         self.product_ids: list[int] = []
+        self.sizes: list[int] = []  # framed bytes of each record: where finalize may cut the file
         self.images = 0
 
     def write(self, record: bytes, product_id: int, images: int) -> None:
-        self._writer.write(files.tfrecord_frame(record))
+        frame = files.tfrecord_frame(record)
+        self._writer.write(frame)
         self.product_ids.append(product_id)
+        self.sizes.append(len(frame))
         self.images += images
 
     def close(self) -> SplitFile:
         self._writer.close()
         files.write_bytes(self._ids_path, npy_bytes(np.array(self.product_ids, np.int64)))
-        return SplitFile(self._writer.path, len(self.product_ids), self.images, self._ids_path)
+        files.write_bytes(self._sizes_path, npy_bytes(np.array(self.sizes, np.int64)))
+        return SplitFile(self._writer.path, len(self.product_ids), self.images, self._ids_path, self._sizes_path)
 
 
 class _RangeOutput:
@@ -173,7 +178,8 @@ class _RangeOutput:
         if writer is None:
             path = files.join(config.tmp_dir, "records", split, f"{self.range_id}.tfrecord")
             ids_path = files.join(config.tmp_dir, "ids", split, f"{self.range_id}.npy")
-            writer = self.writers[split] = _SplitWriter(path, ids_path)
+            sizes_path = files.join(config.tmp_dir, "sizes", split, f"{self.range_id}.npy")
+            writer = self.writers[split] = _SplitWriter(path, ids_path, sizes_path)
         writer.write(record_schema.encode_example(
             product.product_id, product.category_id, product.label, product.images, config.max_images),
             product.product_id, len(product.images))

@@ -1,9 +1,11 @@
 """File access through Beam's FileSystems (local, gs://, s3://, hdfs://...), and TFRecord framing."""
 
+import contextlib
+import errno
 import os
 import shutil
 import struct
-from typing import BinaryIO
+from typing import BinaryIO, Iterator, Optional
 
 import google_crc32c
 from apache_beam.io.filesystem import CompressionTypes
@@ -21,13 +23,25 @@ def create(path: str) -> BinaryIO:
     return FileSystems.create(path, compression_type=CompressionTypes.UNCOMPRESSED)
 
 
+@contextlib.contextmanager
+def naming(path: str) -> Iterator[None]:
+    """Puts `path` into an OSError that lacks a file name: a failed write() or close() (a full disk)
+    says only "[Errno 28] No space left on device", not where."""
+    try:
+        yield
+    except OSError as error:
+        if error.filename is None and error.errno is not None:
+            raise OSError(error.errno, error.strerror, path) from None
+        raise
+
+
 def read_bytes(path: str) -> bytes:
     with open_read(path) as f:
         return f.read()
 
 
 def write_bytes(path: str, data: bytes) -> None:
-    with create(path) as f:
+    with naming(path), create(path) as f:
         f.write(data)
 
 
@@ -48,11 +62,66 @@ def glob_with_sizes(pattern: str) -> list[tuple[str, int]]:
 
 def concatenate(sources, destination: str) -> None:
     """Writes the sources' bytes, in order, into destination; the sources stay."""
-    with create(destination) as out:
+    with naming(destination), create(destination) as out:
         for source in sources:
             with open_read(source) as f:
                 while chunk := f.read(BufferedWriter.FLUSH_BYTES):
                     out.write(chunk)
+
+
+def copy_range(source: str, start: int, end: Optional[int], out: BinaryIO) -> None:
+    """Appends bytes [start, end) of source (to its end when end is None) to the open file out."""
+    if FileSystems.get_scheme(source) is None and _copy_in_kernel(source, start, end, out):
+        return
+    with open_read(source) as f:
+        if start:
+            f.seek(start)
+        position = start
+        while end is None or position < end:
+            want = BufferedWriter.FLUSH_BYTES if end is None else min(BufferedWriter.FLUSH_BYTES, end - position)
+            with naming(source):
+                chunk = f.read(want)
+            if not chunk:
+                if end is not None:
+                    raise OSError(f"{source}: ends at byte {position:,}, expected {end:,} bytes")
+                return
+            out.write(chunk)
+            position += len(chunk)
+
+
+# copy_file_range refuses these where the kernel or the filesystem cannot copy: copy through Python.
+_NO_KERNEL_COPY = {errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EINVAL, errno.EBADF}
+
+
+def _copy_in_kernel(source: str, start: int, end: Optional[int], out: BinaryIO) -> bool:
+    """copy_range between local files by os.copy_file_range: the bytes never pass through Python
+    (200 MB of fresh files: 0.1-0.2 s against 0.85-1.1 s through 16 MB buffers, on the 2-core build
+    machine). False, having copied nothing, where it cannot be used."""
+    try:
+        out_fd = out.fileno()
+    except (AttributeError, OSError, ValueError):  # io.UnsupportedOperation is both of the last two
+        return False
+    if not hasattr(os, "copy_file_range"):
+        return False
+    with naming(source):
+        fd = os.open(source, os.O_RDONLY)
+    try:
+        end = os.fstat(fd).st_size if end is None else end
+        out.flush()  # what out holds in its buffer goes first
+        position = start
+        while position < end:
+            try:
+                copied = os.copy_file_range(fd, out_fd, end - position, position)
+            except OSError as error:
+                if position == start and error.errno in _NO_KERNEL_COPY:
+                    return False
+                raise
+            if not copied:
+                raise OSError(f"{source}: ends at byte {position:,}, expected {end:,} bytes")
+            position += copied
+        return True
+    finally:
+        os.close(fd)
 
 
 def make_folder(path: str) -> None:
@@ -112,7 +181,8 @@ class BufferedWriter:
 
     def __init__(self, path: str):
         self.path = path
-        self._file = create(path)
+        with naming(path):
+            self._file = create(path)
         self._pending: list[bytes] = []
         self._pending_bytes = 0
 
@@ -123,10 +193,12 @@ class BufferedWriter:
             self._flush()
 
     def _flush(self) -> None:
-        self._file.write(b"".join(self._pending))
+        with naming(self.path):
+            self._file.write(b"".join(self._pending))
         self._pending.clear()
         self._pending_bytes = 0
 
     def close(self) -> None:
         self._flush()
-        self._file.close()
+        with naming(self.path):
+            self._file.close()

@@ -4,8 +4,13 @@
   Reshuffle -> finalize tasks in parallel (shards, id lists, rejected, digests) -> labels.csv,
   metadata.json
 
-Finalizing renames (or concatenates) the temporary files into the named shards and writes
-metadata.json last, so a failed run never leaves output that looks complete.
+Each split's records, concatenated in range order (the input's order), are cut into shards of
+even record counts: shard k of S holds records [k*N/S, (k+1)*N/S) of the N, so shard sizes differ
+by one record at most, whatever the number of ranges, and no shard is empty (S is capped at N).
+A shard is copied from the record intervals of the ranges' temporary files (a range's file may be
+cut between two shards at a record boundary, found from its record sizes). The temporary files are
+only read: they are deleted with tmp_dir after metadata.json is written, last, so a failed run
+never leaves output that looks complete and a re-run converts no range again.
 """
 
 import collections
@@ -22,7 +27,7 @@ from beam_convert import categories as categories_lib
 from beam_convert import files, products
 from beam_convert.errors import NothingConverted
 from beam_convert.job import (
-    SPLIT_CODES, TOO_MANY_IMAGES, ConvertConfig, DatasetIndex, RangeResult, npy_bytes, rejection_report)
+    SPLIT_CODES, TOO_MANY_IMAGES, ConvertConfig, DatasetIndex, RangeResult, SplitFile, npy_bytes, rejection_report)
 from beam_convert.output_folder import move_previous_output_aside
 
 
@@ -74,14 +79,44 @@ class FinalizeTask:
 
 @dataclasses.dataclass(frozen=True)
 class ConcatFiles(FinalizeTask):
-    """Joins the sources, in order, into the destination: a rename when there is one."""
+    """Joins the sources, in order, into the destination (the sources stay, for a re-run)."""
 
     def run(self) -> None:
-        if len(self.sources) == 1:
-            files.FileSystems.rename(list(self.sources), [self.destination])
-            return
         files.concatenate(self.sources, self.destination)
-        files.delete(list(self.sources))
+
+
+@dataclasses.dataclass(frozen=True)
+class ShardPiece:
+    """Records [first, end) of one range's temporary TFRecord file of a split."""
+
+    path: str
+    sizes: str  # the file's record sizes (SplitFile.sizes)
+    records: int  # records in the whole file
+    first: int
+    end: int
+
+    def byte_range(self) -> tuple[int, Optional[int]]:
+        """(start, end) bytes of the piece in its file; end None: to the end of the file."""
+        if self.first == 0 and self.end == self.records:
+            return 0, None
+        sizes = np.load(io.BytesIO(files.read_bytes(self.sizes)))
+        if len(sizes) != self.records:
+            raise ValueError(f"{self.sizes}: {len(sizes):,} record sizes, the range wrote {self.records:,} records")
+        ends = np.cumsum(sizes)
+        return (int(ends[self.first - 1]) if self.first else 0), int(ends[self.end - 1])
+
+
+@dataclasses.dataclass(frozen=True)
+class WriteShard(FinalizeTask):
+    """Copies record intervals of the ranges' temporary files, in order, into one shard."""
+
+    pieces: tuple[ShardPiece, ...] = ()
+
+    def run(self) -> None:
+        with files.naming(self.destination), files.create(self.destination) as out:
+            for piece in self.pieces:
+                start, end = piece.byte_range()
+                files.copy_range(piece.path, start, end, out)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,7 +127,6 @@ class JoinProductIds(FinalizeTask):
     def run(self) -> None:
         ids = [np.load(io.BytesIO(files.read_bytes(path))) for path in self.sources]
         files.write_bytes(self.destination, npy_bytes(np.concatenate(ids or [np.zeros(0, np.int64)])))
-        files.delete(list(self.sources))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -163,18 +197,41 @@ def plan_finalize(results: list[RangeResult], config: ConvertConfig) -> Iterator
         yield WriteDigestTable(digest_sources, files.join(config.output_dir, record_schema.IMAGE_DIGESTS_FILE))
 
 
-def _plan_shards(results: list[RangeResult], config: ConvertConfig) -> Iterator[ConcatFiles]:
-    """Each split's range files, in range order, cut into num_shards consecutive groups."""
+def shard_pieces(split_files: list[SplitFile], num_shards: Optional[int]) -> list[tuple[ShardPiece, ...]]:
+    """One split's range files, in range order, cut into even shards: shard k of S takes records
+    [k*N/S, (k+1)*N/S) of their N records. S is num_shards (None: one per file), at most N."""
+    split_files = [split_file for split_file in split_files if split_file.products]
+    total = sum(split_file.products for split_file in split_files)
+    count = min(num_shards or len(split_files), total)
+    shards = []
+    position, file_number, file_start = 0, 0, 0  # file_start: the stream position of the file's first record
+    for shard in range(count):
+        end = (shard + 1) * total // count
+        pieces = []
+        while position < end:
+            split_file = split_files[file_number]
+            file_end = file_start + split_file.products
+            take_end = min(end, file_end)
+            pieces.append(ShardPiece(split_file.path, split_file.sizes, split_file.products,
+                                     position - file_start, take_end - file_start))
+            position = take_end
+            if position == file_end:
+                file_number, file_start = file_number + 1, file_end
+        shards.append(tuple(pieces))
+    return shards
+
+
+def _plan_shards(results: list[RangeResult], config: ConvertConfig) -> Iterator[WriteShard]:
+    """Each split's records, in range order, cut into even shards (shard_pieces)."""
     by_split = collections.defaultdict(list)
     for result in sorted(results, key=lambda r: r.range_id):
         for split, split_file in result.records.items():
-            by_split[split].append(split_file.path)
-    for split, paths in sorted(by_split.items()):
-        count = config.num_shards or len(paths)
-        for shard in range(count):
-            group = paths[shard * len(paths) // count : (shard + 1) * len(paths) // count]
-            destination = files.join(config.output_dir, record_schema.shard_name(split, shard, count))
-            yield ConcatFiles(tuple(group), destination)
+            by_split[split].append(split_file)
+    for split, split_files in sorted(by_split.items()):
+        shards = shard_pieces(split_files, config.num_shards)
+        for shard, pieces in enumerate(shards):
+            destination = files.join(config.output_dir, record_schema.shard_name(split, shard, len(shards)))
+            yield WriteShard(tuple(dict.fromkeys(piece.path for piece in pieces)), destination, pieces)
 
 
 def run_finalize_task(task: FinalizeTask) -> Optional[SplitOverlap]:

@@ -83,7 +83,7 @@ class IndexFile(beam.DoFn):
                 end = offset + len(document)
         summary.product_ids = np.asarray(ids, dtype=np.int64)
         summary.offsets = np.asarray(offsets, dtype=np.int64)
-        labelled = summary.labelled_documents > 0
+        labelled = summary.labelled
         for number, start in enumerate(boundaries):
             range_end = boundaries[number + 1] if number + 1 < len(boundaries) else end
             count = min(self.config.range_size, summary.documents - number * self.config.range_size)
@@ -103,7 +103,7 @@ class IndexFile(beam.DoFn):
 
 
 def build_dataset_index(summaries: list[FileSummary]) -> DatasetIndex:
-    labelled = frozenset(s.path for s in summaries if s.labelled_documents)
+    labelled = frozenset(s.path for s in summaries if s.labelled)
     seen = set()
     for summary in summaries:
         if summary.path in labelled:

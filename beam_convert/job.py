@@ -8,6 +8,8 @@
 
 Every range writes its own temporary files under `output_dir/_tmp-JOB/`, and a progress marker
 holding its RangeResult once they are complete, so that a re-run of an interrupted job skips it.
+Finalize only reads them (it copies record intervals into the shards); they go with the tmp folder
+once metadata.json is written, so a run that fails while finalizing resumes without converting.
 """
 
 import dataclasses
@@ -68,6 +70,13 @@ class FileSummary:
     offsets: np.ndarray = None
     corrupt_rejections: int = 0
 
+    @property
+    def labelled(self) -> bool:
+        """A file is labelled when at least half of its documents have a category_id. Judged on
+        the whole file, so that one stray document cannot turn a test file into training data:
+        products.to_product rejects the documents that differ from their file."""
+        return self.labelled_documents > 0 and 2 * self.labelled_documents >= self.documents
+
 
 @dataclasses.dataclass(frozen=True)
 class DatasetIndex:
@@ -82,12 +91,14 @@ class DatasetIndex:
 
 @dataclasses.dataclass(frozen=True)
 class SplitFile:
-    """One range's temporary TFRecord file of one split, what it holds, and its product ids."""
+    """One range's temporary TFRecord file of one split, what it holds, its product ids, and the
+    byte length of each of its records (finalize cuts the file there to even out the shards)."""
 
     path: str
     products: int
     images: int
     ids: str = ""  # temporary .npy of the records' product ids, in record order ("" in older markers)
+    sizes: str = ""  # temporary .npy (int64) of each record's framed length in bytes ("" in older markers)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -110,7 +121,8 @@ class RangeResult:
         return sum(split_file.products for split_file in self.records.values())
 
     def temporary_files(self) -> list[str]:
-        paths = [path for split_file in self.records.values() for path in (split_file.path, split_file.ids)]
+        paths = [path for split_file in self.records.values()
+                 for path in (split_file.path, split_file.ids, split_file.sizes)]
         return [path for path in paths + [self.digests] if path]
 
     def to_json(self) -> dict:

@@ -116,7 +116,8 @@ def _parser() -> _ArgumentParser:
     parser.add_argument("--val_fraction", type=float, default=ConvertConfig.val_fraction)
     parser.add_argument("--max_images", type=int, default=ConvertConfig.max_images)
     parser.add_argument("--num_shards", type=int, default=ConvertConfig.num_shards,
-                        help="shards per split (default: one per index range)")
+                        help="shards per split, of even record counts (default: one per index range); "
+                             "at most one per product: no shard is empty")
     parser.add_argument("--range_size", type=int, default=ConvertConfig.range_size,
                         help="products per index range: the unit of parallel work")
     parser.add_argument("--overwrite", action="store_true", help="replace an earlier conversion in output_dir")

@@ -45,6 +45,15 @@ def check_output_dir(output_dir: str, overwrite: bool, tmp_dir: str) -> bool:
     restore_interrupted_overwrites(output_dir)
     existing = files.list_dir(output_dir)
     resumable = tmp_dir in existing
+    if resumable and not files.FileSystems.exists(files.join(output_dir, record_schema.METADATA_FILE)):
+        # This job stopped while finalizing (it writes into output_dir only then, and only into a
+        # folder that held no other conversion, or whose conversion it had moved aside): what it
+        # began to write goes, and finalize writes it again from the ranges kept in tmp_dir.
+        partial = output_files(output_dir)
+        if partial:
+            files.delete(partial)
+            say(f"removed {len(partial)} output file(s) that the interrupted run had begun to write")
+            existing = files.list_dir(output_dir)
     stale = [p for p in existing if os.path.basename(p).startswith(TMP_PREFIX) and p != tmp_dir]
     others = [p for p in existing if p not in stale and p != tmp_dir]
     if others and not overwrite:
@@ -64,6 +73,12 @@ def prepare_tmp_dir(output_dir: str, tmp_dir: str) -> None:
         raise DataError(f"{output_dir}: cannot write the output folder: {reason}") from None
     except Exception as error:  # noqa: BLE001 - object stores raise their clients' own types
         raise DataError(f"{output_dir}: cannot write the output folder: {one_line(error)}") from None
+
+
+def discard_partial_output(output_dir: str) -> None:
+    """Deletes the files of an unfinished conversion (no metadata.json) from output_dir."""
+    if not files.FileSystems.exists(files.join(output_dir, record_schema.METADATA_FILE)):
+        files.delete(output_files(output_dir))
 
 
 def _move(paths: list[str], folder: str) -> None:

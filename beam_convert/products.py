@@ -12,7 +12,8 @@ BAD_ID = "bad_id"
 BAD_IMGS = "bad_imgs"
 NO_IMAGES = "no_images"
 BAD_PICTURE = "bad_picture"
-MISSING_CATEGORY = "missing_category_id"
+MISSING_CATEGORY = "missing_category_id"  # in a labelled file
+UNEXPECTED_CATEGORY = "unexpected_category_id"  # in an unlabelled file
 UNKNOWN_CATEGORY = "unknown_category_id"
 DUPLICATE_ID = "duplicate_id"
 # ... plus the reasons of jpeg_check: not_jpeg, truncated_jpeg, bad_jpeg, image_too_large.
@@ -40,7 +41,12 @@ def to_product(
     labels: Optional[Mapping[int, int]],
     max_images: int = record_schema.MAX_IMAGES,
 ) -> Union[Product, Rejection]:
-    """Validates a document. `labels` maps category_id -> class index; None for unlabelled input."""
+    """Validates a document. `labels` maps category_id -> class index; None for an unlabelled file.
+
+    A file is labelled or not as a whole (job.FileSummary.labelled): a document that is not like
+    the file's majority is rejected, MISSING_CATEGORY in a labelled file, UNEXPECTED_CATEGORY in
+    an unlabelled one (its label is not trusted, nor is the product taken for a test product).
+    """
     product_id = document.get("_id")
     if not isinstance(product_id, int) or isinstance(product_id, bool):
         return Rejection(None, BAD_ID, f"_id is {type(product_id).__name__}: {product_id!r:.40}")
@@ -61,6 +67,9 @@ def to_product(
         pictures.append(bytes(picture))
 
     if labels is None:
+        if document.get("category_id") is not None:
+            return Rejection(product_id, UNEXPECTED_CATEGORY,
+                             f"category_id {document['category_id']!r:.40} in a file whose documents mostly have none")
         category_id = label = record_schema.UNLABELLED
     else:
         category_id = document.get("category_id")

@@ -17,11 +17,12 @@ from apache_beam.portability.api import beam_runner_api_pb2
 from apache_beam.runners.portability.fn_api_runner import FnApiRunner
 
 import record_schema
-from beam_convert import files
+from beam_convert import files, products, stopping
 from beam_convert.convert import finished_ranges
 from beam_convert.job import ConvertConfig
 from beam_convert.options import local_path, parse_args, read_categories, resolve_inputs
-from beam_convert.output_folder import TMP_PREFIX, check_output_dir, prepare_tmp_dir, restore_previous_output
+from beam_convert.output_folder import (
+    TMP_PREFIX, check_output_dir, discard_partial_output, prepare_tmp_dir, restore_previous_output)
 from beam_convert.pipeline import build
 from beam_convert.terminal import (
     beam_log_path, corrupt_bson_message, nothing_converted_message, progress_lines, say, show_beam_logs, stderr_to)
@@ -52,10 +53,31 @@ def make_pipeline(beam_args: list[str], input_bytes: int) -> tuple[beam.Pipeline
     return beam.Pipeline(runner=FnApiRunner(), options=options), True
 
 
-def explain_failure(error: BaseException, output_dir: str, tmp_dir: str, log_path: Optional[str]) -> None:
-    """What a failed run leaves behind, said only where it is true; the error line follows."""
+def put_output_dir_back(output_dir: str, tmp_dir: str, overwrite: bool) -> None:
+    """After a failure or a stop: the earlier conversion back in place (--overwrite), else no part
+    of the new one in output_dir (what finalize began to write; the finished ranges are kept)."""
     if restore_previous_output(output_dir, tmp_dir):
         say(f"the earlier conversion in {output_dir} is back in place")
+    elif not overwrite:  # then output_dir held no conversion before this run (check_output_dir)
+        discard_partial_output(output_dir)
+
+
+def stopped_message(signum: int, output_dir: str, tmp_dir: str, local: bool) -> str:
+    """The one line of a run stopped by a signal: what it keeps."""
+    name = stopping.signal_name(signum)
+    if not local:  # a Dataflow (Flink, Spark) job runs on without this command
+        return (f"stopped by {name}: this command no longer waits for the job, which is not stopped (cancel it "
+                f"from the runner's console); if it does not finish, run the same command to resume from {tmp_dir}")
+    if files.FileSystems.exists(files.join(output_dir, record_schema.METADATA_FILE)):
+        return f"stopped by {name} once the conversion was complete: it is in {output_dir}"
+    finished = finished_ranges(tmp_dir)
+    if not finished:
+        return f"stopped by {name} before any range was converted: the same command starts again"
+    return f"stopped by {name}: {finished:,} converted range(s) are kept in {tmp_dir}; run the same command to resume"
+
+
+def explain_failure(error: BaseException, output_dir: str, tmp_dir: str, log_path: Optional[str]) -> None:
+    """What a failed run leaves behind, said only where it is true; the error line follows."""
     if corrupt_bson_message(error):  # the same command would fail the same way: nothing to resume
         files.delete_tree(tmp_dir)
         return
@@ -84,9 +106,9 @@ def staged_files(result) -> list[str]:
     return sorted(names)
 
 
-def run_pipeline(pipeline: beam.Pipeline, config: ConvertConfig, local: bool, verbose: bool):
+def run_pipeline(pipeline: beam.Pipeline, config: ConvertConfig, local: bool, verbose: bool, overwrite: bool):
     """Runs the job, showing progress lines and keeping Beam's chatter off the terminal; returns
-    Beam's result."""
+    Beam's result. A stop signal becomes Stopped, whatever the runner made of it."""
     tmp_dir = config.tmp_dir
     log_path = beam_log_path(tmp_dir) if local and not verbose else None
     try:
@@ -96,6 +118,11 @@ def run_pipeline(pipeline: beam.Pipeline, config: ConvertConfig, local: bool, ve
                 result.wait_until_finish()
                 return result
     except BaseException as error:
+        signum = stopping.received()
+        if signum is None or local:  # a remote job stopped by a signal here runs on: its output is its own
+            put_output_dir_back(config.output_dir, tmp_dir, overwrite)
+        if signum is not None:
+            raise stopping.Stopped(signum, stopped_message(signum, config.output_dir, tmp_dir, local)) from None
         explain_failure(error, config.output_dir, tmp_dir, log_path)
         raise
 
@@ -126,7 +153,7 @@ def convert(argv: list[str]) -> dict:
     say(f"{len(inputs)} input file(s), {input_bytes / 1e6:,.1f} MB -> {output_dir}")
     build(pipeline, [path for path, _ in inputs], config)
     started = time.monotonic()
-    result = run_pipeline(pipeline, config, local, args.verbose)
+    result = run_pipeline(pipeline, config, local, args.verbose, args.overwrite)
     if not local and pipeline.options.view_as(TestOptions).dry_run:
         files.delete_tree(tmp_dir)
         say(f"dry run: the {pipeline.options.view_as(StandardOptions).runner} job was built and not submitted "
@@ -134,6 +161,15 @@ def convert(argv: list[str]) -> dict:
         return {}
     metadata = json.loads(files.read_bytes(files.join(output_dir, record_schema.METADATA_FILE)))
     elapsed = time.monotonic() - started
+    for split, counts in metadata["splits"].items():
+        if args.num_shards and counts["shards"] < args.num_shards:  # never an empty shard (finalize.py)
+            say(f"--num_shards={args.num_shards}: {split} has {counts['products']:,} products, "
+                f"so {counts['shards']:,} shards of one product")
+    unexpected = metadata["rejected"].get(products.UNEXPECTED_CATEGORY, 0)
+    if unexpected:
+        say(f"{unexpected:,} document{'s' if unexpected > 1 else ''} with a category_id in unlabelled input "
+            f"{'were' if unexpected > 1 else 'was'} rejected ({products.UNEXPECTED_CATEGORY}), see "
+            f"{files.join(output_dir, record_schema.rejected_name())}")
     documents = metadata["documents"]
     splits = ", ".join(f"{split} {counts['products']:,}" for split, counts in metadata["splits"].items())
     say(f"done in {elapsed:.1f} s ({documents / max(elapsed, 1e-9):,.0f} products/s): {splits}; "

@@ -16,6 +16,7 @@ import re
 import sys
 import threading
 import time
+import traceback
 from typing import Iterator, Optional
 
 from beam_convert import files
@@ -24,6 +25,7 @@ from beam_convert.job import INDEX_MARKER, RANGE_MARKER, progress_marker
 
 PROGRESS_SECONDS = 10.0
 BEAM_LOG = "beam.log"  # in the job's tmp folder: what Beam and its workers print, unless --verbose
+DRAIN_SECONDS = 2.0  # how long the end of a run waits for the last of Beam's lines to reach BEAM_LOG
 
 
 def say(message: str) -> None:
@@ -110,9 +112,55 @@ def _writes_to_fd(stream, fd: int) -> bool:
         return False
 
 
+class _LogDrain(threading.Thread):
+    """Copies what arrives on a pipe into log_path, and drops what cannot be written there.
+
+    Descriptor 2 points at the pipe rather than at the file: a write to a full disk fails, and
+    Beam's worker prints a failed bundle's traceback to stderr before it answers the runner, so a
+    failing print there leaves the runner waiting for ever. A pipe that is always drained never
+    fails a write.
+    """
+
+    def __init__(self, read_end: int, log_path: str):
+        super().__init__(daemon=True)
+        self.read_end = read_end
+        self.log_path = log_path
+
+    def run(self) -> None:
+        try:
+            log = os.open(self.log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        except OSError:
+            log = None
+        try:
+            while data := os.read(self.read_end, 65536):  # b"": every writer has closed its end
+                if log is not None:
+                    try:
+                        os.write(log, data)
+                    except OSError:
+                        pass  # a full disk: Beam's lines are lost, the run goes on to its own error
+        finally:
+            os.close(self.read_end)
+            if log is not None:
+                os.close(log)
+
+
+def _thread_exception_to_fd2(args) -> None:
+    """threading.excepthook during a quiet run: a Beam thread's uncaught exception (its worker
+    process gone) goes where Beam's other output goes, not to the terminal through sys.stderr."""
+    if issubclass(args.exc_type, SystemExit):
+        return
+    text = "".join(traceback.format_exception(args.exc_type, args.exc_value, args.exc_traceback))
+    name = args.thread.name if args.thread is not None else "?"
+    try:
+        os.write(2, f"Exception in thread {name}:\n{text}".encode("utf-8", "backslashreplace"))
+    except OSError:
+        pass
+
+
 @contextlib.contextmanager
 def stderr_to(log_path: str) -> Iterator[None]:
-    """Points file descriptor 2 at log_path for the duration; sys.stderr keeps the terminal.
+    """Points file descriptor 2 at log_path for the duration (through a pipe, _LogDrain);
+    sys.stderr keeps the terminal.
 
     The FnApiRunner's worker processes inherit descriptor 2 and set up their own logging: INFO
     lines from the start (before any option could lower it) and no pipeline options at all, so
@@ -122,19 +170,29 @@ def stderr_to(log_path: str) -> Iterator[None]:
     terminal through the replaced sys.stderr.
     """
     sys.stderr.flush()
+    # A log line that cannot be written is dropped: by default the logging module prints
+    # "--- Logging error ---" and a traceback to the terminal for each one.
+    raise_exceptions, logging.raiseExceptions = logging.raiseExceptions, False
+    thread_hook, threading.excepthook = threading.excepthook, _thread_exception_to_fd2
     terminal = os.dup(2)
-    log = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    read_end, write_end = os.pipe()
+    drain = _LogDrain(read_end, log_path)
+    drain.start()
     original = sys.stderr
     if _writes_to_fd(original, 2):
         sys.stderr = open(os.dup(terminal), "w", buffering=1, encoding=original.encoding, errors="backslashreplace")
-    os.dup2(log, 2)
-    os.close(log)
+    os.dup2(write_end, 2)
+    os.close(write_end)
     try:
         yield
     finally:
+        logging.raiseExceptions = raise_exceptions
+        threading.excepthook = thread_hook
         original.flush()
-        os.dup2(terminal, 2)
+        os.dup2(terminal, 2)  # closes this process's last write end of the pipe
         os.close(terminal)
+        # Worker processes that are still exiting hold their own; what they print after this is lost.
+        drain.join(timeout=DRAIN_SECONDS)
         if sys.stderr is not original:
             sys.stderr.close()
             sys.stderr = original
@@ -148,6 +206,9 @@ _CORRUPT = re.compile(r"(\S+: corrupt BSON document at byte offset \d+: [^\n]+?)
 _NOTHING_CONVERTED = re.compile(rf"^(?:[\w.]+\.)?{NothingConverted.__name__}: (.+?)(?: \[while running [^\]]*\])?$",
                                 re.MULTILINE)
 _WHILE_RUNNING = re.compile(r" \[while running [^\]]*\]$")
+# An OSError naming its file, as str() gives it (files.naming adds the name to a failed write):
+# "[Errno 28] No space left on device: '/out/_tmp-KEY/records/train/00000-000000000000000.tfrecord'".
+_OS_ERROR = re.compile(r"\[Errno \d+\] ([^\[\]\n]+?): '([^'\n]+)'")
 
 
 def corrupt_bson_message(error: BaseException) -> Optional[str]:
@@ -164,9 +225,17 @@ def nothing_converted_message(error: BaseException) -> Optional[str]:
     return matches[-1] if matches else None
 
 
+def os_error_message(error: BaseException) -> Optional[str]:
+    """"PATH: REASON" of an OSError with a file name, raised here or in a worker process."""
+    if isinstance(error, OSError) and error.filename and error.strerror:
+        return f"{error.filename}: {error.strerror}"
+    matches = _OS_ERROR.findall(str(error))
+    return f"{matches[-1][1]}: {matches[-1][0]}" if matches else None
+
+
 def one_line(error: BaseException) -> str:
     """The message a user needs from an exception."""
-    known = corrupt_bson_message(error) or nothing_converted_message(error)
+    known = corrupt_bson_message(error) or nothing_converted_message(error) or os_error_message(error)
     if known:
         return known
     lines = [line.strip() for line in str(error).splitlines() if line.strip()]

@@ -7,6 +7,7 @@ import io
 import json
 import os
 import pathlib
+import signal
 import subprocess
 import sys
 
@@ -76,10 +77,34 @@ def convert_and_read_stderr(capsys, *args: str) -> tuple[int, list[str]]:
     return status, capsys.readouterr().err.splitlines()
 
 
+def start_command(*args: str) -> subprocess.Popen:
+    """`python -m beam_convert ARGS` started in its own process group (its Beam workers join it)."""
+    return subprocess.Popen([sys.executable, "-m", "beam_convert", *map(str, args)], cwd=REPO, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+
+
+def finish_command(process: subprocess.Popen, timeout: float) -> subprocess.CompletedProcess:
+    """Waits for a start_command process; past the timeout, kills its process group (worker
+    processes included: a hung run must not outlive the test) and raises TimeoutExpired."""
+    try:
+        stdout, stderr = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        kill_group(process)
+        raise
+    return subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
+
+
+def kill_group(process: subprocess.Popen) -> None:
+    try:
+        os.killpg(process.pid, signal.SIGKILL)  # the group start_command made: this process and its workers
+    except ProcessLookupError:
+        pass
+    process.communicate()
+
+
 def run_command(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
     """`python -m beam_convert ARGS` in its own process, as a user runs it."""
-    return subprocess.run([sys.executable, "-m", "beam_convert", *map(str, args)], cwd=REPO, capture_output=True,
-                          text=True, timeout=timeout)
+    return finish_command(start_command(*args), timeout)
 
 
 def read_records(output_dir, split) -> list[dict]:
@@ -121,3 +146,28 @@ def record_multiset(output_dir) -> collections.Counter:
     return collections.Counter(
         (split, record["raw"]) for split in record_schema.SPLITS for record in read_records(output_dir, split)
     )
+
+
+def count_records(path) -> int:
+    """Records in one TFRecord file, from its length prefixes (no TensorFlow, no CRC check)."""
+    count = 0
+    with open(path, "rb") as f:
+        while header := f.read(12):
+            f.seek(int.from_bytes(header[:8], "little") + 4, os.SEEK_CUR)
+            count += 1
+    return count
+
+
+def shard_counts(output_dir, split) -> list[int]:
+    """Records per shard of a split, in the shards' name order."""
+    return [count_records(path)
+            for path in sorted(glob.glob(os.path.join(output_dir, record_schema.shard_pattern(split))))]
+
+
+def synthetic_bson(path, products: int, seed: int = 0, **kwargs):
+    """A synthetic Cdiscount-like BSON (sample_data/synthetic.py), written once per path."""
+    from sample_data import synthetic
+
+    if not os.path.exists(path):
+        synthetic.write_bson(path, products, seed=seed, **kwargs)
+    return path

@@ -176,3 +176,41 @@ def test_an_empty_overwrite_run_leaves_the_earlier_conversion_as_it_was(bad_file
                                         f"--categories={CATEGORIES_CSV}", "--overwrite")
     assert status == 1
     assert {p.name: p.read_bytes() for p in out.iterdir() if not p.name.startswith("_tmp-")} == before
+
+
+# --- a file is labelled or not as a whole (issue 20, item 2) ------------------------------------
+
+def _mostly_unlabelled_file(folder, stray_at=57):
+    """200 unlabelled products, one of which carries a category_id."""
+    documents = [product(1000 + n, [JPEGS[n % len(JPEGS)]], category_id=GOOD_CATEGORY if n == stray_at else None)
+                 for n in range(200)]
+    offsets = write_bson(folder / "test.bson", documents)
+    return folder / "test.bson", documents, offsets
+
+
+def test_a_stray_category_id_in_an_unlabelled_file_is_rejected_not_taken_as_labels(tmp_path, capsys):
+    path, documents, offsets = _mostly_unlabelled_file(tmp_path)
+    out = tmp_path / "out"
+    status, lines = convert_and_read_stderr(capsys, f"--input={path}", f"--output_dir={out}")
+    assert status == 0, lines
+    metadata = read_metadata(out)
+    assert metadata["splits"].keys() == {"test"} and metadata["splits"]["test"]["products"] == 199
+    assert metadata["labelled_inputs"] == []
+    assert metadata["rejected"] == {"unexpected_category_id": 1}
+    (row,) = read_rejected(out)
+    assert (row["_id"], row["offset"], row["reason"]) == (1057, offsets[57], "unexpected_category_id")
+    assert [r["product_id"] for r in read_records(out, "test")] == [d["_id"] for d in documents if d["_id"] != 1057]
+    assert metadata["num_classes"] == 0, "the stray category is not a class"
+    assert (f"beam_convert: 1 document with a category_id in unlabelled input was rejected "
+            f"(unexpected_category_id), see {out}/rejected-00000-of-00001.jsonl") in lines
+    assert lines[-1].startswith("beam_convert: done in ") and "test 199; rejected 1;" in lines[-1]
+
+
+def test_a_labelled_file_with_a_few_unlabelled_documents_stays_labelled(tmp_path):
+    documents = [product(1000 + n, [JPEGS[n % len(JPEGS)]], category_id=None if n % 50 == 0 else GOOD_CATEGORY)
+                 for n in range(200)]
+    write_bson(tmp_path / "train.bson", documents)
+    out = tmp_path / "out"
+    assert convert(f"--input={tmp_path / 'train.bson'}", f"--output_dir={out}", "--val_fraction=0") == 0
+    metadata = read_metadata(out)
+    assert metadata["splits"]["train"]["products"] == 196 and metadata["rejected"] == {"missing_category_id": 4}

@@ -25,3 +25,8 @@ def test_split_key_ignores_image_order_and_the_split_is_stable():
     splits = [products.choose_split(products.split_key([record_schema.image_digest(j)]), 0.3) for j in JPEGS]
     assert 0.15 < splits.count("val") / len(splits) < 0.45
     assert products.choose_split(key, 0.0) == "train"
+
+
+def test_to_product_rejects_a_category_id_in_an_unlabelled_file():
+    outcome = products.to_product(product(5, JPEGS[:1], 77), labels=None)
+    assert (outcome.product_id, outcome.reason) == (5, products.UNEXPECTED_CATEGORY)

@@ -79,3 +79,14 @@ def test_progress_reports_products_done_and_rate(tmp_path, monkeypatch, capsys):
     progress.join()
     line = capsys.readouterr().err.strip().splitlines()[-1]
     assert "250 products of 1,000 (25%)" in line and "products/s" in line
+
+
+def test_an_os_error_is_its_path_and_reason_even_from_a_worker_process():
+    from beam_convert.terminal import one_line
+
+    path = "/out/_tmp-1/records/train/00000-000000000000000.tfrecord"
+    worker_traceback = RuntimeError(
+        "Traceback (most recent call last):\n  ...\n"
+        f"OSError: [Errno 28] No space left on device: '{path}' [while running 'ConvertRanges/ConvertRange']\n")
+    assert one_line(worker_traceback) == f"{path}: No space left on device"
+    assert one_line(OSError(13, "Permission denied", "/out/x")) == "/out/x: Permission denied"

@@ -1,0 +1,136 @@
+"""The shards (beam_convert/finalize.py, issue 20 item 1): each split's records, in input order,
+cut into --num_shards even shards whatever the number of index ranges; never an empty shard."""
+
+import numpy as np
+import pytest
+
+import record_schema
+from tests.convert_helpers import (
+    convert_and_read_stderr, read_metadata, read_records, record_multiset, shard_counts, synthetic_bson)
+
+PRODUCTS = 800
+
+
+@pytest.fixture(scope="module")
+def synthetic(tmp_path_factory):
+    return synthetic_bson(tmp_path_factory.mktemp("synthetic") / "train.bson", PRODUCTS, seed=1)
+
+
+def _convert(capsys, synthetic, out, *extra):
+    status, lines = convert_and_read_stderr(capsys, f"--input={synthetic}", f"--output_dir={out}", *extra)
+    assert status == 0, lines
+    return lines
+
+
+def _assert_even(counts, total):
+    assert sum(counts) == total
+    assert min(counts) > 0, counts
+    assert max(counts) - min(counts) <= 1, counts  # [k*N/S, (k+1)*N/S): never more than one apart
+
+
+def test_more_shards_than_ranges_are_all_written_and_even(synthetic, tmp_path, capsys):
+    out = tmp_path / "out"
+    _convert(capsys, synthetic, out, "--num_shards=4")  # one range of 10,000: 800 products
+    metadata = read_metadata(out)
+    for split in ("train", "val"):
+        counts = shard_counts(out, split)
+        assert len(counts) == 4 == metadata["splits"][split]["shards"]
+        _assert_even(counts, metadata["splits"][split]["products"])
+    assert max(shard_counts(out, "train")) / min(shard_counts(out, "train")) <= 1.05
+
+
+def test_shards_are_even_over_many_ranges(synthetic, tmp_path, capsys):
+    out = tmp_path / "out"
+    _convert(capsys, synthetic, out, "--num_shards=5", "--range_size=100", "--val_fraction=0")
+    counts = shard_counts(out, "train")
+    assert counts == [160] * 5
+    ids = np.load(out / record_schema.product_ids_name("train"))
+    assert ids.tolist() == [r["product_id"] for r in read_records(out, "train")]
+    assert ids.tolist() == sorted(ids.tolist()), "input order: the synthetic ids ascend"
+
+
+def test_the_default_is_one_shard_per_range_evened_out(synthetic, tmp_path, capsys):
+    out = tmp_path / "out"
+    _convert(capsys, synthetic, out, "--range_size=300")  # ranges of 300, 300, 200 products
+    metadata = read_metadata(out)
+    for split in ("train", "val"):
+        counts = shard_counts(out, split)
+        assert len(counts) == 3
+        _assert_even(counts, metadata["splits"][split]["products"])
+
+
+def test_fewer_records_than_shards_caps_the_count_and_says_so(synthetic, tmp_path, capsys):
+    out = tmp_path / "out"
+    lines = _convert(capsys, synthetic, out, "--num_shards=100")
+    metadata = read_metadata(out)
+    val = metadata["splits"]["val"]["products"]
+    assert val < 100 < metadata["splits"]["train"]["products"]
+    assert shard_counts(out, "val") == [1] * val
+    assert len(shard_counts(out, "train")) == 100
+    (line,) = [line for line in lines if "--num_shards" in line]
+    assert line == f"beam_convert: --num_shards=100: val has {val} products, so {val} shards of one product"
+
+
+def test_shards_are_byte_identical_whatever_the_ranges_and_workers(synthetic, tmp_path, capsys):
+    runs = {
+        "one_range": [],
+        "ranges_of_70": ["--range_size=70"],
+        "ranges_of_130_two_workers": ["--range_size=130", "--direct_running_mode=multi_processing",
+                                      "--direct_num_workers=2"],
+    }
+    contents = {}
+    for name, extra in runs.items():
+        out = tmp_path / name
+        _convert(capsys, synthetic, out, "--num_shards=3", *extra)
+        contents[name] = {path.name: path.read_bytes() for path in sorted(out.iterdir())
+                          if path.name != record_schema.METADATA_FILE}
+    first = contents["one_range"]
+    assert sum(name.endswith(".tfrecord") for name in first) == 6
+    for name, files in contents.items():
+        assert files == first, name
+    assert sum(record_multiset(tmp_path / "one_range").values()) == PRODUCTS
+
+
+def test_shard_pieces_cut_the_range_files_at_record_boundaries():
+    from beam_convert.finalize import ShardPiece, shard_pieces
+    from beam_convert.job import SplitFile
+
+    split_files = [SplitFile(f"r{n}", records, 0, f"i{n}", f"s{n}") for n, records in enumerate([3, 5, 2])]
+    pieces = shard_pieces(split_files, 4)  # 10 records: [0, 2) [2, 5) [5, 7) [7, 10)
+
+    def piece(n, first, end):
+        return ShardPiece(f"r{n}", f"s{n}", split_files[n].products, first, end)
+
+    assert pieces == [(piece(0, 0, 2),), (piece(0, 2, 3), piece(1, 0, 2)), (piece(1, 2, 4),),
+                      (piece(1, 4, 5), piece(2, 0, 2))]
+    assert shard_pieces(split_files, None) == [  # one shard per range file, evened out: 3, 3, 4
+        (piece(0, 0, 3),), (piece(1, 0, 3),), (piece(1, 3, 5), piece(2, 0, 2))]
+    assert [len(p) for p in shard_pieces(split_files, 50)] == [1] * 10
+
+
+def test_a_run_that_fails_while_finalizing_resumes_without_converting(synthetic, tmp_path, monkeypatch, capsys):
+    from beam_convert import finalize
+    from beam_convert.convert import ConvertRange
+
+    out = tmp_path / "out"
+    args = (f"--input={synthetic}", f"--output_dir={out}", "--range_size=200", "--num_shards=3")
+
+    def fails(*unused):
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(finalize, "write_metadata", fails)  # after every shard is written
+    status, lines = convert_and_read_stderr(capsys, *args)
+    assert status == 1
+    assert "4 converted range(s) are kept" in "\n".join(lines)
+    monkeypatch.undo()
+    converted = []
+    convert_range = ConvertRange._convert
+    monkeypatch.setattr(ConvertRange, "_convert",
+                        lambda self, *a: converted.append(a[0].range_id) or convert_range(self, *a))
+    lines = _convert(capsys, synthetic, out, *args[2:])
+    assert converted == [], "every range was finished: only finalize runs again"
+    assert "resuming the unfinished run" in "\n".join(lines)
+    clean = tmp_path / "clean"
+    _convert(capsys, synthetic, clean, *args[2:])
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.name != "metadata.json"} == {
+        p.name: p.read_bytes() for p in clean.iterdir() if p.name != "metadata.json"}
