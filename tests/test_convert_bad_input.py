@@ -11,6 +11,8 @@ from tests.convert_helpers import (
     CATEGORIES_CSV, bomb_jpeg, convert, convert_and_read_stderr, png_bytes, product, read_metadata,
     read_records, read_rejected, sample_jpegs, write_bson)
 
+pytestmark = pytest.mark.slow  # converts (a Beam job or a subprocess): not in make test-fast
+
 JPEGS = sample_jpegs()
 GOOD_CATEGORY = 1000010653  # in category_names.csv
 BAD_DOCUMENTS = {

@@ -14,6 +14,8 @@ import pytest
 from tests.convert_helpers import (
     finish_command, kill_group, run_command, shard_counts, start_command, synthetic_bson)
 
+pytestmark = pytest.mark.slow  # converts (a Beam job or a subprocess): not in make test-fast
+
 
 def _only_converter_lines(lines):
     return [line for line in lines if not line.startswith("beam_convert: ")]

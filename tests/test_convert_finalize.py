@@ -9,6 +9,8 @@ import pytest
 import record_schema
 from tests.convert_helpers import CATEGORIES_CSV, SAMPLE_BSON, convert, read_records
 
+pytestmark = pytest.mark.slow  # converts (a Beam job or a subprocess): not in make test-fast
+
 
 @pytest.fixture(scope="module")
 def sample_output(tmp_path_factory):

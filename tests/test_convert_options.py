@@ -5,6 +5,8 @@ import pytest
 
 from tests.convert_helpers import SAMPLE_BSON, convert, convert_and_read_stderr, read_metadata
 
+pytestmark = pytest.mark.slow  # converts (a Beam job or a subprocess): not in make test-fast
+
 
 # --- options that cannot be mistyped (issue 10, item 3) ------------------------------------------
 

@@ -7,6 +7,8 @@ import pytest
 
 from tests.convert_helpers import CATEGORIES_CSV, SAMPLE_BSON, convert, convert_and_read_stderr, read_metadata
 
+pytestmark = pytest.mark.slow  # converts (a Beam job or a subprocess): not in make test-fast
+
 
 # --- the read-only output message says what is true (issue 9, item 5) ----------------------------
 

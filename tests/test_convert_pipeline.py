@@ -12,6 +12,8 @@ from tests.convert_helpers import (
     CATEGORIES_CSV, REPO, SAMPLE_BSON, convert, product, read_labels, read_metadata, read_records,
     record_multiset, sample_documents, sample_jpegs, write_bson)
 
+pytestmark = pytest.mark.slow  # converts (a Beam job or a subprocess): not in make test-fast
+
 
 @pytest.fixture(scope="module")
 def sample_output(tmp_path_factory):

@@ -5,6 +5,8 @@ import pytest
 
 from tests.convert_helpers import SAMPLE_BSON, convert_and_read_stderr, run_command
 
+pytestmark = pytest.mark.slow  # converts (a Beam job or a subprocess): not in make test-fast
+
 
 def test_a_failure_before_any_range_is_converted_claims_nothing_is_kept(tmp_path, monkeypatch, capsys):
     from beam_convert.convert import ConvertRange

@@ -8,6 +8,8 @@ import record_schema
 from tests.convert_helpers import (
     convert_and_read_stderr, read_metadata, read_records, record_multiset, shard_counts, synthetic_bson)
 
+pytestmark = pytest.mark.slow  # converts (a Beam job or a subprocess): not in make test-fast
+
 PRODUCTS = 800
 
 

@@ -3,7 +3,11 @@ errors, progress."""
 
 import time
 
+import pytest
+
 from tests.convert_helpers import SAMPLE_BSON, read_metadata, run_command, write_bson
+
+pytestmark = pytest.mark.slow  # converts (a Beam job or a subprocess): not in make test-fast
 
 
 def _only_converter_lines(lines):
