@@ -8,6 +8,7 @@ import csv
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 
@@ -209,3 +210,19 @@ def test_the_classes_are_compared_before_predicting(trained, tmp_path, monkeypat
     monkeypatch.setattr(predict, "predict_top_k", lambda *a, **k: pytest.fail("predicted before comparing"))
     with pytest.raises(errors.UserError, match="labels.csv differs from the model's classes"):
         evaluation.evaluate(data_dir=other, model_dir=trained["model"], split="val", batch_size=8)
+
+
+def test_sigterm_stops_an_evaluation_cleanly(trained, tmp_path):
+    out = tmp_path / "eval"
+    run = subprocess.Popen([sys.executable, "evaluate.py", f"--data_dir={trained['test']}",
+                            f"--model_dir={trained['model']}", "--split=test", f"--output_dir={out}", "--batch_size=1"],
+                           cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                           env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONUNBUFFERED": "1"})
+    assert run.stdout.readline().startswith("Evaluating "), run.stderr.read()[-2000:]  # predicting from here
+    run.send_signal(signal.SIGTERM)
+    _, err = run.communicate(timeout=120)
+    assert run.returncode == 128 + signal.SIGTERM, err[-2000:]
+    assert "Traceback" not in err
+    assert err.strip().splitlines()[-1] == ("evaluate.py: stopped by SIGTERM; nothing written (an earlier "
+                                            "evaluation in the output folder is kept)")
+    assert sorted(os.listdir(tmp_path)) == []  # no output folder, no partial one
