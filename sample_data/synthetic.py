@@ -1,6 +1,6 @@
 """Synthetic Cdiscount-like BSON for tests, the demo and benchmarks.
 
-Over 400 lines: the class design (cues, split classes) is explained where it is drawn. Not shipped to Dataflow workers.
+Not shipped to Dataflow workers (setup.py leaves sample_data out).
 
 The real train.bson is 58 GB and cannot ship with the repo; this writes files with the same layout
 (mongodump: concatenated BSON documents `{_id, imgs: [{picture}], category_id}` in that field
