@@ -31,3 +31,13 @@ def sample_bson() -> pathlib.Path:
 def categories_csv() -> pathlib.Path:
     """The real category_names.csv: 5,270 categories."""
     return DATA / "category_names.csv"
+
+
+@pytest.fixture(scope="session")
+def sample_output(tmp_path_factory) -> pathlib.Path:
+    """data/train_example.bson converted once with the real categories (read-only: copy to change)."""
+    from tests.convert_helpers import CATEGORIES_CSV, SAMPLE_BSON, convert
+
+    out = tmp_path_factory.mktemp("sample")
+    assert convert(f"--input={SAMPLE_BSON}", f"--output_dir={out}", f"--categories={CATEGORIES_CSV}") == 0
+    return out

@@ -7,16 +7,9 @@ import numpy as np
 import pytest
 
 import record_schema
-from tests.convert_helpers import CATEGORIES_CSV, SAMPLE_BSON, convert, read_records
+from tests.convert_helpers import SAMPLE_BSON, convert, read_records
 
 pytestmark = pytest.mark.slow  # converts (a Beam job or a subprocess): not in make test-fast
-
-
-@pytest.fixture(scope="module")
-def sample_output(tmp_path_factory):
-    out = tmp_path_factory.mktemp("sample")
-    assert convert(f"--input={SAMPLE_BSON}", f"--output_dir={out}", f"--categories={CATEGORIES_CSV}") == 0
-    return out
 
 
 def test_each_split_lists_its_product_ids_in_record_order(sample_output, tmp_path):

@@ -64,13 +64,6 @@ def test_refuses_a_non_empty_output_dir_unless_overwrite(tmp_path, capsys):
     assert not list(out.glob("_tmp-*"))
 
 
-@pytest.fixture(scope="module")
-def sample_output(tmp_path_factory):
-    out = tmp_path_factory.mktemp("sample")
-    assert convert(f"--input={SAMPLE_BSON}", f"--output_dir={out}", f"--categories={CATEGORIES_CSV}") == 0
-    return out
-
-
 def _files(folder) -> dict:
     return {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file()}
 

@@ -9,17 +9,10 @@ import numpy as np
 import pytest
 
 from tests.convert_helpers import (
-    CATEGORIES_CSV, REPO, SAMPLE_BSON, convert, product, read_labels, read_metadata, read_records,
+    REPO, SAMPLE_BSON, convert, product, read_labels, read_metadata, read_records,
     record_multiset, sample_documents, sample_jpegs, write_bson)
 
 pytestmark = pytest.mark.slow  # converts (a Beam job or a subprocess): not in make test-fast
-
-
-@pytest.fixture(scope="module")
-def sample_output(tmp_path_factory):
-    out = tmp_path_factory.mktemp("sample")
-    assert convert(f"--input={SAMPLE_BSON}", f"--output_dir={out}", f"--categories={CATEGORIES_CSV}") == 0
-    return out
 
 
 def test_sample_every_product_and_jpeg_arrives_byte_identical(sample_output):
