@@ -96,7 +96,8 @@ def _train_held(cfg: TrainConfig, strategy, service_job: str, extra_callbacks: t
         _write_samples(cfg, data.labels)
     rates = None
     if cfg.input_check:
-        # A shared tf.data service job would lose the batches read here: only the model is timed.
+        # With a tf.data service the stream is a shared job: the one batch the model is timed on is
+        # taken from it, but the input's own rate is not read (every batch read would be lost to training).
         rates = input_check.measure(model, strategy, data.train_ds, cfg.batch_size, measure_input=not cfg.data_service)
         print(rates.verdict(distribution.describe(strategy)), flush=True)
     callbacks = callbacks_lib.make_callbacks(
