@@ -3,8 +3,8 @@ one, then renamed over it. A kill or a full disk mid-write leaves the earlier fi
 never a truncated one under the final name; the failure is one line naming the path.
 
 Paths may be on any filesystem TensorFlow knows. A file rename is atomic on local disks and
-single-object on gs://; a folder (the SavedModel) is renamed whole on a local disk and moved file
-by file elsewhere, its completion marker (saved_model.pb) last.
+single-object on gs://; a folder (the SavedModel, an evaluation) is renamed whole on a local disk
+and moved file by file elsewhere, its completion marker (saved_model.pb, metrics.json) last.
 """
 
 from __future__ import annotations
@@ -26,16 +26,18 @@ def partial_path(path: str) -> str:
 
 
 @contextlib.contextmanager
-def written_whole(path: str):
-    """Yields a temporary path to write `path`'s content to; renames it into place on success,
-    removes it on failure. An OSError or TensorFlow I/O error becomes a one-line UserError."""
+def written_whole(path: str, last: str = ""):
+    """Yields a temporary path to write `path`'s content to (a file, or a folder the caller
+    creates); renames it into place on success, removes it on failure. `last`: a folder's file
+    whose presence means complete, moved last where the folder is moved file by file. An OSError
+    or TensorFlow I/O error becomes a one-line UserError."""
     partial = partial_path(path)
     _remove(partial)
     try:
         with write_errors_named(path):
             yield partial
             if tf.io.gfile.isdir(partial):
-                _replace_folder(partial, path)
+                _replace_folder(partial, path, last)
             else:
                 tf.io.gfile.rename(partial, path, overwrite=True)
     finally:
@@ -78,7 +80,7 @@ def _remove(path: str) -> None:
         pass  # a leftover partial is harmless: the next write replaces it
 
 
-def _replace_folder(partial: str, path: str) -> None:
+def _replace_folder(partial: str, path: str, last: str) -> None:
     if tf.io.gfile.exists(path):
         tf.io.gfile.rmtree(path)
     if "://" not in partial or partial.startswith("file://"):
@@ -88,6 +90,6 @@ def _replace_folder(partial: str, path: str) -> None:
     # file by file, the completion marker last.
     files = [os.path.join(root, name)[len(partial):].lstrip("/")
              for root, _, names in tf.io.gfile.walk(partial) for name in names]
-    for name in sorted(files, key=lambda n: n == "saved_model.pb"):
+    for name in sorted(files, key=lambda n: n == last):
         tf.io.gfile.makedirs(os.path.dirname(os.path.join(path, name)))
         tf.io.gfile.rename(os.path.join(partial, name), os.path.join(path, name), overwrite=True)

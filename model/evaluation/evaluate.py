@@ -30,49 +30,19 @@ def evaluate(*, data_dir: str, model_dir: str, split: str, output_dir: str | Non
     end: a failed evaluation leaves no half-written folder, and an earlier complete one unchanged.
     """
     output_dir = output_dir or model_dir_lib.eval_dir(model_dir, split)
-    with atomic.write_errors_named(output_dir):
-        return _evaluate_then_move(output_dir, data_dir=data_dir, model_dir=model_dir, split=split,
-                                   batch_size=batch_size, flip_tta=flip_tta, dup_lookup=dup_lookup,
-                                   train_data_dir=train_data_dir, skip_corrupt_records=skip_corrupt_records, log=log)
-
-
-def _evaluate_then_move(output_dir: str, **options) -> dict:
-    log = options["log"]
-    # A sibling whose name does not extend output_dir's: object stores list by prefix.
-    partial = atomic.partial_path(output_dir)
-    if tf.io.gfile.exists(partial):
-        tf.io.gfile.rmtree(partial)
-    tf.io.gfile.makedirs(partial)
     try:
-        summary = _evaluate_into(partial, **options)
+        with atomic.written_whole(output_dir, last=model_dir_lib.METRICS_FILE) as partial:
+            tf.io.gfile.makedirs(partial)
+            summary = _evaluate_into(partial, data_dir=data_dir, model_dir=model_dir, split=split,
+                                     batch_size=batch_size, flip_tta=flip_tta, dup_lookup=dup_lookup,
+                                     train_data_dir=train_data_dir, skip_corrupt_records=skip_corrupt_records,
+                                     log=log)
     except BaseException:
-        tf.io.gfile.rmtree(partial)
         if tf.io.gfile.exists(output_dir):
             log(f"{output_dir} still holds the earlier evaluation (its metrics.json says which model and data).")
         raise
-    _move_into_place(partial, output_dir)
     log(f"Wrote {output_dir}")
     return summary
-
-
-def _move_into_place(partial: str, output_dir: str) -> None:
-    """Replaces output_dir's files by partial's, metrics.json last (its presence means complete).
-
-    File by file, not one directory rename: object stores (gs://) have no directory rename."""
-    new = tf.io.gfile.listdir(partial)
-    if tf.io.gfile.exists(output_dir):
-        old = tf.io.gfile.listdir(output_dir)
-        # The old metrics.json first, so that from here the folder never looks complete until done.
-        for name in sorted(old, key=lambda n: n != model_dir_lib.METRICS_FILE):
-            path = os.path.join(output_dir, name)
-            if tf.io.gfile.isdir(path):
-                tf.io.gfile.rmtree(path)
-            elif name not in new or name == model_dir_lib.METRICS_FILE:
-                tf.io.gfile.remove(path)
-    tf.io.gfile.makedirs(output_dir)
-    for name in sorted(new, key=lambda n: n == model_dir_lib.METRICS_FILE):
-        tf.io.gfile.rename(os.path.join(partial, name), os.path.join(output_dir, name), overwrite=True)
-    tf.io.gfile.rmtree(partial)
 
 
 def _evaluate_into(output_dir: str, *, data_dir: str, model_dir: str, split: str, batch_size: int,

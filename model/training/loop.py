@@ -333,7 +333,7 @@ def _save(final: keras.Model, model: keras.Model, cfg: TrainConfig, data: RunDat
     export_path = os.path.join(cfg.model_dir, model_dir_lib.EXPORT_DIR)
     with atomic.written_whole(model_path) as partial:
         final.save(partial)
-    with atomic.written_whole(export_path) as partial:
+    with atomic.written_whole(export_path, last="saved_model.pb") as partial:
         export.export_serving_model(final, data.labels, partial, image_size=cfg.image_size,
                                     crop_size=cfg.crop_size, top_k=cfg.export_top_k)
     state = {
