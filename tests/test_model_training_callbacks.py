@@ -86,8 +86,8 @@ class RecordingBackup(callbacks.Backup):
         super().__init__(*args)
         self.saved = []
 
-    def _save(self, step):
-        super()._save(step)
+    def save(self, step):
+        super().save(step)
         self.saved.append(step)
 
 

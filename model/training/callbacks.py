@@ -228,12 +228,12 @@ class Backup(keras.callbacks.Callback):
     def on_train_batch_end(self, batch, logs=None):
         step = _optimizer_step(self.model)
         if step - self._saved_at >= self.every_steps:
-            self._save(step)
+            self.save(step)
 
     def on_epoch_end(self, epoch, logs=None):
-        self._save(_optimizer_step(self.model))
+        self.save(_optimizer_step(self.model))
 
-    def _save(self, step: int) -> None:
+    def save(self, step: int) -> None:
         tf.io.gfile.makedirs(self.backup_dir)
         with atomic.written_whole(os.path.join(self.backup_dir, BACKUP_WEIGHTS)) as partial:
             self.model.save_weights(partial, overwrite=True)
@@ -282,7 +282,7 @@ class StopOnSignal(keras.callbacks.Callback):
 
     def on_train_batch_end(self, batch, logs=None):
         if self.requests.signum is not None:
-            self.backup._save(_optimizer_step(self.model))
+            self.backup.save(_optimizer_step(self.model))
             self.model.stop_training = True
 
     def on_epoch_end(self, epoch, logs=None):

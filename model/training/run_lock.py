@@ -95,7 +95,8 @@ def _create(path: str, me: dict) -> bool:
             f.write(text)
         return True
     atomic.write_text(path, text)
-    return (_read(path) or {}).get("pid") == me["pid"] and (_read(path) or {}).get("host") == me["host"]
+    holder = _read(path) or {}
+    return holder.get("pid") == me["pid"] and holder.get("host") == me["host"]
 
 
 @contextlib.contextmanager
