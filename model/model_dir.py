@@ -12,7 +12,8 @@ STATE_FILE = "train_state.json"  # written when training has finished
 MODEL_FILE = "model.keras"
 BEST_FILE = "best.keras"  # the epoch with the best val top-1 so far
 BEST_SCORE_FILE = "best.json"  # that epoch and its score: a resumed run compares against it
-EXPORT_DIR = "export"
+EXPORT_DIR = "export"  # the SavedModel of the final model
+BEST_EXPORT_DIR = "export_best"  # the SavedModel of best.keras
 BACKUP_DIR = "backup"
 LOGS_DIR = "logs"
 LOCK_FILE = "run.lock"  # held by the running trainer (host, pid, start time, heartbeat)
@@ -22,6 +23,25 @@ WORKERS_DIR = "workers"  # multi-worker runs: what the non-chief workers write
 METRICS_FILE = "metrics.json"
 REPORT_FILE = "report.png"
 SUBMISSION_FILE = "submission.csv"
+
+
+# Which of a run's models to read: the final one (model.keras, export/) or the epoch with the best
+# val top-1 (best.keras, export_best/); both BatchNorm-recalibrated at the end of training.
+CHECKPOINTS = ("final", "best")
+
+
+def model_file(checkpoint: str = "final") -> str:
+    return {"final": MODEL_FILE, "best": BEST_FILE}[_checked(checkpoint)]
+
+
+def export_dir(checkpoint: str = "final") -> str:
+    return {"final": EXPORT_DIR, "best": BEST_EXPORT_DIR}[_checked(checkpoint)]
+
+
+def _checked(checkpoint: str) -> str:
+    if checkpoint not in CHECKPOINTS:
+        raise ValueError(f"checkpoint must be one of {', '.join(CHECKPOINTS)}, got {checkpoint!r}")
+    return checkpoint
 
 
 def eval_dir(model_dir: str, split: str) -> str:
