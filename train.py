@@ -33,6 +33,10 @@ flags.DEFINE_integer("crop_size", D.crop_size, "Random crop side for training, 0
 flags.DEFINE_bool("flip", D.flip, "Mirror each training image left-right at random (in the model, on the "
                   "accelerator); --noflip for pictures whose text must read the right way.")
 flags.DEFINE_string("weights", D.weights, '"" (random init), "imagenet" or a .weights.h5 file.')
+flags.DEFINE_string("init_from", D.init_from, "Start from a trained model: a model_dir (its model.keras) or a "
+                    ".keras file (e.g. MODEL_DIR/best.keras). Any other flag may differ (image size, crop, "
+                    "schedule, data); a head whose classes differ is re-initialised, and said. Ignored when "
+                    "resuming from this model_dir's backup.")
 flags.DEFINE_float("dropout", D.dropout, "Dropout before the classifier.", lower_bound=0, upper_bound=0.9)
 flags.DEFINE_float("bn_momentum", D.bn_momentum, "BatchNorm moving-average momentum: the statistics trail the "
                    "weights by ~1/(1 - momentum) steps, so short runs want ~0.9.", lower_bound=0, upper_bound=0.999)
@@ -56,7 +60,12 @@ flags.DEFINE_integer("steps_per_execution", D.steps_per_execution, "Train steps 
 flags.DEFINE_integer("cpu_devices", D.cpu_devices, "Split the CPU into N logical devices (MirroredStrategy "
                      "on a machine without GPUs); 0 or 1: one device.", lower_bound=0)
 flags.DEFINE_integer("shuffle_buffer", D.shuffle_buffer, "Products in the shuffle buffer.", lower_bound=1)
-flags.DEFINE_integer("seed", D.seed, "Seed of shuffling and augmentation.")
+flags.DEFINE_integer("seed", D.seed, "Seed of everything random: initial weights, file order, shuffle, crops, "
+                     "mirrors. 0: one is drawn at first start and recorded in train_config.json, so a resumed run "
+                     "reads exactly the batches it would have read uninterrupted.", lower_bound=0)
+flags.DEFINE_bool("deterministic", D.deterministic, "Deterministic ops too "
+                  "(tf.config.experimental.enable_op_determinism): two runs of one seed, or a run killed and "
+                  "resumed, end with bit-identical weights. Slower; README: Interrupted?")
 flags.DEFINE_string("data_service", D.data_service, "grpc://HOST:PORT of a tf.data service dispatcher (python -m "
                     "model.data_service dispatcher): the training stream (read, decode, crop, batch) runs on its "
                     "workers, which must see --data_dir at the same path; validation stays here. Empty: all "
@@ -79,6 +88,8 @@ flags.DEFINE_integer("sample_products", D.sample_products, "Products in the Tens
 flags.DEFINE_bool("input_check", D.input_check, "At start, measure what the model consumes (one cached batch) and "
                   "what the input delivers, and say whether the input keeps up; also gives step_input_wait.")
 flags.DEFINE_integer("export_top_k", D.export_top_k, "Categories returned by the SavedModel.", lower_bound=1)
+flags.DEFINE_bool("export_flip_tta", D.export_flip_tta, "The SavedModels average each product's predictions with "
+                  "those of its mirror image, as evaluate.py --flip_tta does (twice the serving compute).")
 flags.DEFINE_integer("verbose", D.verbose, "Keras fit verbosity: 1 progress bar, 2 one line an epoch.")
 
 flags.mark_flags_as_required(["data_dir", "model_dir"])

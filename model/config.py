@@ -23,6 +23,7 @@ class TrainConfig:
     crop_size: int = 0  # 0: no random crop
     flip: bool = True  # random left-right mirror of each image in training, inside the model
     weights: str = ""  # "" or "imagenet" (for the xception backbone) or a .weights.h5 path
+    init_from: str = ""  # a model_dir (its model.keras) or a .keras file: start from its weights
     dropout: float = 0.0
     bn_momentum: float = 0.99  # BatchNorm moving averages; lower for short runs
     # Schedule.
@@ -44,7 +45,8 @@ class TrainConfig:
     steps_per_execution: int = 1
     cpu_devices: int = 0  # >1: split the CPU into that many logical devices (MirroredStrategy)
     shuffle_buffer: int = 2048
-    seed: int = 0
+    seed: int = 0  # 0: drawn at first start and recorded in train_config.json
+    deterministic: bool = False  # bit-identical weights for a seed, resumed or not (slower)
     skip_corrupt_records: bool = False  # read past damaged shards (the rest of each file), counted
     data_service: str = ""  # grpc://HOST:PORT: the training stream runs on tf.data service workers
     # Checkpoints and logs.
@@ -56,6 +58,7 @@ class TrainConfig:
     sample_products: int = 8  # products shown in the TensorBoard image grid at start
     input_check: bool = True  # at start: the model's and the input's products/s, and the verdict
     export_top_k: int = 5
+    export_flip_tta: bool = False  # the SavedModels average each product and its mirror image
     verbose: int = 2
 
     @property

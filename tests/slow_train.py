@@ -1,9 +1,11 @@
 """train.py with a pause after every training step: a run slow enough to be killed mid-epoch.
 
-    python tests/slow_train.py SECONDS_PER_STEP [train.py flags ...]
+    [TRACE_BATCHES=FILE] python tests/slow_train.py SECONDS_PER_STEP [train.py flags ...]
 
 A test aid, kept out of the production code: it adds one callback through the library's
-`extra_callbacks` and is otherwise exactly train.py's command.
+`extra_callbacks` and is otherwise exactly train.py's command. With TRACE_BATCHES, every batch
+the training streams make is also logged to FILE, one line each: "PIPELINE BATCH ID,ID,...",
+BATCH counted from the stream's beginning (so a resumed stream's first line is its start step).
 """
 
 import os
@@ -24,6 +26,35 @@ class SlowSteps(keras.callbacks.Callback):
     def on_train_batch_end(self, batch, logs=None):
         time.sleep(SECONDS_PER_STEP)
 
+
+def _traced(split_dataset, path):
+    import tensorflow as tf
+
+    def traced(cfg, split, **options):
+        ds = split_dataset(cfg, split, **options)
+        if "record_counts" not in options:  # not a training stream (sample grid, calibration)
+            return ds
+        pipeline = options["input_context"].input_pipeline_id
+
+        def log(index, ids):
+            with open(path, "a") as f:
+                f.write(f"{pipeline} {int(index)} {','.join(str(i) for i in ids.numpy())}\n")
+            return index
+
+        def write(index, batch):
+            done = tf.py_function(log, [index, batch[0]["product_id"]], tf.int64)
+            with tf.control_dependencies([done]):
+                return tf.nest.map_structure(tf.identity, batch)
+
+        return ds.enumerate(options["start_batch"]).map(write)
+
+    return traced
+
+
+if os.environ.get("TRACE_BATCHES"):
+    from model.input_pipeline import data_folder  # noqa: E402
+
+    data_folder.split_dataset = _traced(data_folder.split_dataset, os.environ["TRACE_BATCHES"])
 
 _train = loop.train
 loop.train = lambda config, extra_callbacks=(), **kwargs: _train(config, (*extra_callbacks, SlowSteps()), **kwargs)

@@ -244,6 +244,11 @@ def test_file_splits_visit_every_file_once_a_pass_in_a_new_order():
     once = [x.decode() for x in splits.file_splits(files, seed=3, repeat=False).as_numpy_iterator()]
     assert once == orders[0]
     assert [x.decode() for x in splits.file_splits(["a"], seed=None, repeat=False).as_numpy_iterator()] == ["a"]
+    # A resumed run starts at a pass: the passes before it are not handed out, the rest unchanged.
+    later = [x.decode() for x in splits.file_splits(files, seed=3, repeat=True, first_pass=2).take(7).as_numpy_iterator()]
+    assert later == orders[2]
+    assert [x.decode() for x in splits.file_splits(files, seed=3, repeat=False, first_pass=1).as_numpy_iterator()] \
+        == orders[1]
 
 
 def test_dynamic_sharding_delivers_every_training_product_once_a_pass(shared_service, data_dir):

@@ -418,6 +418,62 @@ def test_seed_makes_training_reproducible(data):
     assert not np.array_equal(a["product_id"], c["product_id"])
 
 
+COUNTS = (30, 30, 22)  # the records of data["train"]'s three files
+
+
+def _counts(pattern):
+    return dict(zip(sorted(tf.io.gfile.glob(pattern)), COUNTS))
+
+
+def _batches(pattern, start, count, **options):
+    ds = ip.create_dataset(pattern, batch_size=5, training=True, image_size=40, crop_size=32, seed=7,
+                           shuffle_buffer=16, repeat=True, start_batch=start, record_counts=_counts(pattern),
+                           **options)
+    return [(f["product_id"].numpy().tolist(), f["images"].numpy()) for f, _ in ds.take(count)]
+
+
+@pytest.mark.parametrize("start", [1, 16, 17, 33])  # 82 records a pass: batch 16 ends pass 1 (80 records), 33 is in pass 3
+def test_a_seeded_stream_started_at_a_batch_is_the_stream_from_there(data, start):
+    """The same products in the same order, and the same crops, as the stream begun at 0."""
+    whole = _batches(data["train"], 0, 40)
+    later = _batches(data["train"], start, 40 - start)
+    assert [ids for ids, _ in later] == [ids for ids, _ in whole[start:]]
+    for (_, images), (_, expected) in zip(later, whole[start:]):
+        np.testing.assert_array_equal(images, expected)
+
+
+def test_each_pass_of_a_seeded_stream_is_every_record_once_in_a_new_order(data, products):
+    ids = sum((ids for ids, _ in _batches(data["train"], 0, 32)), [])  # 160 records: passes of 82
+    first, second = ids[:82], ids[82:160]
+    assert sorted(first) == sorted(p[0] for p in products) and first != [p[0] for p in products]
+    assert len(set(second)) == len(second) and second != first[:78]
+
+
+def test_a_start_batch_shares_records_between_pipelines_as_the_reader_does(data):
+    """1 file for 2 pipelines: each reads every other record, so a pass is 41 and 41 records."""
+    for pipeline in (0, 1):
+        context = tf.distribute.InputContext(num_input_pipelines=2, input_pipeline_id=pipeline, num_replicas_in_sync=2)
+        counts = {path: 82 for path in tf.io.gfile.glob(data["single"])}
+
+        def stream(start):
+            ds = ip.create_dataset(data["single"], batch_size=4, training=True, image_size=40, seed=5,
+                                   shuffle_buffer=8, repeat=True, input_context=context, start_batch=start,
+                                   record_counts=counts)
+            return [f["product_id"].numpy().tolist() for f, _ in ds.take(30 - start)]
+
+        assert stream(11) == stream(0)[11:]  # batch 11 holds records 44..47: pass 2, after its 3rd
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"training": False, "seed": 1}, "needs a seeded training stream"),
+    ({"training": True, "seed": None}, "needs a seeded training stream"),
+    ({"training": True, "seed": 1, "record_counts": {}}, "needs record_counts for every file"),
+])
+def test_a_start_batch_needs_a_seeded_training_stream_and_the_counts(data, options, message):
+    with pytest.raises(ValueError, match=message):
+        ip.create_dataset(data["train"], batch_size=4, start_batch=3, **options)
+
+
 # ---------------------------------------------------------------------------------------------
 # Distribution
 

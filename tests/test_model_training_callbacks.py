@@ -22,12 +22,14 @@ from model.training import callbacks, optimization
 BATCH = 2
 
 
-def small_model(steps_per_execution: int = 1, learning_rate=0.01, run_eagerly=True) -> keras.Model:
+def small_model(steps_per_execution: int = 1, learning_rate=0.01, run_eagerly=True, dropout=0.0) -> keras.Model:
     """{"category", "level1"} logits from 3 inputs, compiled as train.py compiles (metric names
     category_top1...). Eager unless asked: a few steps run faster than a trace (the callbacks are
-    called the same way)."""
+    called the same way). dropout > 0 adds a layer drawing random numbers (a SeedGenerator)."""
     inputs = keras.Input((3,), name="x")
     hidden = keras.layers.Dense(4, name="hidden")(inputs)
+    if dropout:
+        hidden = keras.layers.Dropout(dropout, seed=3)(hidden)
     model = keras.Model(inputs, {"category": keras.layers.Dense(5, name="category")(hidden),
                                  "level1": keras.layers.Dense(2, name="level1")(hidden)})
     cfg = TrainConfig(data_dir="unused", model_dir="unused", steps_per_execution=steps_per_execution)
@@ -124,25 +126,41 @@ def test_backup_saves_every_n_steps_and_at_each_epoch_end(tmp_path, every, steps
     drive(backup, model, executions, epochs)
     assert backup.saved == saved
     assert json.loads((tmp_path / "backup" / callbacks.BACKUP_PROGRESS).read_text()) == progress
-    # Written whole: the two files under their names, nothing partial beside them.
-    assert sorted(os.listdir(tmp_path / "backup")) == sorted([callbacks.BACKUP_PROGRESS, callbacks.BACKUP_WEIGHTS])
+    # Written whole: the files under their names, nothing partial beside them, and the random
+    # states of the last step only.
+    assert sorted(os.listdir(tmp_path / "backup")) == sorted(
+        [callbacks.BACKUP_PROGRESS, callbacks.BACKUP_WEIGHTS, f"random_states-{saved[-1]}.json"])
 
 
 def test_restore_backup_loads_weights_and_optimizer_and_returns_the_step(tmp_path):
-    """In a real fit (4 steps an epoch, 2 epochs), restored into a new model."""
-    trained = small_model()
+    """In a real fit (4 steps an epoch, 2 epochs), restored into a new model: the weights, the
+    optimizer and the random states (which Keras' save_weights leaves out)."""
+    trained = small_model(dropout=0.5)
     backup = RecordingBackup(str(tmp_path), 3, 4)
     fit(trained, 4, 2, [backup])
     assert iterations(trained) == 8 and backup.saved == [3, 4, 7, 8]
 
-    fresh = small_model()
+    fresh = small_model(dropout=0.5)
     assert not fresh.optimizer.built
+    states = [v for v in trained.variables if v.path.endswith("seed_generator_state")]
+    assert len(states) == 1 and np.array(states[0]).tolist() != [3, 0]  # drawn from: it moved
     assert callbacks.restore_backup(fresh, str(tmp_path)) == 8
+    for restored, saved in zip(fresh.variables, trained.variables):
+        np.testing.assert_array_equal(np.array(restored), np.array(saved), err_msg=restored.path)
     assert iterations(fresh) == 8
     for restored, saved in zip(fresh.weights, trained.weights):
         np.testing.assert_array_equal(np.array(restored), np.array(saved), err_msg=restored.path)
     for restored, saved in zip(fresh.optimizer.variables, trained.optimizer.variables):  # Adam's moments too
         np.testing.assert_array_equal(np.array(restored), np.array(saved), err_msg=restored.path)
+
+
+def test_a_backup_without_random_states_restores_and_says_the_draws_restart(tmp_path, capsys):
+    trained = small_model(dropout=0.5)
+    fit(trained, 4, 1, [RecordingBackup(str(tmp_path), 3, 4)])
+    os.remove(tmp_path / "random_states-4.json")
+    fresh = small_model(dropout=0.5)
+    assert callbacks.restore_backup(fresh, str(tmp_path)) == 4
+    assert "holds no random states of step 4" in capsys.readouterr().out
 
 
 def test_restore_backup_without_a_backup_returns_0_and_changes_nothing(tmp_path):

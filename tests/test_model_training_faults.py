@@ -72,9 +72,17 @@ def test_one_trainer_per_model_dir_and_signals_stop_with_a_backup(data_dir, tmp_
     first = Trainer(slow_train(data_dir, model_dir), str(tmp_path), "first")
     first.wait_for_training()
 
-    # A second trainer on the same folder: one line naming the holder, nothing changed.
+    # A second trainer on the same folder: one line naming the holder, nothing changed (the lock
+    # still the first's: its heartbeat rewrites it every 30 s, so its content is compared).
     written = {name: os.stat(os.path.join(model_dir, name)).st_mtime_ns
-               for name in ("train_config.json", "flags.txt", "labels.csv", "run.lock")}
+               for name in ("train_config.json", "flags.txt", "labels.csv")}
+
+    def holder():
+        with open(os.path.join(model_dir, "run.lock")) as f:
+            lock = json.load(f)
+        return {key: lock[key] for key in lock if key != "heartbeat"}
+
+    held = holder()
     second = subprocess.run(slow_train(data_dir, model_dir), cwd=REPO, capture_output=True, text=True,
                             timeout=120, env=ENV)
     assert second.returncode == 1
@@ -82,6 +90,7 @@ def test_one_trainer_per_model_dir_and_signals_stop_with_a_backup(data_dir, tmp_
     assert f"is in use by another trainer (pid {first.pid} on " in line and "started " in line, second.stderr[-2000:]
     assert "Traceback" not in second.stderr
     assert {name: os.stat(os.path.join(model_dir, name)).st_mtime_ns for name in written} == written
+    assert holder() == held and held["pid"] == first.pid
 
     # SIGTERM: the step in flight finishes, a backup at that step, one line, exit 128 + 15.
     out, err = first.stop(signal.SIGTERM)

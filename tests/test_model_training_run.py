@@ -29,12 +29,13 @@ def data_dir(tmp_path_factory):
     return write_data_dir(str(tmp_path_factory.mktemp("data")))
 
 
-def run_killed_and_resumed(data_dir, model_dir, extra_args, kills):
+def run_killed_and_resumed(data_dir, model_dir, extra_args, kills, trace=None):
     """Runs 3 epochs of 6 steps. For each condition in kills, starts the command and SIGKILLs it
-    once backup/progress.json satisfies the condition; then runs the same command to the end."""
-    args = [sys.executable, "tests/slow_train.py", "0.4", f"--data_dir={data_dir}", f"--model_dir={model_dir}",
-            *TINY, "--epochs=3", "--steps_per_epoch=6", *extra_args]
-    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
+    once backup/progress.json satisfies the condition; then runs the same command to the end.
+    trace: a file where every run logs the batches its training streams make (slow_train.py)."""
+    args = [sys.executable, "tests/slow_train.py", "0.4" if kills else "0", f"--data_dir={data_dir}",
+            f"--model_dir={model_dir}", *TINY, "--epochs=3", "--steps_per_epoch=6", *extra_args]
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", **({"TRACE_BATCHES": trace} if trace else {})}
     progress = os.path.join(model_dir, "backup", "progress.json")
     outputs, killed_at = [], []
     for kill_when in kills:
@@ -63,16 +64,68 @@ def run_killed_and_resumed(data_dir, model_dir, extra_args, kills):
     return {"model_dir": model_dir, "outputs": [*outputs, last.stdout], "state": state, "killed_at": killed_at}
 
 
+# Seeded and with deterministic ops, so that the resumed run can be compared with an uninterrupted one.
+EXACT = ["--seed=7", "--deterministic"]
+
+
 @pytest.fixture(scope="module")
 def resumed_run(data_dir, tmp_path_factory):
     """Killed right after epoch 1 (at its end-of-epoch backup: step 6, not a multiple of the
     4-step backups), resumed, killed again inside epoch 2 after a step backup, resumed to the
     end. One replica: tracing for two costs ~20 s more, and the 2-device strategy has its own test."""
+    folder = tmp_path_factory.mktemp("resumed")
     return run_killed_and_resumed(
-        data_dir, str(tmp_path_factory.mktemp("model")),
-        ["--backup_every_steps=4", "--fusion=mean_max", "--profile_batches=2,3"],
+        data_dir, str(folder / "model"),
+        ["--backup_every_steps=4", "--fusion=mean_max", "--profile_batches=2,3", *EXACT],
         [lambda backup: backup["epoch"] == 1 and backup["step_in_epoch"] == 0,
-         lambda backup: backup["epoch"] == 1 and backup["step_in_epoch"] >= 1])
+         lambda backup: backup["epoch"] == 1 and backup["step_in_epoch"] >= 1],
+        trace=str(folder / "batches.txt"))
+
+
+@pytest.fixture(scope="module")
+def uninterrupted_run(data_dir, tmp_path_factory):
+    """The same command as resumed_run's, never killed."""
+    folder = tmp_path_factory.mktemp("uninterrupted")
+    return run_killed_and_resumed(data_dir, str(folder / "model"),
+                                  ["--backup_every_steps=4", "--fusion=mean_max", *EXACT], [],
+                                  trace=str(folder / "batches.txt"))
+
+
+def read_trace(path) -> list[tuple[int, int, str]]:
+    with open(path) as f:
+        return [(int(p), int(b), ids) for p, b, ids in (line.split() for line in f)]
+
+
+def check_same_stream(resumed, uninterrupted, starts):
+    """Every batch the resumed runs' streams made is the uninterrupted run's batch of that index
+    (same products, same order); each run's stream began at the step its backup held."""
+    made = {(pipeline, batch): ids for pipeline, batch, ids in read_trace(uninterrupted)}
+    assert min(batch for _, batch in made) == 0 and max(batch for _, batch in made) >= 17
+    seen = read_trace(resumed)
+    assert seen and all(made[(pipeline, batch)] == ids for pipeline, batch, ids in seen)
+    # A stream is made for each fit call and for the input check: its first batch is the step it starts at.
+    firsts = sorted({batch for i, (pipeline, batch, _) in enumerate(seen)
+                     if i == 0 or seen[i - 1][1] + 1 != batch or seen[i - 1][0] != pipeline})
+    assert set(starts) <= set(firsts) and set(firsts) <= {0, 6, 12, *starts}, firsts
+
+
+def final_weights(model_dir):
+    import keras
+
+    from model.network import multi_image  # noqa: F401  (registers the custom layers)
+
+    return keras.models.load_model(os.path.join(model_dir, "model.keras"), compile=False).get_weights()
+
+
+def test_a_resumed_run_trains_on_the_batches_and_ends_with_the_weights_of_an_uninterrupted_one(
+        resumed_run, uninterrupted_run):
+    steps = [kill["optimizer_step"] for kill in resumed_run["killed_at"]]  # 6, then 7..11
+    check_same_stream(os.path.join(os.path.dirname(resumed_run["model_dir"]), "batches.txt"),
+                      os.path.join(os.path.dirname(uninterrupted_run["model_dir"]), "batches.txt"), steps)
+    for resumed, uninterrupted in zip(final_weights(resumed_run["model_dir"]),
+                                      final_weights(uninterrupted_run["model_dir"])):
+        np.testing.assert_array_equal(resumed, uninterrupted)
+    assert resumed_run["state"]["final_val"] == uninterrupted_run["state"]["final_val"]
 
 
 def test_kill_after_an_epoch_resumes_in_the_next_with_no_step_lost_or_repeated(resumed_run):

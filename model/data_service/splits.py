@@ -7,7 +7,7 @@ from __future__ import annotations
 import random
 
 
-def file_splits(files, *, seed: int | None, repeat: bool):
+def file_splits(files, *, seed: int | None, repeat: bool, first_pass: int = 0):
     """The split source for dynamic sharding: a dataset of file names, every file once per pass in
     a new seeded order each pass, endless when repeat (else one pass).
 
@@ -15,7 +15,8 @@ def file_splits(files, *, seed: int | None, repeat: bool):
     worker to `files[permutation_p(k mod n)]` for pass p = k div n, the permutation drawn by
     `tf.random.experimental.index_shuffle` from [seed, p]. Stateless, so the dispatcher's cursor
     alone says which files are taken, and no worker buffers more names than its interleave reads.
-    seed=None draws one now (Python's `random.SystemRandom`)."""
+    seed=None draws one now (Python's `random.SystemRandom`). first_pass: the passes before it are
+    not handed out (a resumed run starts at the pass its next batch falls in)."""
     import tensorflow as tf
 
     names = tf.constant(list(files), tf.string)
@@ -25,11 +26,12 @@ def file_splits(files, *, seed: int | None, repeat: bool):
     if seed is None:
         seed = random.SystemRandom().getrandbits(62)
     seed = tf.constant(int(seed), tf.int64)
-    total = (1 << 62) if repeat else count  # 2^62 splits: endless for any run
+    first = first_pass * count
+    total = (1 << 62) if repeat else first + count  # 2^62 splits: endless for any run
 
     def name(k):
         position, passes = k % count, k // count
         index = tf.random.experimental.index_shuffle(position, tf.stack([seed, passes]), max_index=count - 1)
         return tf.gather(names, index)
 
-    return tf.data.Dataset.range(total).map(tf.autograph.experimental.do_not_convert(name))
+    return tf.data.Dataset.range(first, total).map(tf.autograph.experimental.do_not_convert(name))

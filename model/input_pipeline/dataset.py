@@ -20,6 +20,8 @@ this one, in training, at 0.9-1.0 of it at 180 px and 1.1-1.3 at 48 and 90 px (2
 
 from __future__ import annotations
 
+from typing import Mapping, Sequence
+
 import tensorflow as tf
 
 import record_schema
@@ -55,6 +57,8 @@ def create_dataset(
     repeat: bool = False,
     dynamic_sharding: bool = False,
     skip_corrupt_records: bool = False,
+    start_batch: int = 0,
+    record_counts: Mapping[str, int] | None = None,
 ) -> tf.data.Dataset:
     """Batches of `(features, label)` from the TFRecord shards matching `file_pattern`.
 
@@ -74,9 +78,15 @@ def create_dataset(
     skip_corrupt_records: a damaged record ends its file instead of the stream (model/input_pipeline/shards.py
     names and counts what that loses).
 
-    seed: None draws fresh file order, shuffle and crops every run, with nondeterministic
-    (faster) element order in training. An int makes training reproducible: the same seed gives
-    the same batches, at the cost of deterministic ordering in the parallel stages.
+    seed (training): an int makes the stream a pure function of (seed, this pipeline's share):
+    pass p over the share reads its files in an order drawn from (seed, p) and shuffles their
+    records with a buffer seeded by (seed, p); passes follow one another (with repeat), batches
+    run across their boundaries, and batch b's crops are drawn from (seed, pipeline, b). So the
+    stream can start at any batch (start_batch) and give exactly what an uninterrupted stream
+    gives from there: the records before it are skipped before any parse or decode, from the
+    start of the pass it falls in (record_counts, the readable records of each file, say where
+    the passes end; train.py has them from its shard check). None draws fresh numbers every run,
+    with nondeterministic (faster) element order; start_batch must then be 0.
 
     input_context (from `strategy.distribute_datasets_from_function`): this pipeline reads its
     share only. With at least as many files as pipelines the share is whole files (cheap: each
@@ -123,32 +133,51 @@ def create_dataset(
             records = records.ignore_errors()
         return records.shard(pipelines, pipeline_id) if record_shards else records
 
+    if start_batch and (not training or (seed is None and not dynamic_sharding)):
+        raise ValueError("start_batch needs a seeded training stream (training=True and a seed)")
+    crop_seeds = None
     if dynamic_sharding:
-        ds = splits.file_splits(files, seed=seed, repeat=repeat)
+        # start_batch counts batches of the whole job (all replicas): the passes before the one
+        # it falls in are not handed out; that pass is read again from its start.
+        first_pass = 0
+        if start_batch:
+            first_pass = start_batch * batch_size // max(1, sum(_share_records(record_counts, path, 1, 0)
+                                                                for path in files))
+        ds = splits.file_splits(files, seed=seed, repeat=repeat, first_pass=first_pass)
         seed = None  # from here on, each worker its own random numbers
-    else:
-        ds = tf.data.Dataset.from_tensor_slices(files)
-        if training:
-            ds = ds.shuffle(len(files), seed=seed, reshuffle_each_iteration=True)
+        ds = ds.interleave(read, cycle_length=min(len(files), 16), num_parallel_calls=AUTOTUNE)
+        ds = ds.shuffle(shuffle_buffer, reshuffle_each_iteration=True)
+    elif training and seed is not None:
+        share = ([_share_records(record_counts, path, pipelines if record_shards else 1, pipeline_id)
+                  for path in files] if start_batch else None)
+        ds, skip = _seeded_passes(files, read, seed=seed, shuffle_buffer=shuffle_buffer, repeat=repeat,
+                                  skip_records=start_batch * batch_size, share_records=share)
+        ds = ds.skip(skip)
+        # Batch b's crops from (seed, pipeline, b): the same numbers wherever the stream starts.
+        pipeline_seed = tf.constant([seed, pipeline_id], tf.int64)
+        crop_seeds = tf.data.Dataset.counter(start_batch).map(
+            lambda b: tf.random.experimental.stateless_fold_in(pipeline_seed, b))
+    elif training:
+        ds = tf.data.Dataset.from_tensor_slices(files).shuffle(len(files), reshuffle_each_iteration=True)
         if repeat:
             ds = ds.repeat()  # at file level: no drained buffers and no short batch at epoch ends
-    if training:
         # Several files at once: parallel reads (latency on GCS) and a better mix for the shuffle.
         ds = ds.interleave(read, cycle_length=min(len(files), 16), num_parallel_calls=AUTOTUNE)
-        ds = ds.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=True)
+        ds = ds.shuffle(shuffle_buffer, reshuffle_each_iteration=True)
     else:
-        ds = ds.flat_map(read)  # one file after the other: file order, then record order
+        ds = tf.data.Dataset.from_tensor_slices(files).flat_map(read)  # file order, then record order
 
     # A batch of records is one element from here on: one parse_example call and one decode
     # function per batch (per-product elements cost ~100 us each of tf.data and executor machinery,
     # half a JPEG decode). Parallelism comes from several batches in flight (the map's
     # num_parallel_calls) and several images decoding at once within each (parallel_decodes).
-    # In training the batch's crop offsets come from a seed stream that gives new numbers every
-    # epoch (stateful random ops in a map would replay the same numbers each epoch).
+    # In training the batch's crop offsets come from a seed per batch (stateful random ops in a
+    # parallel map would depend on the order the map's calls run in).
     ds = ds.batch(batch_size, drop_remainder=training)
     if training and crop_size:
-        seeds = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True).batch(2)
-        ds = tf.data.Dataset.zip(ds, seeds)
+        if crop_seeds is None:  # unseeded: new numbers every run and every pass
+            crop_seeds = tf.data.Dataset.random(rerandomize_each_iteration=True).batch(2)
+        ds = tf.data.Dataset.zip(ds, crop_seeds)
 
     @_plain
     def parse_and_decode(serialized, batch_seed=None):
@@ -180,3 +209,48 @@ def create_dataset(
         # Sharded above; stop tf.distribute from sharding again should it be handed this dataset.
         options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.OFF
     return ds.with_options(options).prefetch(AUTOTUNE)
+
+
+# ---------------------------------------------------------------------------------------------
+# The seeded training stream: passes over the share, each a pure function of (seed, pass)
+
+
+def _seeded_passes(files: list[str], read, *, seed: int, shuffle_buffer: int, repeat: bool, skip_records: int,
+                   share_records: Sequence[int] | None) -> tuple[tf.data.Dataset, int]:
+    """(the records of passes first_pass, first_pass + 1, ... over `files`, records to skip in it).
+
+    skip_records records of the whole stream are to be skipped: whole passes are not read at all
+    (each holds sum(share_records) records), the rest is the returned count."""
+    first_pass, skip = 0, skip_records
+    if skip_records:
+        per_pass = sum(share_records)
+        if per_pass < 1:
+            raise ValueError("the files hold no record: nothing to start a stream in")
+        first_pass, skip = divmod(skip_records, per_pass)
+        if first_pass and not repeat:
+            raise ValueError(f"start past the one pass: {skip_records} records of {per_pass}")
+    names = tf.constant(files, tf.string)
+    count = len(files)
+    seed = tf.constant(seed, tf.int64)
+
+    @_plain
+    def one_pass(pass_index):
+        pass_seed = tf.stack([seed, pass_index])
+        order = tf.random.experimental.index_shuffle(
+            tf.range(count, dtype=tf.int64), pass_seed, max_index=count - 1)
+        records = tf.data.Dataset.from_tensor_slices(tf.gather(names, order)).interleave(
+            read, cycle_length=min(count, 16), num_parallel_calls=AUTOTUNE, deterministic=True)
+        buffer_seed = tf.cast(tf.random.experimental.stateless_fold_in(pass_seed, 1)[0], tf.int64)
+        return records.shuffle(shuffle_buffer, seed=buffer_seed)
+
+    passes = tf.data.Dataset.counter(first_pass) if repeat else tf.data.Dataset.range(first_pass, first_pass + 1)
+    return passes.flat_map(one_pass), skip
+
+
+def _share_records(record_counts: Mapping[str, int] | None, path: str, pipelines: int, pipeline_id: int) -> int:
+    """Records this pipeline reads from `path`: all of them, or every pipelines-th one from
+    pipeline_id when the pipelines share files record by record."""
+    if record_counts is None or path not in record_counts:
+        raise ValueError(f"start_batch needs record_counts for every file: {path} has none")
+    count = record_counts[path]
+    return count if pipelines == 1 else max(0, (count - pipeline_id + pipelines - 1) // pipelines)

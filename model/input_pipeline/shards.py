@@ -27,6 +27,7 @@ class SplitCheck:
     records: int  # readable records in all the files
     expected: int  # products of the split in metadata.json
     damaged: dict  # file -> what TensorFlow reported (the byte offset of the damage)
+    records_per_file: dict  # file -> its readable records (where a training stream's passes end)
 
     @property
     def unreadable(self) -> int:
@@ -79,16 +80,17 @@ def check_split(data_dir: str, split: str, *, skip_corrupt_records: bool, log=pr
         raise UserError(f"{data_dir}: {len(missing)} {split} shard(s) missing: {', '.join(missing[:5])}"
                             + (" ..." if len(missing) > 5 else ""))
     expected = data_folder.split_products(data_folder.read_metadata(data_dir), split)
-    records, damaged = 0, {}
+    records, damaged, per_file = 0, {}, {}
     for path in files:
         readable, problem = count_records(path)
         records += readable
+        per_file[path] = readable
         if problem is not None:
             damaged[path] = problem
             if not skip_corrupt_records:
                 raise UserError(f"{path}: {problem}; pass --skip_corrupt_records to read the rest of the data")
             log(f"Skipping the rest of {path} after {readable} records: {problem}")
-    check = SplitCheck(files, records, expected, damaged)
+    check = SplitCheck(files, records, expected, damaged, per_file)
     if records < expected and not damaged:
         raise UserError(f"{data_dir}: the {split} shards hold {records} records, metadata.json counts {expected}: "
                             "a shard was cut short or replaced; convert again")

@@ -13,6 +13,7 @@ import tensorflow as tf
 
 from model import atomic
 from model import model_dir as model_dir_lib
+from model.training import random_states
 
 # The monitored metric: Keras prefixes metric names with the output name for dict outputs.
 TOP1 = "category_top1"
@@ -235,8 +236,10 @@ class Backup(keras.callbacks.Callback):
 
     def save(self, step: int) -> None:
         tf.io.gfile.makedirs(self.backup_dir)
+        random_states.save(self.backup_dir, self.model, step)  # first: see random_states
         with atomic.written_whole(os.path.join(self.backup_dir, BACKUP_WEIGHTS)) as partial:
             self.model.save_weights(partial, overwrite=True)
+        random_states.drop_older(self.backup_dir, step)
         epoch, in_epoch = divmod(step, self.steps_per_epoch)
         atomic.write_text(os.path.join(self.backup_dir, BACKUP_PROGRESS),
                           json.dumps({"optimizer_step": step, "epoch": epoch, "step_in_epoch": in_epoch}))
@@ -301,7 +304,11 @@ def restore_backup(model: keras.Model, backup_dir: str) -> int:
     if not model.optimizer.built:
         model.optimizer.build(model.trainable_variables)
     model.load_weights(weights)
-    return int(keras.ops.convert_to_numpy(model.optimizer.iterations))
+    step = int(keras.ops.convert_to_numpy(model.optimizer.iterations))
+    if not random_states.restore(backup_dir, model, step):
+        print(f"{backup_dir} holds no random states of step {step} (a backup of an older version): the "
+              "training mirror's draws restart from the seed", flush=True)
+    return step
 
 
 def make_callbacks(model_dir: str, *, epochs: int, steps_per_epoch: int, global_batch: int,

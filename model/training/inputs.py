@@ -34,22 +34,33 @@ def make_targets(labels: labels_lib.Labels, aux_heads: dict):
     return targets
 
 
-def train_dataset(cfg: TrainConfig, strategy, targets, service_job: str = ""):
-    """Per-replica pipelines: each replica reads its own batch (global batch / replicas).
+def train_dataset(cfg: TrainConfig, strategy, targets, service_job: str = "", *, start_step: int = 0,
+                  record_counts: dict | None = None):
+    """Per-replica pipelines: each replica reads its own batch (global batch / replicas), from
+    optimizer step `start_step` on.
 
-    With cfg.data_service the pipeline runs on the service's workers under dynamic sharding, and
-    every replica of every trainer reads one shared job (`service_job`, see data_service)."""
+    Each replica's stream is a pure function of cfg.seed and its share of the files
+    (create_dataset): started at start_step, it gives exactly the batches an uninterrupted run
+    gives there, the earlier ones skipped before decode (record_counts: readable records per
+    file, from shards.check_split). With cfg.data_service the pipeline runs on the service's
+    workers under dynamic sharding, every replica of every trainer reads one shared job
+    (`service_job`, see data_service), and a start inside a pass restarts that pass."""
 
     def dataset_fn(input_context: tf.distribute.InputContext):
         batch_size = input_context.get_per_replica_batch_size(cfg.batch_size)
+        # A pipeline gives one batch a step to each replica it feeds (all of this host's under
+        # MirroredStrategy); a service's job is shared: start_step global batches were taken from it.
+        replicas_fed = input_context.num_replicas_in_sync // input_context.num_input_pipelines
+        start_batch = start_step * (input_context.num_replicas_in_sync if cfg.data_service else replicas_fed)
         ds = data_folder.split_dataset(
             cfg, "train", training=True, batch_size=batch_size,
             shuffle_buffer=cfg.shuffle_buffer, seed=cfg.seed, input_context=input_context,
             repeat=True,  # fit counts steps_per_epoch; the stream never ends mid-epoch
+            start_batch=start_batch, record_counts=record_counts,
             **({"dynamic_sharding": True} if cfg.data_service else {}),
         )
         if cfg.data_service:
-            ds = stream.distribute(ds, cfg.data_service, job_name=f"{service_job}-b{batch_size}")
+            ds = stream.distribute(ds, cfg.data_service, job_name=f"{service_job}-b{batch_size}-s{start_step}")
         return ds.map(targets, num_parallel_calls=tf.data.AUTOTUNE).prefetch(tf.data.AUTOTUNE)
 
     return strategy.distribute_datasets_from_function(dataset_fn)

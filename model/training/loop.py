@@ -15,6 +15,7 @@ import math
 import os
 import signal
 import warnings
+from typing import Callable
 
 import keras
 import tensorflow as tf
@@ -28,7 +29,8 @@ from model.errors import Interrupted, UserError
 from model.input_pipeline import data_folder, shards
 from model.input_pipeline import labels as labels_lib
 from model.network import multi_image
-from model.training import batchnorm, distribution, input_check, inputs, optimization, run_lock, run_state, sample_grid
+from model.training import (batchnorm, distribution, init_from, input_check, inputs, optimization, run_lock, run_state,
+                            sample_grid)
 from model.training import callbacks as callbacks_lib
 
 TOP1 = callbacks_lib.TOP1
@@ -44,7 +46,7 @@ class RunData:
     has_val: bool
     skipped: dict  # split -> records read past (--skip_corrupt_records)
     steps_per_epoch: int
-    train_ds: object  # a distributed dataset
+    train_stream: Callable[[int], object]  # optimizer step -> the distributed stream from there
     val_ds: tf.data.Dataset | None
 
 
@@ -69,13 +71,16 @@ def train(cfg: TrainConfig, extra_callbacks: tuple = (), flags_text: str = "") -
 
 
 def _train(cfg: TrainConfig, extra_callbacks: tuple, flags_text: str, stop_requests) -> dict:
+    if cfg.init_from:
+        init_from.source_file(cfg.init_from)  # a wrong path stops before any data is read
     tf.io.gfile.makedirs(cfg.model_dir)
-    # One tf.data service job for every replica and trainer of this run (model_dir as given: the
-    # other workers write elsewhere), another for another run or other data settings.
-    service_job = stream.job_name_for(cfg.model_dir, cfg.data_dir, cfg.image_size, cfg.crop_size, cfg.seed,
-                                      cfg.shuffle_buffer)
     given_model_dir = cfg.model_dir
     strategy, cfg = _place(cfg)
+    cfg = _seed(cfg, given_model_dir, strategy)
+    # One tf.data service job for every replica and trainer of this run (model_dir as given: the
+    # other workers write elsewhere), another for another run or other data settings.
+    service_job = stream.job_name_for(given_model_dir, cfg.data_dir, cfg.image_size, cfg.crop_size, cfg.seed,
+                                      cfg.shuffle_buffer)
     with run_lock.hold(cfg.model_dir):
         finished = run_state.check_earlier_run(given_model_dir, cfg)
         if finished is not None:
@@ -90,15 +95,21 @@ def _train_held(cfg: TrainConfig, strategy, service_job: str, extra_callbacks: t
     data, cfg = _read_data(cfg, strategy, service_job)
     _describe(cfg, strategy, data)
     mconfig = model_config(cfg, data.labels, data.aux_heads)
-    _write_run_files(cfg, mconfig, flags_text)
+    changes = run_state.stream_changes(cfg.model_dir, cfg, strategy.num_replicas_in_sync)
+    _write_run_files(cfg, mconfig, flags_text, strategy.num_replicas_in_sync)
     model, resumed_step = _build_and_restore(cfg, strategy, mconfig, data)
+    if resumed_step:
+        if changes:
+            print(f"Resumed with other stream settings ({'; '.join(changes)}): from here the batches are not "
+                  "the ones an uninterrupted run reads (README: Interrupted?)", flush=True)
     if cfg.sample_products > 0:
         _write_samples(cfg, data.labels)
     rates = None
     if cfg.input_check:
         # With a tf.data service the stream is a shared job: the one batch the model is timed on is
         # taken from it, but the input's own rate is not read (every batch read would be lost to training).
-        rates = input_check.measure(model, strategy, data.train_ds, cfg.batch_size, measure_input=not cfg.data_service)
+        rates = input_check.measure(model, strategy, data.train_stream(resumed_step), cfg.batch_size,
+                                    measure_input=not cfg.data_service)
         print(rates.verdict(distribution.describe(strategy)), flush=True)
     callbacks = callbacks_lib.make_callbacks(
         cfg.model_dir, epochs=cfg.epochs, steps_per_epoch=data.steps_per_epoch, global_batch=cfg.batch_size,
@@ -132,6 +143,17 @@ def _place(cfg: TrainConfig) -> tuple[tf.distribute.Strategy, TrainConfig]:
     return strategy, cfg
 
 
+def _seed(cfg: TrainConfig, model_dir: str, strategy) -> TrainConfig:
+    """cfg with its seed (run_state.resolve_seed), which then seeds everything: the model's
+    initial weights and the training mirror (Python, NumPy and TensorFlow seeds), the stream."""
+    cfg, origin = run_state.resolve_seed(model_dir, cfg, multi_worker=distribution.is_multi_worker(strategy))
+    keras.utils.set_random_seed(cfg.seed)
+    if cfg.deterministic:
+        tf.config.experimental.enable_op_determinism()
+    print(f"Seed {cfg.seed} ({origin}){'; deterministic ops' if cfg.deterministic else ''}", flush=True)
+    return cfg
+
+
 def _read_data(cfg: TrainConfig, strategy, service_job: str) -> tuple[RunData, TrainConfig]:
     """Sizes from metadata.json, classes and tree from labels.csv, then the training and
     validation streams; the config comes back with steps_per_execution fitted to the epoch."""
@@ -145,11 +167,13 @@ def _read_data(cfg: TrainConfig, strategy, service_job: str) -> tuple[RunData, T
     has_val = data_folder.split_products(metadata, "val") > 0  # its shards, if gone, stop the check below
     # Every split read is checked first, as evaluate.py does: a missing, damaged or short shard
     # stops here with one line (damage is read past with --skip_corrupt_records, and counted).
-    skipped = {}
+    skipped, train_records = {}, {}
     for split in ("train", "val") if has_val else ("train",):
         check = shards.check_split(cfg.data_dir, split, skip_corrupt_records=cfg.skip_corrupt_records)
         if cfg.skip_corrupt_records:
             skipped[split] = check.unreadable
+        if split == "train":
+            train_records = check.records_per_file
     train_products -= skipped.get("train", 0)
     steps_per_epoch, steps_per_execution = run_state.align_to_executions(
         cfg.steps_per_epoch or max(1, train_products // cfg.batch_size), cfg.steps_per_execution)
@@ -160,7 +184,11 @@ def _read_data(cfg: TrainConfig, strategy, service_job: str) -> tuple[RunData, T
         workers = probe.wait_for_workers(cfg.data_service)
         print(f"Training input from the tf.data service at {cfg.data_service}: {len(workers)} worker(s)", flush=True)
         probe.watch_workers(cfg.data_service, workers=len(workers))
-    train_ds = inputs.train_dataset(cfg, strategy, targets, service_job)
+
+    def train_stream(start_step: int):
+        return inputs.train_dataset(cfg, strategy, targets, service_job, start_step=start_step,
+                                    record_counts=train_records)
+
     # Validation is a finite dataset and fit is NOT told its length: with a step count, Keras
     # 3.15 evaluate() pulls a batch from its cached iterator before resetting it, and under a
     # distribution strategy that is the exhausted iterator of the previous pass (StopIteration
@@ -172,7 +200,7 @@ def _read_data(cfg: TrainConfig, strategy, service_job: str) -> tuple[RunData, T
     # Keras says this after every complete pass over a dataset of unknown length; the training
     # stream is infinite, so it can only be about validation, where it means nothing.
     warnings.filterwarnings("ignore", message="Your input ran out of data")
-    return RunData(labels, aux_heads, train_products, has_val, skipped, steps_per_epoch, train_ds, val_ds), cfg
+    return RunData(labels, aux_heads, train_products, has_val, skipped, steps_per_epoch, train_stream, val_ds), cfg
 
 
 def _describe(cfg: TrainConfig, strategy, data: RunData) -> None:
@@ -216,13 +244,14 @@ def model_config(cfg: TrainConfig, labels: labels_lib.Labels, aux_heads: dict) -
     )
 
 
-def _write_run_files(cfg: TrainConfig, mconfig: multi_image.ModelConfig, flags_text: str) -> None:
+def _write_run_files(cfg: TrainConfig, mconfig: multi_image.ModelConfig, flags_text: str, replicas: int) -> None:
     """labels.csv (evaluate.py maps class indices back to category ids with the model's own
-    copy), train_config.json and flags.txt."""
+    copy), train_config.json (with the seed, drawn or given, and the replicas) and flags.txt."""
     with atomic.written_whole(os.path.join(cfg.model_dir, record_schema.LABELS_FILE)) as partial:
         tf.io.gfile.copy(os.path.join(cfg.data_dir, record_schema.LABELS_FILE), partial, overwrite=True)
     atomic.write_text(os.path.join(cfg.model_dir, model_dir_lib.CONFIG_FILE),
-                      json.dumps({"model": dataclasses.asdict(mconfig), "train": dataclasses.asdict(cfg)}, indent=1))
+                      json.dumps({"model": dataclasses.asdict(mconfig), "train": dataclasses.asdict(cfg),
+                                  "replicas": replicas}, indent=1))
     if flags_text:
         atomic.write_text(os.path.join(cfg.model_dir, model_dir_lib.FLAGS_FILE), flags_text)
 
@@ -237,6 +266,8 @@ def _build_and_restore(cfg: TrainConfig, strategy, mconfig, data: RunData) -> tu
         optimizer = optimization.make_optimizer(cfg, schedule)
         optimization.compile_model(model, cfg, optimizer, data.aux_heads)
         resumed_step = callbacks_lib.restore_backup(model, backup_dir)
+    if cfg.init_from and not resumed_step:  # a resumed run has its own weights, from the backup
+        init_from.initialise(model, cfg.init_from, data.labels)
     trainable = sum(int(keras.ops.size(v)) for v in model.trainable_variables)
     print(f"Model: {model.count_params():,} parameters ({trainable:,} trainable); {cfg.backbone} backbone at "
           f"{cfg.model_image_size} px, {cfg.fusion} fusion", flush=True)
@@ -275,9 +306,12 @@ def _fit(model: keras.Model, cfg: TrainConfig, strategy, data: RunData, callback
          resumed_step: int) -> dict:
     history = {}
     for first_epoch, end_epoch, steps in fit_phases(resumed_step, data.steps_per_epoch, cfg.epochs):
+        # Each fit call iterates its dataset from the start: give it the stream from its first
+        # step (a phase of fewer steps than an epoch finishes the epoch a resumed run stopped in).
+        start_step = first_epoch * data.steps_per_epoch + (data.steps_per_epoch - steps)
         try:
             fitted = model.fit(
-                data.train_ds,
+                data.train_stream(start_step),
                 initial_epoch=first_epoch,
                 epochs=end_epoch,
                 steps_per_epoch=steps,

@@ -4,8 +4,10 @@ epoch is cut into Keras executions."""
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
+import random
 
 import tensorflow as tf
 
@@ -19,7 +21,10 @@ from model.training import callbacks as callbacks_lib
 RUN_INDEPENDENT = frozenset({"model_dir", "verbose", "profile_batches", "sample_products", "backup_every_steps", "input_check",
                              "export_top_k", "cpu_devices", "shuffle_buffer", "steps_per_execution",
                              "log_every_steps", "expect_gpus",
-                             "skip_corrupt_records", "data_service"})
+                             "skip_corrupt_records", "data_service", "export_flip_tta"})
+# Of those, the ones that change the training stream's batches (which products, in which order):
+# a run resumed with another value trains on, but not on the stream an uninterrupted run reads.
+STREAM_SETTINGS = ("shuffle_buffer", "data_service", "replicas")
 
 
 PATH_SETTINGS = frozenset({"data_dir", "weights"})
@@ -32,6 +37,27 @@ def normalised_path(path: str) -> str:
     return os.path.normpath(path)
 
 
+def resolve_seed(model_dir: str, cfg: TrainConfig, *, multi_worker: bool = False) -> tuple[TrainConfig, str]:
+    """cfg with a seed, and where it comes from. --seed=0 means "any": the seed of the run this
+    model_dir already holds (train_config.json), else one drawn now; train_config.json records it,
+    so a resumed run reads the very stream it would have read uninterrupted. Under a multi-worker
+    strategy every worker must take the same one without talking: it is derived from model_dir."""
+    if cfg.seed:
+        return cfg, "given"
+    config_path = os.path.join(model_dir, model_dir_lib.CONFIG_FILE)
+    if tf.io.gfile.exists(config_path):
+        with tf.io.gfile.GFile(config_path) as f:
+            recorded = json.load(f)["train"].get("seed", 0)
+        if recorded:
+            return dataclasses.replace(cfg, seed=int(recorded)), f"recorded in {config_path}"
+    # 31 bits: a seed every TensorFlow seed argument takes as it is.
+    if multi_worker:
+        digest = hashlib.sha256(normalised_path(model_dir).encode()).digest()
+        return dataclasses.replace(cfg, seed=int.from_bytes(digest[:4], "big") % ((1 << 31) - 1) + 1), \
+            "derived from --model_dir: every worker the same"
+    return dataclasses.replace(cfg, seed=random.SystemRandom().randrange(1, 1 << 31)), "drawn"
+
+
 def settings_differences(saved: dict, cfg: TrainConfig) -> list[str]:
     """The settings of a saved train_config.json["train"] that differ from cfg, as flags (paths
     compared once normalised)."""
@@ -40,6 +66,19 @@ def settings_differences(saved: dict, cfg: TrainConfig) -> list[str]:
 
     return [f"--{name}={saved[name]} (now {value})" for name, value in dataclasses.asdict(cfg).items()
             if name not in RUN_INDEPENDENT and name in saved and not same(name, saved[name], value)]
+
+
+def stream_changes(model_dir: str, cfg: TrainConfig, replicas: int) -> list[str]:
+    """The stream settings of the run saved in model_dir that cfg (on `replicas` replicas) changes."""
+    config_path = os.path.join(model_dir, model_dir_lib.CONFIG_FILE)
+    if not tf.io.gfile.exists(config_path):
+        return []
+    with tf.io.gfile.GFile(config_path) as f:
+        saved = json.load(f)
+    before = {**saved["train"], "replicas": saved.get("replicas", replicas)}
+    now = {**dataclasses.asdict(cfg), "replicas": replicas}
+    return [f"{name} {before[name]!r} -> {now[name]!r}" for name in STREAM_SETTINGS
+            if name in before and before[name] != now[name]]
 
 
 def align_to_executions(steps_per_epoch: int, steps_per_execution: int) -> tuple[int, int]:

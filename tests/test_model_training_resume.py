@@ -1,0 +1,97 @@
+"""A resumed run reads exactly the batches an uninterrupted run reads, on 2 replicas
+(MirroredStrategy over conftest.py's 2 logical CPUs), and ends with the same weights.
+
+In-process (loop.train), so it costs no TensorFlow start-up: the run is cut by an exception
+from a callback right after the backup of a step inside epoch 2, as a SIGKILL there would cut
+it. The 1-replica run killed for real (SIGKILL, twice) is in test_model_training_run.py.
+"""
+
+import os
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from model import config as config_lib
+from model.input_pipeline import data_folder
+from model.training import loop
+from tests.record_helpers import write_data_dir
+
+pytestmark = pytest.mark.slow
+
+
+class Cut(Exception):
+    """What ends the run at the chosen step, as a kill would."""
+
+
+class CutAfter(keras.callbacks.Callback):
+    def __init__(self, step: int):
+        super().__init__()
+        self.step = step
+
+    def on_train_batch_end(self, batch, logs=None):
+        # Runs after the built-in callbacks: the backup of this step is written.
+        if int(self.model.optimizer.iterations.numpy()) == self.step:
+            raise Cut(self.step)
+
+
+@pytest.fixture
+def traced(monkeypatch):
+    """Every batch the training streams make: (pipeline, batch index from the stream's start,
+    product ids), the same test aid as tests/slow_train.py's, in-process."""
+    made = []
+    split_dataset = data_folder.split_dataset
+
+    def traced_split_dataset(cfg, split, **options):
+        ds = split_dataset(cfg, split, **options)
+        if "record_counts" not in options:
+            return ds
+        pipeline = options["input_context"].input_pipeline_id
+
+        def log(index, ids):
+            made.append((pipeline, int(index), tuple(ids.numpy().tolist())))
+            return index
+
+        def write(index, batch):
+            done = tf.py_function(log, [index, batch[0]["product_id"]], tf.int64)
+            with tf.control_dependencies([done]):
+                return tf.nest.map_structure(tf.identity, batch)
+
+        return ds.enumerate(options["start_batch"]).map(write)
+
+    monkeypatch.setattr(data_folder, "split_dataset", traced_split_dataset)
+    return made
+
+
+def test_two_replicas_resumed_inside_epoch_2_read_and_end_as_an_uninterrupted_run(tmp_path, traced, capsys):
+    data = write_data_dir(str(tmp_path / "data"))
+    settings = dict(data_dir=data, backbone="tiny", image_size=40, crop_size=32, batch_size=8, epochs=3,
+                    steps_per_epoch=4, sample_products=0, cpu_devices=2, bn_recalibration_steps=2,
+                    backup_every_steps=1, warmup_epochs=0.5, input_check=False, seed=11, verbose=0)
+
+    uninterrupted = config_lib.TrainConfig(model_dir=str(tmp_path / "uninterrupted"), **settings)
+    loop.train(uninterrupted)
+    made = {(pipeline, batch): ids for pipeline, batch, ids in traced}
+    assert {pipeline for pipeline, _ in made} == {0} and len(made) >= 12  # one pipeline feeds both replicas
+
+    traced.clear()
+    resumed = config_lib.TrainConfig(model_dir=str(tmp_path / "resumed"), **settings)
+    with pytest.raises(Cut):
+        loop.train(resumed, extra_callbacks=(CutAfter(6),))  # inside epoch 2 (steps 5..8)
+    loop.train(resumed)
+    out = capsys.readouterr().out
+    assert f"Resuming from {resumed.model_dir}/backup: epoch 2/3, optimizer step 6" in out
+
+    # Each replica takes its own batch of a step: 2 batches a step, so step 6 starts at batch 12,
+    # and the fit call of epoch 3 (step 8) at batch 16. (Each fit call also makes a stream it
+    # peeks one batch from, then drops: Keras' symbolic build.)
+    starts = {batch for i, (_, batch, _) in enumerate(traced) if i == 0 or traced[i - 1][1] + 1 != batch}
+    assert starts == {0, 12, 16}, starts
+    assert traced and all(made[(pipeline, batch)] == ids for pipeline, batch, ids in traced)
+
+    def weights(run):
+        return keras.models.load_model(os.path.join(run.model_dir, "model.keras"), compile=False).get_weights()
+
+    for a, b in zip(weights(uninterrupted), weights(resumed)):
+        np.testing.assert_array_equal(a, b)
