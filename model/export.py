@@ -115,6 +115,12 @@ def _survivors(index: tf.Tensor, jpegs: tf.Tensor, decode_one) -> tuple[tf.Tenso
     return tf.cond(survivors.has_value(), survivors.get_value, lambda: none)
 
 
+def _probabilities(model: keras.Model, images: tf.Tensor, mask: tf.Tensor) -> tf.Tensor:
+    """The category softmax, in float32 whatever the model's compute dtype."""
+    logits = model({"images": images, "mask": mask}, training=False)["category"]
+    return tf.nn.softmax(tf.cast(logits, tf.float32))
+
+
 _ALL = 1 << 30  # one batch holds every element
 # A pipeline built, run once and dropped on every call: its static rewrites and autotuning cost more
 # than they save (~10 ms a call). The map still runs in parallel (tf.data's default for AUTOTUNE).
@@ -124,7 +130,7 @@ _ONE_SHOT.autotune.enabled = False
 
 
 def export_serving_model(model: keras.Model, labels: labels_lib.Labels, path: str, *, image_size: int,
-                         crop_size: int = 0, top_k: int = 5) -> None:
+                         crop_size: int = 0, top_k: int = 5, flip_tta: bool = False) -> None:
     """SavedModel whose default signature maps raw JPEG bytes to the top-k category ids.
 
     serving_default(images: string [B, 4], mask: float32 [B, 4]) ->
@@ -133,6 +139,13 @@ def export_serving_model(model: keras.Model, labels: labels_lib.Labels, path: st
     A product whose slots are not all JPEGs that decode (or that has no image) gets valid=False, its
     error, category_ids and classes -1 and probabilities 0, and the rest of the batch is answered as
     if alone. Decoding is the input pipeline's own function, so serving sees exactly what training saw.
+
+    flip_tta: the probabilities are the average of the softmax of the pictures and of their
+    left-right mirror, as `evaluate.py --flip_tta` computes them (model/evaluation/predict.py):
+    the server then answers what that evaluation measured, at twice the model's work a call.
+
+    serving_info() -> {"flip_tta": bool, "image_size": int32, "crop_size": int32}: what the export
+    does, for a client (model/predict.py prints it) or a server that must tell one export from another.
     """
     top_k = min(top_k, labels.num_classes)
     category_ids = tf.constant(labels.category_ids, dtype=tf.int64)
@@ -149,8 +162,10 @@ def export_serving_model(model: keras.Model, labels: labels_lib.Labels, path: st
         mask = mask * tf.cast(valid, mask.dtype)[:, None]  # an invalid product's slots are not decoded
         # The evaluation decoding of the input pipeline: resize to image_size, centre crop_size.
         decoded = decode.decode_images(images, mask, image_size, crop_size=crop_size or None)
-        logits = model({"images": decoded, "mask": mask}, training=False)["category"]
-        probabilities = tf.nn.softmax(tf.cast(logits, tf.float32))
+        probabilities = _probabilities(model, decoded, mask)
+        if flip_tta:  # evaluate's flip TTA: the mirror of the same decoded pixels (W is axis 3)
+            mirrored = _probabilities(model, tf.reverse(decoded, axis=[3]), mask)
+            probabilities = (probabilities + mirrored) / 2.0
         top = tf.math.top_k(probabilities, k=top_k)
         answered = valid[:, None]
         return {
@@ -171,6 +186,9 @@ def export_serving_model(model: keras.Model, labels: labels_lib.Labels, path: st
             tf.TensorSpec([None, n], tf.float32, name="mask"),
         ],
     )
+    settings = {"flip_tta": bool(flip_tta), "image_size": int(image_size), "crop_size": int(crop_size or 0)}
+    archive.add_endpoint("serving_info", lambda: {name: tf.constant(value) for name, value in settings.items()},
+                         input_signature=[])
     if tf.io.gfile.exists(path):
         tf.io.gfile.rmtree(path)
     archive.write_out(path, verbose=False)

@@ -9,6 +9,8 @@ import pytest
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
+ENTRY_POINT = 7  # a package's __main__: a command, above every role
+
 # model/'s roles, bottom to top: a module may import its own role and the roles below it.
 MODEL_LAYERS = {
     "model.errors": 0, "model.config": 0, "model.model_dir": 0,
@@ -18,8 +20,8 @@ MODEL_LAYERS = {
     "model.export": 4,
     "model.training": 5, "model.evaluation": 5,
     "model.cli": 6,
+    "model.predict": ENTRY_POINT,  # a command (python -m model.predict) in a module of its own
 }
-ENTRY_POINT = 7  # a package's __main__: a command, above every role
 
 
 def module_name(path: pathlib.Path) -> str:

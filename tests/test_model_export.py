@@ -1,7 +1,8 @@
 """model/export.py: check_slots on good and bad slots (JPEG start and end markers, the mask), and a
 tiny untrained model exported and its serving signature called in-process on real JPEG bytes
 (data/train_example.bson): the declared signature, the answer as the model's on the evaluation
-decoding with the labels' category ids, top-k cut to the classes there are, bad products -1.
+decoding with the labels' category ids, top-k cut to the classes there are, bad products -1; with
+and without flip TTA, the answer evaluate.py's predict_top_k gives on the same products.
 
 What a bad slot does to the rest of a batch is test_model_export_validity's; the trained model's
 SavedModel, loaded in a fresh process, is test_model_training_run's."""
@@ -13,11 +14,14 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+import record_schema
 from model import export
-from model.input_pipeline import decode
+from model.evaluation.predict import predict_top_k
+from model.input_pipeline import create_dataset, decode
+from model.input_pipeline import labels as labels_lib
 from model.input_pipeline.labels import Labels
 from model.network.multi_image import ModelConfig, build_model
-from tests.record_helpers import sample_documents
+from tests.record_helpers import sample_documents, write_data_dir
 
 NOT_JPEG = "not a JPEG (no FF D8 FF start)"
 TRUNCATED = "truncated JPEG (no FF D9 end marker)"
@@ -133,6 +137,7 @@ def exported(tmp_path_factory):
 def test_export_replaces_the_folder_and_declares_the_signature(exported):
     _, path, serve = exported
     assert "stale.txt" not in os.listdir(path) and "saved_model.pb" in os.listdir(path)
+    assert set(tf.saved_model.load(path).signatures) == {"serving_default", "serve", "serving_info"}
     _, inputs = serve.structured_input_signature
     assert inputs == {"images": tf.TensorSpec([None, 4], tf.string, name="images"),
                       "mask": tf.TensorSpec([None, 4], tf.float32, name="mask")}
@@ -167,3 +172,81 @@ def test_serving_signature_on_real_jpeg_bytes(exported, jpegs):
     # The invalid ones: -1 and 0, nothing decoded.
     assert out["category_ids"][2:].tolist() == [[-1] * 3] * 3 and out["classes"][2:].tolist() == [[-1] * 3] * 3
     assert out["probabilities"][2:].tolist() == [[0.0] * 3] * 3
+
+
+# ---------------------------------------------------------------------------------------------
+# Flip TTA: the export answers what `evaluate.py --flip_tta` measures (issue 16, item 6)
+
+FLIP_PRODUCTS = 16
+
+
+def _spread_head(model, images, mask):
+    """A head whose logits spread by a few units over these products: the initial network's are
+    near-uniform, and top-k ties would make any ordering comparison meaningless."""
+    head = model.get_layer("category")
+    features = np.asarray(keras.Model(model.inputs, head.input)({"images": images, "mask": mask}))
+    kernel = np.random.default_rng(1).normal(size=head.kernel.shape) * 4 / (features.std() * features.shape[1] ** 0.5)
+    head.kernel.assign(kernel.astype(np.float32))
+    head.bias.assign(-(features.mean(axis=0) @ kernel).astype(np.float32))
+
+
+@pytest.fixture(scope="module")
+def flip_exports(tmp_path_factory):
+    """A data folder of the sample products, evaluate's batches of its first FLIP_PRODUCTS (the
+    evaluation decoding), the JPEG slots of the same products, and one model exported without and
+    with flip TTA."""
+    data_dir = write_data_dir(str(tmp_path_factory.mktemp("flip_data")), with_val=False)
+    labels = labels_lib.read_labels(data_dir)
+    dataset = create_dataset(os.path.join(data_dir, record_schema.shard_pattern("train")), batch_size=8,
+                             training=False, image_size=IMAGE_SIZE, crop_size=CROP_SIZE).take(FLIP_PRODUCTS // 8)
+    keras.utils.set_random_seed(1)
+    model = build_model(ModelConfig(num_classes=labels.num_classes, image_size=CROP_SIZE, backbone="tiny"))
+    features, _ = next(iter(dataset))
+    _spread_head(model, features["images"], features["mask"])
+    documents = {d["_id"]: d for d in sample_documents()}
+    product_ids = np.concatenate([f["product_id"].numpy() for f, _ in dataset])
+    pictures = [[img["picture"] for img in documents[int(i)]["imgs"]] for i in product_ids]
+    images = tf.constant([p + [b""] * (4 - len(p)) for p in pictures])
+    mask = tf.constant([[1.0] * len(p) + [0.0] * (4 - len(p)) for p in pictures], tf.float32)
+    served = {}
+    for flip_tta in (False, True):
+        path = str(tmp_path_factory.mktemp("export") / f"flip_{flip_tta}")
+        export.export_serving_model(model, labels, path, image_size=IMAGE_SIZE, crop_size=CROP_SIZE, top_k=5,
+                                    flip_tta=flip_tta)
+        served[flip_tta] = tf.saved_model.load(path)
+    return model, dataset, product_ids, images, mask, served
+
+
+def _evaluate_top5(model, dataset, flip_tta):
+    return predict_top_k(model, dataset, k=5, flip_tta=flip_tta, log=lambda *_: None)
+
+
+@pytest.mark.parametrize("flip_tta", [False, True], ids=["plain", "flip_tta"])
+def test_the_export_answers_as_evaluate_does(flip_exports, flip_tta):
+    """The same products, through evaluate's pipeline and predict_top_k, and through the SavedModel's
+    JPEG bytes: the same classes, the same probabilities to float tolerance."""
+    model, dataset, product_ids, images, mask, served = flip_exports
+    evaluated = _evaluate_top5(model, dataset, flip_tta)
+    out = served[flip_tta].signatures["serving_default"](images=images, mask=mask)
+    assert evaluated["product_id"].tolist() == product_ids.tolist()
+    assert out["valid"].numpy().all()
+    np.testing.assert_array_equal(out["classes"].numpy(), evaluated["top_classes"])
+    np.testing.assert_allclose(out["probabilities"].numpy(), evaluated["top_probabilities"], rtol=1e-5, atol=1e-7)
+
+
+def test_flip_tta_changes_the_answer(flip_exports):
+    """Else the test above could not tell a flip-TTA export from a plain one: the mirror moves the
+    probabilities of this model by far more than the tolerance."""
+    model, dataset, _, images, mask, served = flip_exports
+    plain, flipped = (_evaluate_top5(model, dataset, flip)["top_probabilities"] for flip in (False, True))
+    assert np.abs(plain - flipped).max() > 1e-3
+    served_plain, served_flipped = (served[flip].signatures["serving_default"](images=images, mask=mask)
+                                    ["probabilities"].numpy() for flip in (False, True))
+    assert np.abs(served_plain - served_flipped).max() > 1e-3
+
+
+def test_serving_info_says_what_the_export_does(flip_exports):
+    *_, served = flip_exports
+    for flip_tta in (False, True):
+        info = {name: value.numpy().item() for name, value in served[flip_tta].signatures["serving_info"]().items()}
+        assert info == {"flip_tta": flip_tta, "image_size": IMAGE_SIZE, "crop_size": CROP_SIZE}

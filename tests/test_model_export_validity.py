@@ -1,6 +1,6 @@
 """The serving SavedModel (model/export.py) on bad pictures: a slot that does not decode fails its
 own product only (valid=False, the slot named), and every other product of the batch gets the
-answer it gets alone (issue 20, item 6).
+answer it gets alone (issue 20, item 6); with flip TTA too (issue 16, item 6).
 
 A real SavedModel, exported from the tiny network (32 px crops of 36 px decodes) with its initial
 weights (the answers only have to depend on the pictures), serving real JPEGs from
@@ -50,14 +50,29 @@ def _sharpen_head(model, pictures):
 
 
 @pytest.fixture(scope="module")
-def serve(tmp_path_factory, pictures):
+def model_and_labels(tmp_path_factory, pictures):
     data_dir = write_data_dir(str(tmp_path_factory.mktemp("data")), with_val=False)
     labels = labels_lib.read_labels(data_dir)
     keras.utils.set_random_seed(0)
     model = build_model(ModelConfig(num_classes=labels.num_classes, image_size=SIZE, backbone="tiny"))
     _sharpen_head(model, pictures)
+    return model, labels
+
+
+@pytest.fixture(scope="module")
+def serve(tmp_path_factory, model_and_labels):
+    return _exported(tmp_path_factory, *model_and_labels, flip_tta=False)
+
+
+@pytest.fixture(scope="module")
+def serve_flip(tmp_path_factory, model_and_labels):
+    """The same model exported with flip TTA."""
+    return _exported(tmp_path_factory, *model_and_labels, flip_tta=True)
+
+
+def _exported(tmp_path_factory, model, labels, *, flip_tta):
     path = str(tmp_path_factory.mktemp("export") / "export")
-    export.export_serving_model(model, labels, path, image_size=SIZE + 4, crop_size=SIZE)
+    export.export_serving_model(model, labels, path, image_size=SIZE + 4, crop_size=SIZE, flip_tta=flip_tta)
     signature = tf.saved_model.load(path).signatures["serving_default"]
 
     def ask(rows):
@@ -200,3 +215,18 @@ def test_a_batch_of_valid_products_is_answered_as_each_alone(serve, pictures):
     assert out["valid"].all() and (out["error"] == b"").all()
     for i, row in enumerate(rows):
         _assert_same_answer(out, i, serve([row]))
+
+
+@pytest.mark.parametrize("case", ["corrupt body, valid markers", "a PNG"])
+def test_with_flip_tta_a_bad_slot_still_fails_its_own_product_only(serve, serve_flip, pictures, case):
+    """The mirror is of the decoded batch, after the checks: the same verdicts, and each valid
+    product's flip-TTA answer is the one it gets alone."""
+    make_bad, reason = BAD_SLOTS[case]
+    good, other = pictures[0], pictures[3]
+    bad = make_bad(other[0])
+    rows = [_real(*good), _real(other[0], bad), _real(other[0])]
+    out = serve_flip(rows)
+    _assert_same_answer(out, 0, serve_flip([rows[0]]))
+    _assert_unanswered(out, 1, f"slot 1: {reason}")
+    _assert_same_answer(out, 2, serve_flip([rows[2]]))
+    assert not np.allclose(out["probabilities"][0], serve([rows[0]])["probabilities"][0], rtol=1e-3)

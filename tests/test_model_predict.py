@@ -1,0 +1,273 @@
+"""python -m model.predict (model/predict.py): products from JPEG files through the SavedModel
+(issue 16, item 5).
+
+A model_dir made in-process: a tiny network with a head that spreads its logits over the sample
+products, exported as export/ (plain, top 5) and export_best/ (flip TTA, top 3), beside labels.csv
+of a data folder of the 82 real products. Its answers are checked against the Keras model on the
+evaluation decoding; each error case of the issue (a non-JPEG file, a missing file, more than 4
+files, a model_dir without the export, --top_k above the export's k) in-process through `run`, and
+the command as a user types it in a subprocess. The last test trains with train.py and predicts
+with its export."""
+
+import io
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import record_schema
+from model import export, predict
+from model import model_dir as model_dir_lib
+from model.errors import UserError
+from model.input_pipeline import decode
+from model.input_pipeline import labels as labels_lib
+from model.network.multi_image import ModelConfig, build_model
+from tests.record_helpers import (
+    REPO,
+    TINY_TRAIN_FLAGS,
+    sample_documents,
+    write_data_dir,
+)
+
+IMAGE_SIZE, CROP_SIZE = 36, 32
+NOT_JPEG = "not a JPEG (no FF D8 FF start)"
+TRUNCATED = "truncated JPEG (no FF D9 end marker)"
+
+
+@pytest.fixture(scope="module")
+def pictures(tmp_path_factory):
+    """Files of 8 sample products (1, 4, 2, 3, then 1 pictures): product i's pictures are
+    p{i}_{j}.jpg; and a PNG (x.png) and a JPEG cut before its end marker (cut.jpg)."""
+    folder = tmp_path_factory.mktemp("pictures")
+    products = []
+    documents = sample_documents()
+    for i, document in enumerate(documents[n] for n in (0, 12, 17, 35, 1, 2, 3, 4)):
+        files = []
+        for j, image in enumerate(document["imgs"]):
+            files.append(str(folder / f"p{i}_{j}.jpg"))
+            with open(files[-1], "wb") as f:
+                f.write(image["picture"])
+        products.append(files)
+    with open(folder / "x.png", "wb") as f:
+        f.write(b"\x89PNG\r\n\x1a\n" + b"\0" * 100)
+    with open(folder / "cut.jpg", "wb") as f:
+        f.write(sample_documents()[0]["imgs"][0]["picture"][:-2])
+    return {"products": products, "png": str(folder / "x.png"), "cut": str(folder / "cut.jpg"), "folder": folder}
+
+
+def _batch(products):
+    """Lists of files -> (JPEG slots, mask) as the SavedModel takes them."""
+    pictures = [[open(name, "rb").read() for name in files] for files in products]
+    images = np.array([p + [b""] * (4 - len(p)) for p in pictures], dtype=object)
+    mask = np.array([[1.0] * len(p) + [0.0] * (4 - len(p)) for p in pictures], np.float32)
+    return images, mask
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, pictures):
+    """(model_dir, the Keras model, labels): export/ plain with k=5, export_best/ flip TTA with k=3."""
+    data_dir = write_data_dir(str(tmp_path_factory.mktemp("data")), with_val=False)
+    labels = labels_lib.read_labels(data_dir)
+    keras.utils.set_random_seed(0)
+    model = build_model(ModelConfig(num_classes=labels.num_classes, image_size=CROP_SIZE, backbone="tiny"))
+    # The initial network's logits are near-uniform (top-k ties): spread them by a few units.
+    images, mask = _batch(pictures["products"])
+    head = model.get_layer("category")
+    features = np.asarray(keras.Model(model.inputs, head.input)(
+        {"images": decode.decode_images(images, mask, IMAGE_SIZE, crop_size=CROP_SIZE), "mask": tf.constant(mask)}))
+    kernel = np.random.default_rng(0).normal(size=head.kernel.shape) * 4 / (features.std() * features.shape[1] ** 0.5)
+    head.kernel.assign(kernel.astype(np.float32))
+    head.bias.assign(-(features.mean(axis=0) @ kernel).astype(np.float32))
+
+    model_dir = str(tmp_path_factory.mktemp("model"))
+    shutil.copy(os.path.join(data_dir, record_schema.LABELS_FILE), model_dir)
+    for checkpoint, flip_tta, top_k in (("final", False, 5), ("best", True, 3)):
+        export.export_serving_model(model, labels, os.path.join(model_dir, model_dir_lib.export_dir(checkpoint)),
+                                    image_size=IMAGE_SIZE, crop_size=CROP_SIZE, top_k=top_k, flip_tta=flip_tta)
+    return model_dir, model, labels
+
+
+def expected(trained, files, k, flip_tta=False):
+    """The Keras model's top k on the evaluation decoding of these files, as predict prints them."""
+    _, model, labels = trained
+    images, mask = _batch([files])
+    mask = tf.constant(mask)
+    decoded = decode.decode_images(images, mask, IMAGE_SIZE, crop_size=CROP_SIZE)
+    probabilities = tf.nn.softmax(model({"images": decoded, "mask": mask}, training=False)["category"]).numpy()
+    if flip_tta:
+        mirrored = model({"images": tf.reverse(decoded, axis=[3]), "mask": mask}, training=False)["category"]
+        probabilities = (probabilities + tf.nn.softmax(mirrored).numpy()) / 2
+    order = np.argsort(-probabilities[0])[:k]
+    return [{"category_id": int(labels.category_ids[c]), "name": labels.level3[c],
+             "probability": float(probabilities[0, c])} for c in order]
+
+
+def run_json(model_dir, products, **options):
+    """run() with --json in-process -> (exit status, the parsed lines)."""
+    out = io.StringIO()
+    status = predict.run(model_dir, [",".join(p) for p in products], as_json=True, out=out, **options)
+    return status, [json.loads(line) for line in out.getvalue().splitlines()]
+
+
+def assert_top(answer, want):
+    assert list(answer) == ["files", "top"]
+    assert [(row["category_id"], row["name"]) for row in answer["top"]] == [
+        (row["category_id"], row["name"]) for row in want]
+    np.testing.assert_allclose([row["probability"] for row in answer["top"]],
+                               [row["probability"] for row in want], rtol=1e-5, atol=1e-7)
+
+
+def test_each_product_gets_the_models_top_5_with_names(trained, pictures):
+    products = [pictures["products"][i] for i in (0, 1, 2, 3)]
+    assert [len(p) for p in products] == [1, 4, 2, 3]
+    status, answers = run_json(trained[0], products)
+    assert status == 0
+    assert [a["files"] for a in answers] == products  # in the order given, as given
+    for files, answer in zip(products, answers):
+        assert_top(answer, expected(trained, files, 5))
+        assert all(isinstance(row["name"], str) and row["name"] for row in answer["top"])
+    # The answers depend on the pictures, so the equalities say something.
+    assert answers[0]["top"][0]["probability"] != pytest.approx(answers[1]["top"][0]["probability"], rel=1e-3)
+
+
+def test_a_product_that_cannot_be_answered_fails_alone(trained, pictures):
+    """A non-JPEG file, a JPEG without its end, a missing file, five files, an empty name: each
+    product's line names what is wrong; the others are answered as alone, in order; exit 1."""
+    p = pictures["products"]
+    missing = str(pictures["folder"] / "nope.jpg")
+    products = [p[0], [p[1][0], pictures["png"]], [missing], [p[2][0]] * 5, [pictures["cut"], p[3][0]], p[4],
+                [p[5][0], ""]]
+    status, answers = run_json(trained[0], products)
+    assert status == 1
+    assert [a["files"] for a in answers] == products
+    assert [a.get("error") for a in answers] == [
+        None, f"{pictures['png']}: {NOT_JPEG}", f"{missing}: no such file", "5 files; a product has 1 to 4",
+        f"{pictures['cut']}: {TRUNCATED}", None, f"an empty file name in {','.join(products[-1])!r}"]
+    assert all(list(a) == ["files", "error"] for a in answers if "error" in a)
+    assert_top(answers[0], expected(trained, p[0], 5))
+    assert_top(answers[5], expected(trained, p[4], 5))
+
+
+def test_checkpoint_best_reads_export_best_with_its_flip_tta_and_k(trained, pictures):
+    files = pictures["products"][1]
+    status, (answer,) = run_json(trained[0], [files], checkpoint="best")
+    assert status == 0
+    assert_top(answer, expected(trained, files, 3, flip_tta=True))  # default top_k: the export's 3
+    plain = expected(trained, files, 3)
+    assert np.abs(np.array([r["probability"] for r in answer["top"]])
+                  - [r["probability"] for r in plain]).max() > 1e-3  # the mirror made a difference
+    _, (answer,) = run_json(trained[0], [files], checkpoint="best", top_k=2)
+    assert_top(answer, expected(trained, files, 2, flip_tta=True))
+
+
+def test_text_output(trained, pictures):
+    files = pictures["products"][0]
+    out = io.StringIO()
+    assert predict.run(trained[0], [",".join(files), pictures["png"]], top_k=2, out=out) == 1
+    want = expected(trained, files, 2)
+    export_path = os.path.join(trained[0], "export")
+    assert out.getvalue().splitlines() == [
+        f"{export_path} (top 2)",
+        ",".join(files),
+        *(f"  {i}. {row['probability']:.4f}  {row['category_id']}  {row['name']}" for i, row in enumerate(want, 1)),
+        pictures["png"],
+        f"  error: {pictures['png']}: {NOT_JPEG}",
+    ]
+    out = io.StringIO()
+    predict.run(trained[0], [",".join(files)], checkpoint="best", out=out)
+    assert out.getvalue().splitlines()[0] == f"{os.path.join(trained[0], 'export_best')} (top 3, flip TTA)"
+
+
+def test_command_errors(trained, pictures, tmp_path):
+    model_dir = trained[0]
+    product = [pictures["products"][0][0]]
+    no_export = tmp_path / "no_export"
+    no_export.mkdir()
+    shutil.copy(os.path.join(model_dir, record_schema.LABELS_FILE), no_export)
+    no_best = tmp_path / "no_best"  # a run trained without val: export/ only
+    shutil.copytree(no_export, no_best)
+    shutil.copytree(os.path.join(model_dir, "export"), no_best / "export")
+    cases = [
+        (dict(model_dir=str(no_export)), f"{no_export} has no export/ (saved_model.pb): train first, or let "
+                                         "training finish"),
+        (dict(model_dir=str(no_best), checkpoint="best"), f"{no_best} has no export_best/: it holds the best epoch's "
+         "model, written only when training had a val split (trained without val?); use --checkpoint=final"),
+        (dict(model_dir=model_dir, top_k=6), f"--top_k=6, but {model_dir}/export answers 5 categories a product "
+                                             "(train with --export_top_k=6, or ask for at most 5)"),
+        (dict(model_dir=model_dir, checkpoint="best", top_k=4), f"--top_k=4, but {model_dir}/export_best answers 3"),
+        (dict(model_dir=str(tmp_path / "nowhere")), f"--model_dir {tmp_path / 'nowhere'} does not exist"),
+    ]
+    for options, message in cases:
+        with pytest.raises(UserError) as caught:
+            predict.run(product_flags=product, out=io.StringIO(), **options)
+        assert str(caught.value).startswith(message)
+    os.remove(no_best / record_schema.LABELS_FILE)
+    with pytest.raises(UserError, match="has no labels.csv"):
+        predict.run(str(no_best), product, out=io.StringIO())
+
+
+def _command(*args, cwd=REPO):
+    return subprocess.run([sys.executable, "-m", "model.predict", *args], capture_output=True, text=True,
+                          cwd=cwd, timeout=300, env={**os.environ, "PYTHONPATH": str(REPO)})
+
+
+def test_the_command_as_a_user_types_it(trained, pictures):
+    p = pictures["products"]
+    result = _command(f"--model_dir={trained[0]}", f"--product={','.join(p[1])}", f"--product={pictures['png']}",
+                      f"--product={p[2][0]}", "--json", "--top_k=3")
+    assert result.returncode == 1, result.stderr
+    lines = [json.loads(line) for line in result.stdout.splitlines()]  # nothing but JSON lines
+    assert [line["files"] for line in lines] == [p[1], [pictures["png"]], [p[2][0]]]
+    assert_top(lines[0], expected(trained, p[1], 3))
+    assert lines[1] == {"files": [pictures["png"]], "error": f"{pictures['png']}: {NOT_JPEG}"}
+    assert_top(lines[2], expected(trained, [p[2][0]], 3))
+    assert "Traceback" not in result.stderr
+    assert result.stderr.splitlines()[-1] == "model.predict: 1 of 3 products not answered"
+
+
+def test_a_command_error_is_one_line_and_help_says_the_exit_status(trained, pictures, tmp_path):
+    result = _command(f"--model_dir={tmp_path}", f"--product={pictures['products'][0][0]}")
+    assert result.returncode == 1 and result.stdout == ""
+    assert "Traceback" not in result.stderr
+    assert result.stderr.splitlines()[-1] == (f"model.predict: error: {tmp_path} has no export/ (saved_model.pb): "
+                                              "train first, or let training finish")
+    result = _command("--help")  # absl's --help exits 1, as train.py's and evaluate.py's do
+    assert "Exit status: 0 when every product was answered; 1 when any was" in result.stdout
+    assert "--product" in result.stdout and "--checkpoint" in result.stdout
+
+
+@pytest.mark.slow
+def test_predict_with_what_train_py_exported(tmp_path, pictures):
+    """The real thing: train.py's model_dir, its export/ asked by the command; the answer is
+    model.keras's on the evaluation decoding."""
+    data_dir = write_data_dir(str(tmp_path / "data"), with_val=False)
+    model_dir = str(tmp_path / "model")
+    train = subprocess.run([sys.executable, "train.py", f"--data_dir={data_dir}", f"--model_dir={model_dir}",
+                            *TINY_TRAIN_FLAGS, "--epochs=1", "--steps_per_epoch=3", "--image_size=36", "--crop_size=32"],
+                           capture_output=True, text=True, cwd=REPO, timeout=600)
+    assert train.returncode == 0, train.stderr[-3000:]
+    files = pictures["products"][3]
+    result = _command(f"--model_dir={model_dir}", f"--product={','.join(files)}", "--json")
+    assert result.returncode == 0, result.stderr
+    (answer,) = [json.loads(line) for line in result.stdout.splitlines()]
+
+    from model.evaluation.predict import load_model
+
+    model, _ = load_model(model_dir)
+    labels = labels_lib.read_labels(os.path.join(model_dir, record_schema.LABELS_FILE))
+    images, mask = _batch([files])
+    mask = tf.constant(mask)
+    logits = model({"images": decode.decode_images(images, mask, 36, crop_size=32), "mask": mask}, training=False)
+    probabilities = tf.nn.softmax(logits["category"]).numpy()[0]
+    # Each answered category with the model's probability for it, and those are its 5 highest (a
+    # model trained 3 steps may have near-ties, whose order float round-off can swap).
+    class_of = labels.class_of_category()
+    answered = [(class_of[row["category_id"]], row["probability"]) for row in answer["top"]]
+    np.testing.assert_allclose([p for _, p in answered], [probabilities[c] for c, _ in answered], rtol=1e-5)
+    np.testing.assert_allclose([p for _, p in answered], np.sort(probabilities)[::-1][:5], rtol=1e-5)
