@@ -21,7 +21,8 @@ label list):
               90 px): class mix over one epoch for each of 3 seeds, and pipeline products/s
               (180 px, the defaults) over `--pipeline_batches` batches after 5 of warm-up.
               Each of `--rounds` rounds converts again and times it (products/s, start-up
-              included).
+              included). Rates also per CPU-second (the converter's process tree; this
+              process for the pipeline), which other work on a shared machine disturbs less.
 
 Run from a copy of another version of the repository to measure that version (the converter is
 run as `python -m beam_convert` from the current directory).
@@ -30,6 +31,7 @@ run as `python -m beam_convert` from the current directory).
 import argparse
 import json
 import os
+import resource
 import shutil
 import statistics
 import subprocess
@@ -132,14 +134,17 @@ def measure(args) -> dict:
     source = os.path.join(args.work_dir, f"sorted-{args.products}-{args.categories}.bson")
     labels = write_sorted_bson(source, args.products, args.categories)
     out = os.path.join(args.work_dir, "out")
-    convert_rates, mix_ratios, pipeline_rates = [], [], []
+    convert_rates, convert_cpu_rates, mix_ratios, pipeline_rates, pipeline_cpu_rates = [], [], [], [], []
     uniform = uniform_distinct(labels, 64)
     for _ in range(args.rounds):
         shutil.rmtree(out, ignore_errors=True)
+        cpu = resource.getrusage(resource.RUSAGE_CHILDREN)
         started = time.perf_counter()
         subprocess.run([sys.executable, "-m", "beam_convert", f"--input={source}", f"--output_dir={out}",
                         f"--range_size={args.range_size}"], check=True, capture_output=True)
         convert_rates.append(args.products / (time.perf_counter() - started))
+        after = resource.getrusage(resource.RUSAGE_CHILDREN)
+        convert_cpu_rates.append(args.products / (after.ru_utime + after.ru_stime - cpu.ru_utime - cpu.ru_stime))
         pattern = os.path.join(out, "train-*-of-*.tfrecord")
         distinct = []
         for seed in range(3):
@@ -150,18 +155,22 @@ def measure(args) -> dict:
         iterator = iter(ds)
         for _ in range(5):
             next(iterator)
-        started = time.perf_counter()
+        started, cpu_started = time.perf_counter(), time.process_time()
         for _ in range(args.pipeline_batches):
             next(iterator)
         pipeline_rates.append(64 * args.pipeline_batches / (time.perf_counter() - started))
+        pipeline_cpu_rates.append(64 * args.pipeline_batches / (time.process_time() - cpu_started))
         del iterator, ds
     shards = len(tf.io.gfile.glob(os.path.join(out, "train-*-of-*.tfrecord")))
     result = {"products": args.products, "categories": args.categories, "range_size": args.range_size,
               "train_shards": shards, "uniform_distinct": uniform, "class_mix": mix_ratios,
-              "convert_products_per_s": convert_rates, "pipeline_products_per_s": pipeline_rates}
+              "convert_products_per_s": convert_rates,
+              "convert_products_per_cpu_s": convert_cpu_rates, "pipeline_products_per_s": pipeline_rates,
+              "pipeline_products_per_cpu_s": pipeline_cpu_rates}
     print(f"\nmeasured ({os.getcwd()}): {args.products:,} products in category order, {args.categories} categories, "
           f"--range_size={args.range_size}: {shards} train shards; uniform {uniform:.1f} classes a batch of 64")
-    for name in ("class_mix", "convert_products_per_s", "pipeline_products_per_s"):
+    for name in ("class_mix", "convert_products_per_s", "convert_products_per_cpu_s", "pipeline_products_per_s",
+                 "pipeline_products_per_cpu_s"):
         values = result[name]
         print(f"  {name:24s} " + "  ".join(f"{v:,.2f}" if v < 10 else f"{v:,.0f}" for v in values))
     return result
