@@ -4,13 +4,14 @@
   Reshuffle -> finalize tasks in parallel (shards, id lists, rejected, digests) -> labels.csv,
   metadata.json
 
-Each split's records, concatenated in range order (the input's order), are cut into shards of
-even record counts: shard k of S holds records [k*N/S, (k+1)*N/S) of the N, so shard sizes differ
-by one record at most, whatever the number of ranges, and no shard is empty (S is capped at N).
-A shard is copied from the record intervals of the ranges' temporary files (a range's file may be
-cut between two shards at a record boundary, found from its record sizes). The temporary files are
-only read: they are deleted with tmp_dir after metadata.json is written, last, so a failed run
-never leaves output that looks complete and a re-run converts no range again.
+Each split's records are put in one stream that mixes the whole input (beam_convert/mix.py:
+bucket 0 of every range, in an order of its own, then bucket 1, ...), and the stream is cut into
+shards of even record counts: shard k of S holds records [k*N/S, (k+1)*N/S) of the N, so shard
+sizes differ by one record at most, whatever the number of ranges, and no shard is empty (S is
+capped at N). A shard is copied from record intervals of the ranges' temporary files (the plan
+turns them into byte intervals from the ranges' record sizes). The temporary files are only
+read: they are deleted with tmp_dir after metadata.json is written, last, so a failed run never
+leaves output that looks complete and a re-run converts no range again.
 """
 
 import collections
@@ -24,7 +25,7 @@ import numpy as np
 
 import record_schema
 from beam_convert import categories as categories_lib
-from beam_convert import files, products
+from beam_convert import files, mix, products
 from beam_convert.errors import NothingConverted
 from beam_convert.job import (
     SPLIT_CODES, TOO_MANY_IMAGES, ConvertConfig, DatasetIndex, RangeResult, SplitFile, npy_bytes, rejection_report)
@@ -85,48 +86,34 @@ class ConcatFiles(FinalizeTask):
         files.concatenate(self.sources, self.destination)
 
 
-@dataclasses.dataclass(frozen=True)
-class ShardPiece:
-    """Records [first, end) of one range's temporary TFRecord file of a split."""
-
-    path: str
-    sizes: str  # the file's record sizes (SplitFile.sizes)
-    records: int  # records in the whole file
-    first: int
-    end: int
-
-    def byte_range(self) -> tuple[int, Optional[int]]:
-        """(start, end) bytes of the piece in its file; end None: to the end of the file."""
-        if self.first == 0 and self.end == self.records:
-            return 0, None
-        sizes = np.load(io.BytesIO(files.read_bytes(self.sizes)))
-        if len(sizes) != self.records:
-            raise ValueError(f"{self.sizes}: {len(sizes):,} record sizes, the range wrote {self.records:,} records")
-        ends = np.cumsum(sizes)
-        return (int(ends[self.first - 1]) if self.first else 0), int(ends[self.end - 1])
+# One copy into a shard: bytes [start, end) of the task's source number `source`.
+BYTE_PIECE = np.dtype([("source", "<i8"), ("start", "<i8"), ("end", "<i8")])
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, eq=False)
 class WriteShard(FinalizeTask):
-    """Copies record intervals of the ranges' temporary files, in order, into one shard."""
+    """Copies byte intervals of the ranges' temporary files, in order, into one shard."""
 
-    pieces: tuple[ShardPiece, ...] = ()
+    pieces: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(0, BYTE_PIECE))
 
     def run(self) -> None:
         with files.naming(self.destination), files.create(self.destination) as out:
-            for piece in self.pieces:
-                start, end = piece.byte_range()
-                files.copy_range(piece.path, start, end, out)
+            for source, start, end in self.pieces.tolist():
+                files.copy_range(self.sources[source], start, end, out)
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, eq=False)
 class JoinProductIds(FinalizeTask):
-    """Joins the ranges' product id lists of one split, in the shards' order: the split's ids in
-    record order, so that a reader can tell which products a damaged shard lost."""
+    """Writes one split's product ids in record order (the shards in name order, then record order),
+    taken from the ranges' id lists as the split's stream takes their records (mix.PIECE rows,
+    `source` an index in sources), so that a reader can tell which products a damaged shard lost."""
+
+    pieces: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(0, mix.PIECE))
 
     def run(self) -> None:
         ids = [np.load(io.BytesIO(files.read_bytes(path))) for path in self.sources]
-        files.write_bytes(self.destination, npy_bytes(np.concatenate(ids or [np.zeros(0, np.int64)])))
+        parts = [ids[source][first:end] for source, first, end in self.pieces.tolist()]
+        files.write_bytes(self.destination, npy_bytes(np.concatenate(parts or [np.zeros(0, np.int64)])))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -183,13 +170,7 @@ def keep_rejection_report(config: ConvertConfig) -> str:
 def plan_finalize(results: list[RangeResult], config: ConvertConfig) -> Iterator[FinalizeTask]:
     """Tasks that turn temporary files into the output: one per shard and per split's id list, plus
     rejected and digests."""
-    yield from _plan_shards(results, config)
-    ids = collections.defaultdict(list)
-    for result in sorted(results, key=lambda r: r.range_id):  # the shards' order
-        for split, split_file in result.records.items():
-            ids[split].append(split_file.ids)
-    for split, sources in sorted(ids.items()):
-        yield JoinProductIds(tuple(sources), files.join(config.output_dir, record_schema.product_ids_name(split)))
+    yield from _plan_splits(results, config)
     rejected_sources = files.glob(rejection_report(config.tmp_dir))
     yield ConcatFiles(tuple(rejected_sources), files.join(config.output_dir, record_schema.rejected_name()))
     digest_sources = tuple(sorted(result.digests for result in results if result.digests))
@@ -197,41 +178,56 @@ def plan_finalize(results: list[RangeResult], config: ConvertConfig) -> Iterator
         yield WriteDigestTable(digest_sources, files.join(config.output_dir, record_schema.IMAGE_DIGESTS_FILE))
 
 
-def shard_pieces(split_files: list[SplitFile], num_shards: Optional[int]) -> list[tuple[ShardPiece, ...]]:
-    """One split's range files, in range order, cut into even shards: shard k of S takes records
-    [k*N/S, (k+1)*N/S) of their N records. S is num_shards (None: one per file), at most N."""
-    split_files = [split_file for split_file in split_files if split_file.products]
-    total = sum(split_file.products for split_file in split_files)
-    count = min(num_shards or len(split_files), total)
-    shards = []
-    position, file_number, file_start = 0, 0, 0  # file_start: the stream position of the file's first record
-    for shard in range(count):
-        end = (shard + 1) * total // count
-        pieces = []
-        while position < end:
-            split_file = split_files[file_number]
-            file_end = file_start + split_file.products
-            take_end = min(end, file_end)
-            pieces.append(ShardPiece(split_file.path, split_file.sizes, split_file.products,
-                                     position - file_start, take_end - file_start))
-            position = take_end
-            if position == file_end:
-                file_number, file_start = file_number + 1, file_end
-        shards.append(tuple(pieces))
-    return shards
+def _load_array(path: str, length: int, what: str) -> np.ndarray:
+    array = np.load(io.BytesIO(files.read_bytes(path)))
+    if len(array) != length:
+        raise ValueError(f"{path}: {len(array):,} {what}, the range wrote {length:,} records")
+    return array
 
 
-def _plan_shards(results: list[RangeResult], config: ConvertConfig) -> Iterator[WriteShard]:
-    """Each split's records, in range order, cut into even shards (shard_pieces)."""
+def shard_pieces(range_ids: list[str], split_files: list[SplitFile], num_shards: Optional[int],
+               buckets: int) -> tuple[list[np.ndarray], np.ndarray]:
+    """One split's shards as BYTE_PIECE rows over split_files, and its stream as mix.PIECE rows.
+
+    The stream (mix.stream_pieces) is cut into S even shards (mix.cut): S is num_shards (None: one
+    per range file), at most the split's N records. Reads the ranges' id lists and record sizes.
+    """
+    ids = [_load_array(split_file.ids, split_file.products, "product ids") for split_file in split_files]
+    stream = mix.stream_pieces(range_ids, ids, buckets)
+    shards = mix.cut(stream, min(num_shards or len(split_files), sum(map(len, ids))))
+    # Each range's byte offset of every record boundary, end to end in one array.
+    offsets = [np.concatenate([[0], np.cumsum(_load_array(split_file.sizes, split_file.products, "record sizes"))])
+               for split_file in split_files]
+    base = np.concatenate([[0], np.cumsum([len(o) for o in offsets])[:-1]])
+    offsets = np.concatenate(offsets)
+    byte_shards = []
+    for shard in shards:
+        pieces = np.zeros(len(shard), BYTE_PIECE)
+        pieces["source"] = shard["source"]
+        pieces["start"] = offsets[base[shard["source"]] + shard["first"]]
+        pieces["end"] = offsets[base[shard["source"]] + shard["end"]]
+        byte_shards.append(pieces)
+    return byte_shards, np.concatenate(shards)
+
+
+def _plan_splits(results: list[RangeResult], config: ConvertConfig) -> Iterator[FinalizeTask]:
+    """Per split: one WriteShard per shard (shard_pieces), and the JoinProductIds of its id list."""
     by_split = collections.defaultdict(list)
     for result in sorted(results, key=lambda r: r.range_id):
         for split, split_file in result.records.items():
-            by_split[split].append(split_file)
-    for split, split_files in sorted(by_split.items()):
-        shards = shard_pieces(split_files, config.num_shards)
+            if split_file.products:
+                by_split[split].append((result.range_id, split_file))
+    buckets = mix.bucket_count(config.range_size)
+    for split, entries in sorted(by_split.items()):
+        range_ids = [range_id for range_id, _ in entries]
+        split_files = [split_file for _, split_file in entries]
+        shards, stream = shard_pieces(range_ids, split_files, config.num_shards, buckets)
         for shard, pieces in enumerate(shards):
+            used, pieces["source"] = np.unique(pieces["source"], return_inverse=True)  # only its own sources
             destination = files.join(config.output_dir, record_schema.shard_name(split, shard, len(shards)))
-            yield WriteShard(tuple(dict.fromkeys(piece.path for piece in pieces)), destination, pieces)
+            yield WriteShard(tuple(split_files[n].path for n in used), destination, pieces)
+        yield JoinProductIds(tuple(split_file.ids for split_file in split_files),
+                             files.join(config.output_dir, record_schema.product_ids_name(split)), stream)
 
 
 def run_finalize_task(task: FinalizeTask) -> Optional[SplitOverlap]:

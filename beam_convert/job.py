@@ -92,7 +92,8 @@ class DatasetIndex:
 @dataclasses.dataclass(frozen=True)
 class SplitFile:
     """One range's temporary TFRecord file of one split, what it holds, its product ids, and the
-    byte length of each of its records (finalize cuts the file there to even out the shards)."""
+    byte length of each of its records (finalize copies it in pieces cut there), both in the
+    file's record order (mix.range_order)."""
 
     path: str
     products: int
@@ -115,6 +116,7 @@ class RangeResult:
     rejected: dict[str, int]  # reason -> products
     too_many_images: int  # products converted without the pictures beyond max_images
     digests: Optional[str] = None  # temporary .npy of DIGEST_ROW rows; None without labelled products
+    buckets: int = 0  # the records' order: mix.range_order over this many buckets (0: input order, older markers)
 
     @property
     def products(self) -> int:
@@ -137,6 +139,7 @@ class RangeResult:
             rejected=data["rejected"],
             too_many_images=data["too_many_images"],
             digests=data.get("digests"),  # markers of earlier versions leave it out when there is none
+            buckets=data.get("buckets", 0),
         )
 
 

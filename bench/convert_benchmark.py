@@ -20,6 +20,8 @@ import sys
 import threading
 import time
 
+import resource
+
 import psutil
 
 import record_schema
@@ -54,9 +56,17 @@ print(count / (time.perf_counter() - started))
 """
 
 
-def run_measured(command: list[str]) -> tuple[float, float, str]:
-    """Runs a command; returns (wall seconds, peak RSS of its process tree in MB, stdout)."""
+def _children_cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def run_measured(command: list[str]) -> tuple[float, float, str, float]:
+    """Runs a command; returns (wall seconds, peak RSS of its process tree in MB, stdout, CPU
+    seconds of its process tree). CPU time is what other processes on a shared machine disturb
+    least: compare versions by products per CPU-second."""
     peak = 0
+    cpu_before = _children_cpu_seconds()
     started = time.perf_counter()
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     done = threading.Event()
@@ -80,7 +90,7 @@ def run_measured(command: list[str]) -> tuple[float, float, str]:
     sampler.join()
     if process.returncode:
         sys.exit(f"failed: {' '.join(command)}\n{stderr[-3000:]}")
-    return elapsed, peak / 1e6, stdout
+    return elapsed, peak / 1e6, stdout, _children_cpu_seconds() - cpu_before
 
 
 def records_by_split(folder: str) -> collections.Counter:
@@ -134,29 +144,32 @@ def main() -> None:
     for mode in args.modes.split(","):
         out = f"{beam_out}-{mode}"
         beam_runs[mode] = run_measured(beam_command(large, out, modes[mode]))
-        rows.append((f"beam_convert ({mode})", args.products, *beam_runs[mode][:2]))
+        rows.append((f"beam_convert ({mode})", args.products, *beam_runs[mode][:2], beam_runs[mode][3]))
 
     plain_out = os.path.join(args.work_dir, "plain")
     os.makedirs(plain_out, exist_ok=True)
     for stale in glob.glob(os.path.join(plain_out, "*")):
         os.remove(stale)
     labels_csv = os.path.join(f"{beam_out}-{args.modes.split(',')[0]}", record_schema.LABELS_FILE)
-    plain_seconds, plain_mb, plain_stdout = run_measured(  # the Beam runs' split: their default val_fraction
+    plain_seconds, plain_mb, plain_stdout, plain_cpu = run_measured(  # the Beam runs' split: their default val_fraction
         [sys.executable, "-c", PLAIN_LOOP, large, plain_out, labels_csv, str(ConvertConfig.val_fraction)])
-    rows.append(("plain loop", args.products, plain_seconds, plain_mb))
+    rows.append(("plain loop", args.products, plain_seconds, plain_mb, plain_cpu))
 
     small_runs = {}
     for mode in args.modes.split(","):
         small_runs[mode] = run_measured(beam_command(small, f"{beam_out}-small-{mode}", modes[mode]))
-        rows.append((f"beam_convert ({mode}), small input", args.small_products, *small_runs[mode][:2]))
+        rows.append((f"beam_convert ({mode}), small input", args.small_products, *small_runs[mode][:2],
+                     small_runs[mode][3]))
 
     same = records_by_split(f"{beam_out}-{args.modes.split(',')[0]}") == records_by_split(plain_out)
     plain_rate = args.products / plain_seconds
     print(f"\ninput: {args.products:,} synthetic products, {size_mb:,.0f} MB; {os.cpu_count()} cores\n")
-    print(f"{'run':42s} {'products':>9s} {'seconds':>8s} {'products/s':>11s} {'vs plain':>9s} {'peak MB':>8s}")
-    for name, count, seconds, mb in rows:
+    print(f"{'run':42s} {'products':>9s} {'seconds':>8s} {'products/s':>11s} {'vs plain':>9s} {'peak MB':>8s} "
+          f"{'CPU s':>7s} {'products/CPU-s':>15s}")
+    for name, count, seconds, mb, cpu in rows:
         rate = count / seconds
-        print(f"{name:42s} {count:9,d} {seconds:8.1f} {rate:11,.0f} {rate / plain_rate:8.2f}x {mb:8.0f}")
+        print(f"{name:42s} {count:9,d} {seconds:8.1f} {rate:11,.0f} {rate / plain_rate:8.2f}x {mb:8.0f} "
+              f"{cpu:7.1f} {count / cpu:15,.0f}")
     print(f"\nplain loop inside its loop (imports excluded): {float(plain_stdout):,.0f} products/s")
     memory_ratios = {mode: beam_runs[mode][1] / small_runs[mode][1] for mode in beam_runs}
     for mode, ratio in memory_ratios.items():

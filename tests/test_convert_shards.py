@@ -1,5 +1,6 @@
-"""The shards (beam_convert/finalize.py, issue 20 item 1): each split's records, in input order,
-cut into --num_shards even shards whatever the number of index ranges; never an empty shard."""
+"""The shards (beam_convert/finalize.py, issue 20 item 1): each split's records, in the order that
+mixes the input (beam_convert/mix.py, issue 17 item 4), cut into --num_shards even shards whatever
+the number of index ranges; never an empty shard."""
 
 import numpy as np
 import pytest
@@ -48,7 +49,11 @@ def test_shards_are_even_over_many_ranges(synthetic, tmp_path, capsys):
     assert counts == [160] * 5
     ids = np.load(out / record_schema.product_ids_name("train"))
     assert ids.tolist() == [r["product_id"] for r in read_records(out, "train")]
-    assert ids.tolist() == sorted(ids.tolist()), "input order: the synthetic ids ascend"
+    assert len(set(ids.tolist())) == PRODUCTS
+    # Not the input order: each shard holds records of (nearly) every one of the 8 index ranges.
+    range_of = np.searchsorted(np.sort(ids), ids) // 100  # the synthetic ids ascend in the input
+    for shard in np.split(range_of, np.cumsum(counts)[:-1]):
+        assert len(set(shard.tolist())) >= 6, shard
 
 
 def test_the_default_is_one_shard_per_range_evened_out(synthetic, tmp_path, capsys):
@@ -73,12 +78,13 @@ def test_fewer_records_than_shards_caps_the_count_and_says_so(synthetic, tmp_pat
     assert line == f"beam_convert: --num_shards=100: val has {val} products, so {val} shards of one product"
 
 
-def test_shards_are_byte_identical_whatever_the_ranges_and_workers(synthetic, tmp_path, capsys):
+def test_shards_are_byte_identical_whatever_the_workers_and_hold_the_same_records_whatever_the_ranges(
+        synthetic, tmp_path, capsys):
     runs = {
-        "one_range": [],
-        "ranges_of_70": ["--range_size=70"],
+        "ranges_of_130": ["--range_size=130"],
         "ranges_of_130_two_workers": ["--range_size=130", "--direct_running_mode=multi_processing",
                                       "--direct_num_workers=2"],
+        "one_range": [],
     }
     contents = {}
     for name, extra in runs.items():
@@ -86,28 +92,13 @@ def test_shards_are_byte_identical_whatever_the_ranges_and_workers(synthetic, tm
         _convert(capsys, synthetic, out, "--num_shards=3", *extra)
         contents[name] = {path.name: path.read_bytes() for path in sorted(out.iterdir())
                           if path.name != record_schema.METADATA_FILE}
-    first = contents["one_range"]
+    first = contents["ranges_of_130"]
     assert sum(name.endswith(".tfrecord") for name in first) == 6
-    for name, files in contents.items():
-        assert files == first, name
+    assert contents["ranges_of_130_two_workers"] == first
+    # Another --range_size deals the records into other buckets: the same records, in another order.
+    assert contents["one_range"].keys() == first.keys() and contents["one_range"] != first
+    assert record_multiset(tmp_path / "one_range") == record_multiset(tmp_path / "ranges_of_130")
     assert sum(record_multiset(tmp_path / "one_range").values()) == PRODUCTS
-
-
-def test_shard_pieces_cut_the_range_files_at_record_boundaries():
-    from beam_convert.finalize import ShardPiece, shard_pieces
-    from beam_convert.job import SplitFile
-
-    split_files = [SplitFile(f"r{n}", records, 0, f"i{n}", f"s{n}") for n, records in enumerate([3, 5, 2])]
-    pieces = shard_pieces(split_files, 4)  # 10 records: [0, 2) [2, 5) [5, 7) [7, 10)
-
-    def piece(n, first, end):
-        return ShardPiece(f"r{n}", f"s{n}", split_files[n].products, first, end)
-
-    assert pieces == [(piece(0, 0, 2),), (piece(0, 2, 3), piece(1, 0, 2)), (piece(1, 2, 4),),
-                      (piece(1, 4, 5), piece(2, 0, 2))]
-    assert shard_pieces(split_files, None) == [  # one shard per range file, evened out: 3, 3, 4
-        (piece(0, 0, 3),), (piece(1, 0, 3),), (piece(1, 3, 5), piece(2, 0, 2))]
-    assert [len(p) for p in shard_pieces(split_files, 50)] == [1] * 10
 
 
 def test_a_run_that_fails_while_finalizing_resumes_without_converting(synthetic, tmp_path, monkeypatch, capsys):
