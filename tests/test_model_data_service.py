@@ -251,6 +251,26 @@ def test_file_splits_visit_every_file_once_a_pass_in_a_new_order():
         == orders[1]
 
 
+def test_a_resumed_service_stream_starts_at_the_pass_its_step_falls_in(data_dir, monkeypatch):
+    """start_batch under dynamic sharding counts the whole job's batches: 20 of 5 records are 100
+    records, in the second pass over the 82 (pass 1); file_splits is asked for that pass."""
+    import tensorflow as tf
+
+    from model.input_pipeline import dataset
+
+    asked = []
+    file_splits = splits.file_splits
+    monkeypatch.setattr(splits, "file_splits", lambda files, **options: asked.append(options) or file_splits(files, **options))
+    pattern = os.path.join(data_dir, record_schema.shard_pattern("train"))
+    files = sorted(tf.io.gfile.glob(pattern))
+    counts = dict(zip(files, [len(list(tf.data.TFRecordDataset(path))) for path in files]))
+    for start, first_pass in ((0, 0), (16, 0), (17, 1), (33, 2)):  # (batch, pass): 65 records a pass
+        dataset.create_dataset(pattern, batch_size=4, training=True, seed=3, repeat=True, dynamic_sharding=True,
+                               start_batch=start, record_counts=counts)
+        assert asked[-1]["first_pass"] == first_pass, (start, asked[-1])
+    assert sum(counts.values()) == 65
+
+
 def test_dynamic_sharding_delivers_every_training_product_once_a_pass(shared_service, data_dir):
     service = shared_service
     dataset = stream.distribute(training_stream(data_dir, repeat=False), service.target,

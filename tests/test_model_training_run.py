@@ -84,10 +84,11 @@ def resumed_run(data_dir, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def uninterrupted_run(data_dir, tmp_path_factory):
-    """The same command as resumed_run's, never killed."""
+    """The same command as resumed_run's, never killed (and exporting with flip TTA, which
+    changes nothing else)."""
     folder = tmp_path_factory.mktemp("uninterrupted")
     return run_killed_and_resumed(data_dir, str(folder / "model"),
-                                  ["--backup_every_steps=4", "--fusion=mean_max", *EXACT], [],
+                                  ["--backup_every_steps=4", "--fusion=mean_max", *EXACT, "--export_flip_tta"], [],
                                   trace=str(folder / "batches.txt"))
 
 
@@ -100,9 +101,11 @@ def check_same_stream(resumed, uninterrupted, starts):
     """Every batch the resumed runs' streams made is the uninterrupted run's batch of that index
     (same products, same order); each run's stream began at the step its backup held."""
     made = {(pipeline, batch): ids for pipeline, batch, ids in read_trace(uninterrupted)}
-    assert min(batch for _, batch in made) == 0 and max(batch for _, batch in made) >= 17
+    assert {batch for _, batch in made} >= set(range(18))  # 3 epochs x 6 steps, one replica
     seen = read_trace(resumed)
-    assert seen and all(made[(pipeline, batch)] == ids for pipeline, batch, ids in seen)
+    trained = [(pipeline, batch, ids) for pipeline, batch, ids in seen if batch < 18]  # streams read ahead
+    assert {batch for _, batch, _ in trained} >= set(range(min(starts), 18))
+    assert all(made[(pipeline, batch)] == ids for pipeline, batch, ids in trained)
     # A stream is made for each fit call and for the input check: its first batch is the step it starts at.
     firsts = sorted({batch for i, (pipeline, batch, _) in enumerate(seen)
                      if i == 0 or seen[i - 1][1] + 1 != batch or seen[i - 1][0] != pipeline})
@@ -165,7 +168,8 @@ def test_finished_run_with_other_settings_stops_with_one_line(resumed_run, tmp_p
 
 def test_artifacts_after_training(resumed_run):
     model_dir = resumed_run["model_dir"]
-    for name in ("model.keras", "best.keras", "labels.csv", "train_config.json", "export/saved_model.pb"):
+    for name in ("model.keras", "best.keras", "labels.csv", "train_config.json", "export/saved_model.pb",
+                 "export_best/saved_model.pb"):
         assert os.path.exists(os.path.join(model_dir, name)), name
     tags = {}
     for run in ("train", "validation", "samples"):
@@ -272,3 +276,30 @@ def test_submission_from_an_unlabelled_bson_with_bad_products(resumed_run, tmp_p
     known = set(labels_lib.read_labels(os.path.join(resumed_run["model_dir"], record_schema.LABELS_FILE))
                 .category_ids.tolist())
     assert all(int(r[1]) in known for r in rows[1:])
+
+
+def test_the_best_epoch_is_recalibrated_measured_and_exported_as_asked(uninterrupted_run, data_dir):
+    """best.keras after training is the model train_state.json's best_val measures (recalibrated,
+    not the epoch's raw model); both exports carry --export_flip_tta."""
+    import keras
+
+    from model.network import multi_image  # noqa: F401  (registers the custom layers)
+    from model.training import inputs
+    from model.training import optimization
+    from model.config import config_from_json
+    from model.input_pipeline import labels as labels_lib
+
+    model_dir, state = uninterrupted_run["model_dir"], uninterrupted_run["state"]
+    assert 1 <= state["best_epoch"] <= 3 and state["best_val"]
+    with open(os.path.join(model_dir, "train_config.json")) as f:
+        cfg = config_from_json(json.load(f)["train"])
+    labels = labels_lib.read_labels(model_dir)
+    heads = inputs.auxiliary_heads(labels, cfg.aux_loss_weight)
+    best = keras.models.load_model(os.path.join(model_dir, "best.keras"), compile=False)
+    optimization.compile_model(best, cfg, keras.optimizers.SGD(), heads)
+    measured = best.evaluate(inputs.eval_dataset(cfg, "val", inputs.make_targets(labels, heads)), return_dict=True,
+                             verbose=0)
+    assert measured["category_top1"] == pytest.approx(state["best_val"]["category_top1"], abs=1e-6)
+    for export in ("export", "export_best"):
+        info = tf.saved_model.load(os.path.join(model_dir, export)).signatures["serving_info"]()
+        assert bool(info["flip_tta"].numpy()), export

@@ -124,7 +124,8 @@ def _train_held(cfg: TrainConfig, strategy, service_job: str, extra_callbacks: t
                           f"optimizer step {step}; the backup in {cfg.model_dir}/{model_dir_lib.BACKUP_DIR} holds it. "
                           "Run the same command to resume.")
     final, recalibrated, final_val = _final_model(model, cfg, mconfig, data)
-    return _save(final, model, cfg, data, resumed_step, recalibrated, history, final_val)
+    best = _best_model(final, final_val, cfg, mconfig, data)
+    return _save(final, best, model, cfg, data, resumed_step, recalibrated, history, final_val)
 
 
 def _place(cfg: TrainConfig) -> tuple[tf.distribute.Strategy, TrainConfig]:
@@ -343,33 +344,56 @@ def _fit(model: keras.Model, cfg: TrainConfig, strategy, data: RunData, callback
 def _final_model(model: keras.Model, cfg: TrainConfig, mconfig, data: RunData) -> tuple[keras.Model, int, dict]:
     """A plain copy outside the strategy (what evaluation and serving load), its BatchNorm
     statistics recalibrated on training batches, measured once more on val."""
-    final = multi_image.build_model(mconfig)
-    final.set_weights(model.get_weights())
+    return _recalibrated(model.get_weights(), "Final model", cfg, mconfig, data)
+
+
+def _recalibrated(weights: list, name: str, cfg: TrainConfig, mconfig, data: RunData) -> tuple[keras.Model, int, dict]:
+    plain = multi_image.build_model(mconfig)
+    plain.set_weights(weights)
     calibration = data_folder.split_dataset(cfg, "train", training=True, batch_size=cfg.batch_size, seed=cfg.seed,
                                             repeat=True)
-    recalibrated = batchnorm.recalibrate_batchnorm(final, calibration, cfg.bn_recalibration_steps)
-    final_val = {}
+    recalibrated = batchnorm.recalibrate_batchnorm(plain, calibration, cfg.bn_recalibration_steps)
+    val = {}
     if data.has_val:
-        optimization.compile_model(final, cfg, keras.optimizers.SGD(), data.aux_heads)  # for evaluate(); never trained
-        final_val = final.evaluate(data.val_ds, return_dict=True, verbose=0)
-        print(
-            f"Final model (BatchNorm recalibrated on {recalibrated} batches): val top-1 "
-            f"{final_val[TOP1]:.4f}, top-5 {final_val['category_top5']:.4f}",
-            flush=True,
-        )
-    return final, recalibrated, final_val
+        optimization.compile_model(plain, cfg, keras.optimizers.SGD(), data.aux_heads)  # for evaluate(); never trained
+        val = plain.evaluate(data.val_ds, return_dict=True, verbose=0)
+        print(f"{name} (BatchNorm recalibrated on {recalibrated} batches): val top-1 {val[TOP1]:.4f}, "
+              f"top-5 {val['category_top5']:.4f}", flush=True)
+    return plain, recalibrated, val
 
 
-def _save(final: keras.Model, model: keras.Model, cfg: TrainConfig, data: RunData, resumed_step: int,
+def _best_model(final: keras.Model, final_val: dict, cfg: TrainConfig, mconfig, data: RunData):
+    """(the model of the best epoch, BatchNorm-recalibrated like the final one, its epoch, its val
+    figures), or None without val. The final model itself when the last epoch was the best."""
+    best_path = os.path.join(cfg.model_dir, model_dir_lib.BEST_FILE)
+    score_path = os.path.join(cfg.model_dir, model_dir_lib.BEST_SCORE_FILE)
+    if not (data.has_val and tf.io.gfile.exists(best_path) and tf.io.gfile.exists(score_path)):
+        return None
+    with tf.io.gfile.GFile(score_path) as f:
+        epoch = int(json.load(f)["epoch"])
+    if epoch == cfg.epochs:
+        print("Best model: the last epoch's, the final model", flush=True)
+        return final, epoch, final_val
+    weights = keras.models.load_model(best_path, compile=False).get_weights()
+    best, _, best_val = _recalibrated(weights, f"Best model (epoch {epoch})", cfg, mconfig, data)
+    return best, epoch, best_val
+
+
+def _save(final: keras.Model, best, model: keras.Model, cfg: TrainConfig, data: RunData, resumed_step: int,
           recalibrated: int, history: dict, final_val: dict) -> dict:
-    """The final artefacts, then the backup dropped: from here a re-run has nothing left to do."""
+    """The final artefacts (best.keras and export_best/ replaced by the recalibrated best), then
+    the backup dropped: from here a re-run has nothing left to do. model.keras goes last of the
+    models: with train_state.json it is what says the run finished."""
+    exports = [("best", best[0])] if best else []
+    for checkpoint, chosen in [*exports, ("final", final)]:
+        with atomic.written_whole(os.path.join(cfg.model_dir, model_dir_lib.export_dir(checkpoint)),
+                                  last="saved_model.pb") as partial:
+            export.export_serving_model(chosen, data.labels, partial, image_size=cfg.image_size,
+                                        crop_size=cfg.crop_size, top_k=cfg.export_top_k, flip_tta=cfg.export_flip_tta)
+        with atomic.written_whole(os.path.join(cfg.model_dir, model_dir_lib.model_file(checkpoint))) as partial:
+            chosen.save(partial)
     model_path = os.path.join(cfg.model_dir, model_dir_lib.MODEL_FILE)
     export_path = os.path.join(cfg.model_dir, model_dir_lib.EXPORT_DIR)
-    with atomic.written_whole(model_path) as partial:
-        final.save(partial)
-    with atomic.written_whole(export_path, last="saved_model.pb") as partial:
-        export.export_serving_model(final, data.labels, partial, image_size=cfg.image_size,
-                                    crop_size=cfg.crop_size, top_k=cfg.export_top_k)
     state = {
         "epochs": cfg.epochs,
         "steps_per_epoch": data.steps_per_epoch,
@@ -379,11 +403,13 @@ def _save(final: keras.Model, model: keras.Model, cfg: TrainConfig, data: RunDat
         "bn_recalibration_batches": recalibrated,
         "final": {k: float(v[-1]) for k, v in history.items() if v},
         "final_val": {k: float(v) for k, v in final_val.items()},
+        "best_epoch": best[1] if best else None,
+        "best_val": {k: float(v) for k, v in best[2].items()} if best else {},
         "skipped_records": data.skipped,
     }
     atomic.write_text(os.path.join(cfg.model_dir, model_dir_lib.STATE_FILE), json.dumps(state, indent=1))
     backup_dir = os.path.join(cfg.model_dir, model_dir_lib.BACKUP_DIR)
     if tf.io.gfile.exists(backup_dir):
         tf.io.gfile.rmtree(backup_dir)
-    print(f"Saved {model_path} and the SavedModel {export_path}")
+    print(f"Saved {model_path} and the SavedModel {export_path}" + (" (and the best epoch's: best.keras, export_best/)" if best else ""))
     return state
