@@ -65,27 +65,36 @@ def traced(monkeypatch):
 
 
 def test_two_replicas_resumed_inside_epoch_2_read_and_end_as_an_uninterrupted_run(tmp_path, traced, capsys):
-    data = write_data_dir(str(tmp_path / "data"))
+    """Also what a run on 2 replicas without val leaves: no best model, no level1 head for a tree
+    of one level1 class; and under mixed_bfloat16 and late fusion, the same exactness."""
+    data = write_data_dir(str(tmp_path / "noval"), with_val=False, one_level1=True)
     settings = dict(data_dir=data, backbone="tiny", image_size=40, crop_size=32, batch_size=8, epochs=3,
                     steps_per_epoch=4, sample_products=0, cpu_devices=2, bn_recalibration_steps=2,
-                    backup_every_steps=1, warmup_epochs=0.5, input_check=False, seed=11, verbose=0)
-
+                    backup_every_steps=1, warmup_epochs=0.5, input_check=False, seed=11, verbose=0,
+                    fusion="late", precision="mixed_bfloat16")
     uninterrupted = config_lib.TrainConfig(model_dir=str(tmp_path / "uninterrupted"), **settings)
-    loop.train(uninterrupted)
-    made = {(pipeline, batch): ids for pipeline, batch, ids in traced}
-    assert {pipeline for pipeline, _ in made} == {0} and len(made) >= 12  # one pipeline feeds both replicas
-
-    traced.clear()
     resumed = config_lib.TrainConfig(model_dir=str(tmp_path / "resumed"), **settings)
-    with pytest.raises(Cut):
-        loop.train(resumed, extra_callbacks=(CutAfter(6),))  # inside epoch 2 (steps 5..8)
-    loop.train(resumed)
+    try:
+        state = loop.train(uninterrupted)
+        made = {(pipeline, batch): ids for pipeline, batch, ids in traced}
+        again = loop.train(uninterrupted)  # a finished run is never started over
+        traced.clear()
+        with pytest.raises(Cut):
+            loop.train(resumed, extra_callbacks=(CutAfter(6),))  # inside epoch 2 (steps 5..8)
+        loop.train(resumed)
+    finally:
+        keras.config.set_dtype_policy("float32")  # the policy is global: leave it as found
     out = capsys.readouterr().out
+    assert "2 replicas on CPU:0..1 (MirroredStrategy)" in out
+    assert "No val split" in out and "training without validation" in out
+    assert state["optimizer_iterations"] == 12 and again == state and "already holds a finished run" in out
+    assert "No level1 head: labels.csv has one level1 class." in out
     assert f"Resuming from {resumed.model_dir}/backup: epoch 2/3, optimizer step 6" in out
 
-    # Each replica takes its own batch of a step: 2 batches a step, so step 6 starts at batch 12,
-    # and the fit call of epoch 3 (step 8) at batch 16. (Each fit call also makes a stream it
-    # peeks one batch from, then drops: Keras' symbolic build.)
+    # One pipeline feeds both replicas, one batch each a step: step 6 starts at batch 12, and the
+    # fit call of epoch 3 (step 8) at batch 16. (Each fit call also makes a stream it peeks one
+    # batch from, then drops: Keras' symbolic build.)
+    assert {pipeline for pipeline, _ in made} == {0} and set(range(24)) <= {batch for _, batch in made}
     starts = {batch for i, (_, batch, _) in enumerate(traced) if i == 0 or traced[i - 1][1] + 1 != batch}
     assert starts == {0, 12, 16}, starts
     # Trained on: 3 epochs x 4 steps x 2 replicas = batches 0..23 (streams read ahead of that).
@@ -93,8 +102,12 @@ def test_two_replicas_resumed_inside_epoch_2_read_and_end_as_an_uninterrupted_ru
     assert {batch for _, batch, _ in trained} >= set(range(12, 24))
     assert all(made[(pipeline, batch)] == ids for pipeline, batch, ids in trained)
 
-    def weights(run):
-        return keras.models.load_model(os.path.join(run.model_dir, "model.keras"), compile=False).get_weights()
+    def model(run):
+        return keras.models.load_model(os.path.join(run.model_dir, "model.keras"), compile=False)
 
-    for a, b in zip(weights(uninterrupted), weights(resumed)):
+    assert set(model(uninterrupted).output) == {"category", "level2"}
+    for a, b in zip(model(uninterrupted).get_weights(), model(resumed).get_weights()):
         np.testing.assert_array_equal(a, b)
+    for run in (uninterrupted, resumed):
+        assert os.path.exists(os.path.join(run.model_dir, "export")) and not os.path.exists(
+            os.path.join(run.model_dir, "best.keras"))

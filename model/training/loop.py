@@ -87,17 +87,20 @@ def _train(cfg: TrainConfig, extra_callbacks: tuple, flags_text: str, stop_reque
             print(f"{given_model_dir} already holds a finished run of these settings ({cfg.epochs} epochs); "
                   "nothing to do.")
             return finished
-        return _train_held(cfg, strategy, service_job, extra_callbacks, flags_text, stop_requests)
+        # Every worker resumes from the chief's backup (model_dir as given): the workers' own are
+        # written at their own moments, and a kill can leave them a step apart.
+        backup_dir = os.path.join(given_model_dir, model_dir_lib.BACKUP_DIR)
+        return _train_held(cfg, strategy, service_job, extra_callbacks, flags_text, stop_requests, backup_dir)
 
 
 def _train_held(cfg: TrainConfig, strategy, service_job: str, extra_callbacks: tuple, flags_text: str,
-                stop_requests) -> dict:
+                stop_requests, backup_dir: str) -> dict:
     data, cfg = _read_data(cfg, strategy, service_job)
     _describe(cfg, strategy, data)
     mconfig = model_config(cfg, data.labels, data.aux_heads)
     changes = run_state.stream_changes(cfg.model_dir, cfg, strategy.num_replicas_in_sync)
     _write_run_files(cfg, mconfig, flags_text, strategy.num_replicas_in_sync)
-    model, resumed_step = _build_and_restore(cfg, strategy, mconfig, data)
+    model, resumed_step = _build_and_restore(cfg, strategy, mconfig, data, backup_dir)
     if resumed_step:
         if changes:
             print(f"Resumed with other stream settings ({'; '.join(changes)}): from here the batches are not "
@@ -257,10 +260,9 @@ def _write_run_files(cfg: TrainConfig, mconfig: multi_image.ModelConfig, flags_t
         atomic.write_text(os.path.join(cfg.model_dir, model_dir_lib.FLAGS_FILE), flags_text)
 
 
-def _build_and_restore(cfg: TrainConfig, strategy, mconfig, data: RunData) -> tuple[keras.Model, int]:
+def _build_and_restore(cfg: TrainConfig, strategy, mconfig, data: RunData, backup_dir: str) -> tuple[keras.Model, int]:
     """The model, built and compiled under the strategy so variables are mirrored on every
     replica, with the backup's weights and optimizer step when there is one."""
-    backup_dir = os.path.join(cfg.model_dir, model_dir_lib.BACKUP_DIR)
     with strategy.scope():
         model = multi_image.build_model(mconfig)
         schedule = optimization.learning_rate_schedule(cfg, data.steps_per_epoch)
