@@ -113,7 +113,7 @@ def _evaluate_into(output_dir: str, *, data_dir: str, model_dirs: list[str], che
     class_counts = table.class_counts(labels) if table is not None else None
 
     if split != "test":
-        _check_same_classes(data_dir, model_dir, labels)  # before a long prediction, not after
+        _check_same_classes(data_dir, model_dirs[0], labels)  # before a long prediction, not after
     check = shards.check_split(data_dir, split, skip_corrupt_records=skip_corrupt_records, log=log)
     pattern = data_folder.split_pattern(data_dir, split)
     datasets = _member_datasets(members, data_dir, split, batch_size, bool(check.damaged))
@@ -159,7 +159,7 @@ def _evaluate_into(output_dir: str, *, data_dir: str, model_dirs: list[str], che
                           for m in members]
     if labelled:
         if split == "test":  # labelled after all: the other splits were compared before predicting
-            _check_same_classes(data_dir, model_dir, labels)
+            _check_same_classes(data_dir, model_dirs[0], labels)
         true, num_images = predictions["label"], predictions["num_images"]
         metrics = metrics_lib.compute_metrics(true, top_classes, num_images, labels, class_counts)
         for entry, member_top in zip(summary["members"], predictions["member_top_classes"]):
