@@ -8,7 +8,8 @@ The data and model of bench/ensemble_benchmark.py (trained there when missing): 
 synthetic products converted with a leak-free 15 % val split, a configs/cpu_tiny.flags model.
 Since the converter keeps every picture of a val product out of train, the overlap is made in the
 digest table (train_image_digests.npz, what the lookup reads): for `share` of the val products,
-one of their pictures drawn at random is added to the training folder's table, with
+one of their pictures drawn at random (among those in no other val product) is added to the
+training folder's table, with
 
 - same: the product's own category;
 - conflicting: another category, drawn at random;
@@ -21,6 +22,7 @@ override and the image-level fusion on the same predictions; `seeds` draws of th
 from __future__ import annotations
 
 import argparse
+import collections
 import os
 import shutil
 import statistics
@@ -52,15 +54,22 @@ def val_products(data: str) -> tuple[list, dict, dict]:
     return list(categories), digests, categories
 
 
-def overlap_table(base: dict, ids, digests, categories, case: str, share: float, seed: int) -> tuple[dict, int]:
-    """The training table plus, for `share` of the val products, one of their pictures (see module doc)."""
+def overlap_table(base: dict, ids, digests, categories, case: str, share: float, seed: int) -> tuple[dict, int, int]:
+    """The training table plus, for `share` of the val products, one of their pictures (see module
+    doc); also how many products were given a match, and how many of those have several pictures."""
     rng = np.random.default_rng(seed)
     category_ids = sorted(set(categories.values()))
-    chosen = rng.choice(len(ids), size=int(round(share * len(ids))), replace=False)
+    # Only pictures found in no other val product: the added row then matches the chosen product
+    # alone, and "same" and "conflicting" mean what they say (the synthetic data repeats pictures
+    # across products, some across the two classes of a split pair).
+    seen = collections.Counter(d for pid in ids for d in set(digests[pid]))
+    unique = {pid: [d for d in digests[pid] if seen[d] == 1] for pid in ids}
+    candidates = [pid for pid in ids if unique[pid]]
+    chosen = rng.choice(len(candidates), size=min(len(candidates), int(round(share * len(ids)))), replace=False)
     rows = []
     for i in chosen.tolist():
-        pid = ids[i]
-        digest = digests[pid][rng.integers(len(digests[pid]))]
+        pid = candidates[i]
+        digest = unique[pid][rng.integers(len(unique[pid]))]
         true = categories[pid]
         other = rng.choice([c for c in category_ids if c != true])
         kind = case if case != "mixed" else rng.choice(["same", "conflicting", "both"], p=[0.6, 0.2, 0.2])
@@ -73,7 +82,7 @@ def overlap_table(base: dict, ids, digests, categories, case: str, share: float,
         "category_id": np.concatenate([base["category_id"], np.array([c for _, c in rows], np.int64)]),
         "count": np.concatenate([base["count"], np.ones(len(rows), np.int64)]),
     }
-    return table, len(chosen)
+    return table, len(chosen), sum(len(digests[candidates[i]]) > 1 for i in chosen.tolist())
 
 
 def main(argv=None) -> None:
@@ -99,20 +108,24 @@ def main(argv=None) -> None:
         for seed in range(args.seeds):
             train_dir = os.path.join(args.work_dir, "dup", f"{case}_{seed}")
             os.makedirs(train_dir, exist_ok=True)
-            table, matched = overlap_table(base, ids, digests, categories, case, args.share, seed)
+            table, matched, several = overlap_table(base, ids, digests, categories, case, args.share, seed)
             np.savez(os.path.join(train_dir, record_schema.IMAGE_DIGESTS_FILE), **table)
             out = os.path.join(train_dir, "eval")
             shutil.rmtree(out, ignore_errors=True)
             summary = evaluation.evaluate(data_dir=data, model_dir=model_dir, split="val", output_dir=out,
                                           dup_lookup=True, train_data_dir=train_dir, log=lambda *_: None)
             d = summary["dup_lookup"]
+            if d["image_level"]["matched"] != matched:
+                raise SystemExit(f"{case} seed {seed}: {d['image_level']['matched']} products matched, {matched} planted")
             found[case].append((d["top1_without"], d["product_level"]["top1"], d["image_level"]["top1"],
-                                d["image_level"]["matched"], matched))
+                                d["image_level"]["matched"], several))
             print(f"{case} seed {seed}: none {d['top1_without']:.4f}, product {d['product_level']['top1']:.4f}, "
-                  f"image {d['image_level']['top1']:.4f} ({d['image_level']['matched']} matched)", flush=True)
+                  f"image {d['image_level']['top1']:.4f} ({matched} matched, {several} with several pictures)", flush=True)
 
+    several = [r[4] for rows in found.values() for r in rows]
     lines = [f"Val top-1, {len(ids)} products ({multi} with several pictures); {args.share:.0%} of them with one "
-             f"picture in the training table; mean over {args.seeds} draws (min..max):", "",
+             f"picture in the training table ({min(several)}-{max(several)} of those with several pictures); "
+             f"mean over {args.seeds} draws (min..max):", "",
              "| training labels of the matched picture | no lookup | product level | image level | "
              "image - product |", "|---|---|---|---|---|"]
 

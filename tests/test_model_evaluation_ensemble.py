@@ -114,13 +114,18 @@ def test_image_level_fusion_is_the_mean_over_pictures(tmp_path):
              duplicates.ImageMatches((0, 1), {2: 1.0, 3: 1.0}),  # both pictures matched: no model
              duplicates.ImageMatches((0,), {0: 1.0})]  # 1 of 4 matched
     rest_p = np.array([[0.1, 0.1, 0.2, 0.6], [9, 9, 9, 9], [0.0, 0.4, 0.6, 0.0]], np.float32)
-    fused = duplicates.fuse_image_level(found, rest_p, np.array([2, 0, 3]), 4)
-    np.testing.assert_allclose(fused[0], (np.array([0, 0.25, 0, 0.75]) + 2 * rest_p[0]) / 3, rtol=1e-6)
-    np.testing.assert_allclose(fused[1], [0, 0, 0.5, 0.5], rtol=1e-6)
-    np.testing.assert_allclose(fused[2], (np.array([1.0, 0, 0, 0]) + 3 * rest_p[2]) / 4, rtol=1e-6)
+    model_p = np.array([[0.25] * 4, [0.1, 0.1, 0.2, 0.6], [0.25] * 4])  # the whole product's prediction
+    fused = duplicates.fuse_image_level(found, rest_p, np.array([2, 0, 3]), model_p)
+    np.testing.assert_allclose(fused[0], (np.array([0, 0.25, 0, 0.75]) + 2 * rest_p[0]) / 3, atol=1e-5)
+    np.testing.assert_allclose(fused[1], [0, 0, 0.5, 0.5], atol=1e-5)
+    np.testing.assert_allclose(fused[2], (np.array([1.0, 0, 0, 0]) + 3 * rest_p[2]) / 4, atol=1e-5)
     np.testing.assert_allclose(fused.sum(axis=1), 1.0, rtol=1e-6)
     # The other pictures can outvote a matched one (row 2: class 2 at 0.45 beats the match's 0.25).
     assert fused[2].argmax() == 2
+    # Row 1's tie (a picture seen once under each of two categories) goes the model's way: class 3.
+    assert fused[1].argmax() == 3
+    model_p[1] = [0.1, 0.1, 0.6, 0.2]
+    assert duplicates.fuse_image_level(found, rest_p, np.array([2, 0, 3]), model_p)[1].argmax() == 2
 
 
 def documented_top_k_arrays() -> dict:

@@ -136,8 +136,11 @@ def rest_mask(product_ids, mask: np.ndarray, matches: dict) -> tuple[np.ndarray,
     return rest, np.array(rows, np.int64)
 
 
+TIE_BREAK = 1e-6  # share of the model's whole-product prediction added to the fused one: it orders ties
+
+
 def fuse_image_level(found: list, rest_probabilities: np.ndarray, rest_images: np.ndarray,
-                     num_classes: int) -> np.ndarray:
+                     model_probabilities: np.ndarray) -> np.ndarray:
     """Each product's probabilities as the mean over its pictures, where a matched picture counts
     as its training label distribution and the other pictures together count as the model's
     prediction from them alone (weighted by how many they are):
@@ -146,9 +149,13 @@ def fuse_image_level(found: list, rest_probabilities: np.ndarray, rest_images: n
 
     found: ImageMatches per row; rest_probabilities [R, K] (any values where rest_images is 0);
     rest_images [R] real pictures left unmatched. A product whose every picture matched gets its
-    label distribution alone: the product-level override's answer.
+    label distribution alone: the product-level override's answer. model_probabilities [R, K],
+    the model's prediction from all the product's pictures, breaks ties (a picture seen in
+    training once under each of two categories), as the product level's model ranking does:
+    TIE_BREAK of it is added, and the rows renormalised.
     """
-    fused = np.zeros([len(found), num_classes], np.float64)
+    model_probabilities = np.asarray(model_probabilities, np.float64)
+    fused = np.zeros([len(found), model_probabilities.shape[-1]], np.float64)
     for row, match in enumerate(found):
         for c, share in match.distribution.items():
             fused[row, c] += share
@@ -156,4 +163,5 @@ def fuse_image_level(found: list, rest_probabilities: np.ndarray, rest_images: n
         if n_rest > 0:
             fused[row] += n_rest * np.asarray(rest_probabilities[row], np.float64)
         fused[row] /= len(match.slots) + n_rest
-    return fused.astype(np.float32)
+    fused += TIE_BREAK * model_probabilities
+    return (fused / fused.sum(axis=-1, keepdims=True)).astype(np.float32)

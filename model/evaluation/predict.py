@@ -180,5 +180,5 @@ def _image_level(members, functions, batches, combined, product_id, mask, image_
                     for f, b in zip(functions, batches)]
         rest_p[rest_images > 0] = ensemble.combine(member_p, weights, mean) if len(members) > 1 else member_p[0]
     found = [image_matches[int(product_id[r])] for r in rows]
-    looked_up[rows] = duplicates.fuse_image_level(found, rest_p, rest_images, combined.shape[-1])
+    looked_up[rows] = duplicates.fuse_image_level(found, rest_p, rest_images, combined[rows])
     return looked_up, matched
