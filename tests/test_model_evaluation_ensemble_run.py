@@ -4,6 +4,8 @@ sizes and fusions, as an ensemble's members may have)."""
 
 import json
 import os
+import pathlib
+import re
 import shutil
 import subprocess
 import sys
@@ -20,6 +22,7 @@ from model.training import loop
 from tests.record_helpers import REPO, sample_documents, write_data_dir
 
 pytestmark = pytest.mark.slow
+REPO_PATH = pathlib.Path(REPO)
 
 TINY = dict(backbone="tiny", batch_size=8, sample_products=0, bn_recalibration_steps=1, warmup_epochs=0.5,
             input_check=False, epochs=1, steps_per_epoch=3)
@@ -78,6 +81,10 @@ def test_ensemble_is_the_average_of_its_members_files(trained, tmp_path):
         assert alone[name]["members"][0]["top1"] == alone[name]["top1"]
     saved = json.loads((tmp_path / "ab" / model_dir_lib.METRICS_FILE).read_text())
     assert saved["top1"] == both["top1"] and len(saved["members"]) == 2
+    # docs/FORMATS.md's row for `members` names exactly the keys each entry has on a labelled split.
+    formats = (REPO_PATH / "docs" / "FORMATS.md").read_text(encoding="utf-8")
+    row = next(line for line in formats.splitlines() if line.startswith("| `members` |"))
+    assert set(re.findall(r'"(\w+)"', row)) == set(saved["members"][0])
 
 
 def test_the_same_model_twice_scores_as_the_model(trained, tmp_path):
