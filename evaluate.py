@@ -31,7 +31,8 @@ flags.DEFINE_enum("ensemble_mean", "arithmetic", ["arithmetic", "geometric"],
 flags.DEFINE_integer("save_top_k", 0, "Also write top_k.npz: each product's K best classes and probabilities "
                      "(0: not written).", lower_bound=0)
 flags.DEFINE_enum("split", "val", ["train", "val", "test"], "Split to evaluate.")
-flags.DEFINE_string("output_dir", None, "Default: MODEL_DIR/eval_SPLIT/.")
+flags.DEFINE_string("output_dir", None, "Default: MODEL_DIR/eval_SPLIT/ (eval_SPLIT_best/ with --checkpoint=best; "
+                    "the first model's eval_SPLIT_ensemble/ for an ensemble).")
 flags.DEFINE_integer("batch_size", 64, "Products per prediction batch.", lower_bound=1)
 flags.DEFINE_bool("flip_tta", False, "Average predictions with the left-right mirrored images.")
 flags.DEFINE_bool("dup_lookup", False, "Where an image is in the training set, predict with that image's "
