@@ -1,9 +1,12 @@
-"""The duplicate-image lookup (--dup_lookup): a product whose picture was seen in training is
-given that picture's training categories (train_image_digests.npz, docs/FORMATS.md)."""
+"""The duplicate-image lookup (--dup_lookup): pictures seen in training (train_image_digests.npz,
+docs/FORMATS.md) bring their training categories, either per picture (image level, the default:
+`image_matches`, `rest_mask`, `fuse_image_level`) or for the whole product (product level:
+`apply_duplicate_lookup`). BUILD_NOTES.md, "Ensembles and image-level duplicates", compares them."""
 
 from __future__ import annotations
 
 import collections
+import dataclasses
 import io
 
 import numpy as np
@@ -86,3 +89,79 @@ def apply_duplicate_lookup(predictions: dict, product_digests: dict, table: Dige
         top[row] = merged[:k]
         overridden += 1
     return top, overridden
+
+
+# ---------------------------------------------------------------------------------------------
+# Image level: a matched picture's prediction replaced by its training labels, fused with the
+# model's prediction from the product's other pictures (the default of --dup_lookup; the
+# product-level override above is --dup_lookup_level=product).
+
+
+@dataclasses.dataclass(frozen=True)
+class ImageMatches:
+    """One product's pictures that are training pictures."""
+    slots: tuple[int, ...]  # their slots (real images come first in a record, so slot = picture index)
+    distribution: dict  # class index -> summed over those slots, the share of that picture's training labels
+
+
+def image_matches(product_digests: dict, table: DigestTable, labels: labels_lib.Labels) -> dict:
+    """product_id -> ImageMatches, for the products with at least one picture seen in training
+    under a category the model knows. A picture seen under two categories (3 and 1 times) gives
+    them 0.75 and 0.25."""
+    index = labels.class_of_category()
+    matches = {}
+    for pid, digests in product_digests.items():
+        slots, distribution = [], collections.Counter()
+        for slot, digest in enumerate(digests):
+            known = {index[c]: n for c, n in table.votes([digest]).items() if c in index}
+            if known:
+                slots.append(slot)
+                total = sum(known.values())
+                for c, n in known.items():
+                    distribution[c] += n / total
+        if slots:
+            matches[pid] = ImageMatches(tuple(slots), dict(distribution))
+    return matches
+
+
+def rest_mask(product_ids, mask: np.ndarray, matches: dict) -> tuple[np.ndarray, np.ndarray]:
+    """The batch's mask with every matched picture's slot set to 0, and the rows that have a match."""
+    rest = np.array(mask, np.float32, copy=True)
+    rows = []
+    for row, pid in enumerate(np.asarray(product_ids).tolist()):
+        found = matches.get(pid)
+        if found is not None:
+            rest[row, list(found.slots)] = 0.0
+            rows.append(row)
+    return rest, np.array(rows, np.int64)
+
+
+TIE_BREAK = 1e-6  # share of the model's whole-product prediction added to the fused one: it orders ties
+
+
+def fuse_image_level(found: list, rest_probabilities: np.ndarray, rest_images: np.ndarray,
+                     model_probabilities: np.ndarray) -> np.ndarray:
+    """Each product's probabilities as the mean over its pictures, where a matched picture counts
+    as its training label distribution and the other pictures together count as the model's
+    prediction from them alone (weighted by how many they are):
+
+        p = (sum over matched pictures of their label distribution + n_rest * p_rest) / (n_matched + n_rest)
+
+    found: ImageMatches per row; rest_probabilities [R, K] (any values where rest_images is 0);
+    rest_images [R] real pictures left unmatched. A product whose every picture matched gets its
+    label distribution alone: the product-level override's answer. model_probabilities [R, K],
+    the model's prediction from all the product's pictures, breaks ties (a picture seen in
+    training once under each of two categories), as the product level's model ranking does:
+    TIE_BREAK of it is added, and the rows renormalised.
+    """
+    model_probabilities = np.asarray(model_probabilities, np.float64)
+    fused = np.zeros([len(found), model_probabilities.shape[-1]], np.float64)
+    for row, match in enumerate(found):
+        for c, share in match.distribution.items():
+            fused[row, c] += share
+        n_rest = float(rest_images[row])
+        if n_rest > 0:
+            fused[row] += n_rest * np.asarray(rest_probabilities[row], np.float64)
+        fused[row] /= len(match.slots) + n_rest
+    fused += TIE_BREAK * model_probabilities
+    return (fused / fused.sum(axis=-1, keepdims=True)).astype(np.float32)

@@ -1,11 +1,16 @@
-"""The model over a split: each product's top-k classes and probabilities, in input order.
+"""The models over a split: each product's top-k classes and probabilities, in input order.
 
-Only the top k are kept: the full [N, K] matrix of the real val split (~350k x 5,270) would not
-fit in memory."""
+One model or an ensemble (ensemble.py): every member predicts the same batch, each from its own
+decode of the records (its image size), and only the combined top k are kept: the full [N, K]
+matrix of the real val split (~350k x 5,270) would not fit in memory. The image-level duplicate
+lookup (duplicates.py) runs here too, since it needs the model's prediction from a product's
+other pictures, batch by batch.
+"""
 
 from __future__ import annotations
 
 import collections
+import dataclasses
 import json
 import os
 import time
@@ -13,50 +18,131 @@ import time
 import numpy as np
 import tensorflow as tf
 
+import record_schema
 from model import model_dir as model_dir_lib
+from model.errors import UserError
+from model.evaluation import duplicates, ensemble
 
 TOP_K = 5
 
 
-def load_model(model_dir: str):
-    """model.keras plus the train config (image size, model config) that train.py wrote beside it."""
+@dataclasses.dataclass
+class Member:
+    """One trained model of an evaluation: its folder, which of its models, and its weight."""
+    model_dir: str
+    checkpoint: str
+    model: object  # keras.Model
+    config: dict  # train_config.json
+    weight: float = 1.0
+
+    @property
+    def image_size(self) -> int:
+        return int(self.config["train"].get("image_size", record_schema.IMAGE_SIZE))
+
+    @property
+    def crop_size(self) -> int | None:
+        return int(self.config["train"].get("crop_size") or 0) or None
+
+    @property
+    def fusion(self) -> str:
+        return str(self.config["model"].get("fusion", ""))
+
+
+def load_model(model_dir: str, checkpoint: str = "final"):
+    """model.keras (final) or best.keras (best) plus the train config (image size, model config)
+    that train.py wrote beside it."""
     import keras
 
     from model.network import multi_image  # noqa: F401  (registers the custom layers for deserialisation)
 
+    path = os.path.join(model_dir, model_dir_lib.model_file(checkpoint))
+    if not tf.io.gfile.exists(path):
+        if checkpoint == "best":
+            raise UserError(f"{path} is absent: --checkpoint=best needs a run trained with a val split "
+                            f"(best.keras is kept by val top-1); use --checkpoint=final")
+        raise UserError(f"{path} is absent: train first (python train.py ...)")
     with tf.io.gfile.GFile(os.path.join(model_dir, model_dir_lib.CONFIG_FILE)) as f:
         config = json.load(f)
-    model = keras.models.load_model(os.path.join(model_dir, model_dir_lib.MODEL_FILE), compile=False)
+    model = keras.models.load_model(path, compile=False)
     return model, config
 
 
-def predict_top_k(model, dataset, *, k: int = TOP_K, flip_tta: bool = False, total: int | None = None,
-                  progress_every: float = 10.0, log=print) -> dict:
-    """Runs the model over (features, label) batches; returns per-product arrays in input order.
+def probabilities_function(model, image_size: int, *, flip_tta: bool = False):
+    """(images uint8 [B, M, S, S, 3], mask [B, M]) -> softmax [B, K] float32, traced once for
+    any batch size. flip_tta averages the product's and its left-right mirror's softmax."""
+    spec = [tf.TensorSpec([None, record_schema.MAX_IMAGES, image_size, image_size, 3], tf.uint8),
+            tf.TensorSpec([None, record_schema.MAX_IMAGES], tf.float32)]
 
-    flip_tta averages the softmax of each product and of its left-right mirror.
-    """
-    @tf.function
-    def step(images, mask):
-        probabilities = tf.nn.softmax(tf.cast(model({"images": images, "mask": mask}, training=False)["category"], tf.float32))
+    @tf.function(input_signature=spec)
+    def probabilities(images, mask):
+        p = tf.nn.softmax(tf.cast(model({"images": images, "mask": mask}, training=False)["category"], tf.float32))
         if flip_tta:
             flipped = tf.reverse(images, axis=[3])  # [B, M, H, W, C]: W is axis 3
             logits = model({"images": flipped, "mask": mask}, training=False)["category"]
-            probabilities = (probabilities + tf.nn.softmax(tf.cast(logits, tf.float32))) / 2.0
-        top = tf.math.top_k(probabilities, k=min(k, probabilities.shape[-1]))
-        return top.indices, top.values
+            p = (p + tf.nn.softmax(tf.cast(logits, tf.float32))) / 2.0
+        return p
+
+    return probabilities
+
+
+def _top(probabilities: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Top-k class indices and probabilities a row, best first (ties: the lower class first)."""
+    k = min(k, probabilities.shape[-1])
+    order = np.argsort(-probabilities, axis=-1, kind="stable")[:, :k]
+    return order.astype(np.int64), np.take_along_axis(probabilities, order, axis=-1).astype(np.float32)
+
+
+def predict_top_k(members: list[Member], datasets: list, *, k: int = TOP_K, flip_tta: bool = False,
+                  mean: str = "arithmetic", image_matches: dict | None = None, total: int | None = None,
+                  progress_every: float = 10.0, log=print) -> dict:
+    """Runs every member over the same (features, label) batches; returns per-product arrays in
+    input order.
+
+    datasets[i] feeds members[i] (the same records, decoded at that member's image size; members
+    may share one dataset object). Their batches must list the same products, checked batch by batch.
+
+    Returns product_id, label, num_images [N]; top_classes, top_probabilities [N, k] (the
+    combined probabilities, before any duplicate lookup); member_top_classes (one [N, min(k, 5)]
+    per member); with image_matches (duplicates.image_matches) also image_top_classes,
+    image_top_probabilities [N, k] after the image-level lookup and image_matched [N] bool.
+    """
+    weights = [m.weight for m in members]
+    functions = [probabilities_function(m.model, m.crop_size or m.image_size, flip_tta=flip_tta) for m in members]
+    # One iterator per distinct dataset: members decoding at the same size read the records once.
+    unique = list({id(d): d for d in datasets}.values())
+    position = {id(d): i for i, d in enumerate(unique)}
+    member_k = min(k, TOP_K)
 
     out = collections.defaultdict(list)
     start = last = time.perf_counter()
     done = 0
-    for features, label in dataset:
-        classes, probabilities = step(features["images"], features["mask"])
-        out["product_id"].append(features["product_id"].numpy())
+    for batches in zip(*unique):
+        batches = [batches[position[id(d)]] for d in datasets]
+        features, label = batches[0]
+        product_id = features[record_schema.PRODUCT_ID].numpy()
+        for (other, _), member in zip(batches[1:], members[1:]):
+            if not np.array_equal(other[record_schema.PRODUCT_ID].numpy(), product_id):
+                raise UserError(f"{member.model_dir}: its input batches list other products than "
+                                f"{members[0].model_dir}'s (the split changed while it was read?)")
+        mask = features[record_schema.MASK].numpy()
+        member_p = [f(b[0][record_schema.IMAGES], b[0][record_schema.MASK]).numpy() for f, b in zip(functions, batches)]
+        combined = ensemble.combine(member_p, weights, mean) if len(members) > 1 else member_p[0]
+        classes, probabilities = _top(combined, k)
+        out["product_id"].append(product_id)
         out["label"].append(label.numpy())
-        out["num_images"].append(features["mask"].numpy().sum(axis=1).round().astype(np.int64))
-        out["top_classes"].append(classes.numpy())
-        out["top_probabilities"].append(probabilities.numpy())
-        done += len(label)
+        out["num_images"].append(mask.sum(axis=1).round().astype(np.int64))
+        out["top_classes"].append(classes)
+        out["top_probabilities"].append(probabilities)
+        for i, p in enumerate(member_p):
+            out[f"member_{i}"].append(_top(p, member_k)[0])
+        if image_matches is not None:
+            looked_up, matched = _image_level(members, functions, batches, combined, product_id, mask,
+                                              image_matches, weights, mean)
+            classes, probabilities = _top(looked_up, k)
+            out["image_top_classes"].append(classes)
+            out["image_top_probabilities"].append(probabilities)
+            out["image_matched"].append(matched)
+        done += len(product_id)
         now = time.perf_counter()
         if now - last >= progress_every:
             last = now
@@ -64,7 +150,35 @@ def predict_top_k(model, dataset, *, k: int = TOP_K, flip_tta: bool = False, tot
             log(f"  predicted {done}{of} products ({done / (now - start):.0f} products/s)")
     log(f"  predicted {done} products in {time.perf_counter() - start:.1f} s")
     if not out:
-        return {"product_id": np.zeros([0], np.int64), "label": np.zeros([0], np.int64),
-                "num_images": np.zeros([0], np.int64), "top_classes": np.zeros([0, k], np.int64),
-                "top_probabilities": np.zeros([0, k], np.float32)}
-    return {name: np.concatenate(parts) for name, parts in out.items()}
+        empty = {"product_id": np.zeros([0], np.int64), "label": np.zeros([0], np.int64),
+                 "num_images": np.zeros([0], np.int64), "top_classes": np.zeros([0, k], np.int64),
+                 "top_probabilities": np.zeros([0, k], np.float32),
+                 "member_top_classes": [np.zeros([0, member_k], np.int64) for _ in members]}
+        if image_matches is not None:
+            empty.update(image_top_classes=empty["top_classes"], image_top_probabilities=empty["top_probabilities"],
+                         image_matched=np.zeros([0], bool))
+        return empty
+    result = {name: np.concatenate(parts) for name, parts in out.items() if not name.startswith("member_")}
+    result["member_top_classes"] = [np.concatenate(out[f"member_{i}"]) for i in range(len(members))]
+    return result
+
+
+def _image_level(members, functions, batches, combined, product_id, mask, image_matches, weights, mean):
+    """The batch's probabilities after the image-level lookup, and which rows had a match."""
+    rest, rows = duplicates.rest_mask(product_id, mask, image_matches)
+    matched = np.zeros(len(product_id), bool)
+    looked_up = combined.copy()
+    if not len(rows):
+        return looked_up, matched
+    matched[rows] = True
+    rest_images = rest[rows].sum(axis=1).round()
+    predict_rows = rows[rest_images > 0]  # a product whose every picture matched needs no model
+    rest_p = np.zeros([len(rows), combined.shape[-1]], np.float32)
+    if len(predict_rows):
+        rest_mask = tf.constant(rest[predict_rows])
+        member_p = [f(tf.gather(b[0][record_schema.IMAGES], predict_rows), rest_mask).numpy()
+                    for f, b in zip(functions, batches)]
+        rest_p[rest_images > 0] = ensemble.combine(member_p, weights, mean) if len(members) > 1 else member_p[0]
+    found = [image_matches[int(product_id[r])] for r in rows]
+    looked_up[rows] = duplicates.fuse_image_level(found, rest_p, rest_images, combined[rows])
+    return looked_up, matched
