@@ -8,6 +8,11 @@
    (mean_max) and the late-fusion baseline (per-image predictions averaged).
 4. `python evaluate.py --split=val` for both, and `--split=test` for the fusion model: a
    submission with a row for every test product, the rejected one included.
+5. Beyond one run (README section "Beyond one run", these very commands): the fusion model
+   fine-tuned at 64 px with `--init_from` twice (seeds 1 and 2), the parent's best checkpoint
+   evaluated, the two fine-tuned models ensembled, and two products predicted from their JPEG
+   files. A fine-tuned model must be at least as good as its parent on val, and the ensemble as
+   its better member.
 
 Everything goes to ./demo_output/. Each step is the documented command line, run as a subprocess.
 """
@@ -32,6 +37,19 @@ TEST_PRODUCTS = 300
 NUM_CLASSES = 20
 NUM_SPLIT_CLASSES = 4
 FUSION_MODELS = ("mean_max", "late")  # the multi-image model, then the per-image baseline
+# README "Beyond one run": run here as written ("demo_output" is this demo's output folder).
+BEYOND_ONE_RUN = [
+    "train.py --flagfile=configs/cpu_tiny.flags --data_dir=demo_output/data --model_dir=demo_output/models/mean_max_64 "
+    "--init_from=demo_output/models/mean_max --image_size=64 --epochs=2 --base_lr=0.004 --warmup_epochs=0 --seed=1",
+    "train.py --flagfile=configs/cpu_tiny.flags --data_dir=demo_output/data --model_dir=demo_output/models/mean_max_64b "
+    "--init_from=demo_output/models/mean_max --image_size=64 --epochs=2 --base_lr=0.004 --warmup_epochs=0 --seed=2",
+    "evaluate.py --data_dir=demo_output/data --model_dir=demo_output/models/mean_max_64 --split=val",
+    "evaluate.py --data_dir=demo_output/data --model_dir=demo_output/models/mean_max --split=val --checkpoint=best",
+    "evaluate.py --data_dir=demo_output/data --model_dir=demo_output/models/mean_max_64,demo_output/models/mean_max_64b "
+    "--split=val --save_top_k=5",
+    "-m model.predict --model_dir=demo_output/models/mean_max_64 "
+    "--product=demo_output/jpegs/first_1.jpg,demo_output/jpegs/first_2.jpg --product=demo_output/jpegs/second_1.jpg",
+]
 
 
 def accuracy_on(metrics: dict, category_ids) -> dict:
@@ -87,6 +105,36 @@ def make_inputs(inputs: str) -> tuple[list, str]:
     return summary["split_category_ids"], categories
 
 
+def write_jpegs(test_bson: str, folder: str) -> None:
+    """Two test products as JPEG files, as a user would hold them: first_1.jpg, first_2.jpg (a
+    product of 2+ pictures) and second_1.jpg."""
+    os.makedirs(folder)
+    with open(test_bson, "rb") as f:
+        documents = list(bson.decode_file_iter(f))
+    first = next(d for d in documents if len(d["imgs"]) >= 2)
+    second = next(d for d in documents if d is not first)
+    for name, document, count in (("first", first, 2), ("second", second, 1)):
+        for i, image in enumerate(document["imgs"][:count], 1):
+            with open(os.path.join(folder, f"{name}_{i}.jpg"), "wb") as f:
+                f.write(image["picture"])
+
+
+def beyond_one_run(times: dict) -> dict:
+    """README "Beyond one run", command by command; returns the val metrics it compares."""
+    write_jpegs(os.path.join(OUT, "inputs", "test", "synthetic_test.bson"), os.path.join(OUT, "jpegs"))
+    names = ["fine-tune at 64 px", "fine-tune again, another seed", "evaluate it", "evaluate the best checkpoint",
+             "ensemble the two fine-tuned", "predict"]
+    for name, command in zip(names, BEYOND_ONE_RUN):
+        times[name] = run(name, *[arg.replace("demo_output", OUT) for arg in command.split()])
+    models = os.path.join(OUT, "models")
+    metrics = {}
+    for key, folder in (("parent", "mean_max/eval_val"), ("fine-tuned", "mean_max_64/eval_val"),
+                        ("best", "mean_max/eval_val_best"), ("ensemble", "mean_max_64/eval_val_ensemble")):
+        with open(os.path.join(models, folder, model_dir_lib.METRICS_FILE)) as f:
+            metrics[key] = json.load(f)
+    return metrics
+
+
 def main() -> None:
     start = time.perf_counter()
     if os.path.exists(OUT):
@@ -112,6 +160,7 @@ def main() -> None:
     fusion_dir = os.path.join(models, FUSION_MODELS[0])
     times["submission"] = run("test submission", "evaluate.py", f"--data_dir={test_data}",
                               f"--model_dir={fusion_dir}", "--split=test")
+    beyond = beyond_one_run(times)
 
     with open(os.path.join(data, record_schema.LABELS_FILE)) as f:
         num_classes = sum(1 for _ in f) - 1
@@ -131,6 +180,14 @@ def main() -> None:
     print(f"multi-image fusion {'beats' if fused > late else 'does NOT beat'} late fusion on the split classes "
           f"({fused:.3f} vs {late:.3f})")
 
+    parent, tuned, ensemble = (beyond[key]["top1"] for key in ("parent", "fine-tuned", "ensemble"))
+    members = [member["top1"] for member in beyond["ensemble"]["members"]]
+    print("\n=== beyond one run (val top-1)")
+    print(f"fine-tuned at 64 px from the 48 px model (2 epochs): {tuned:.3f} (parent {parent:.3f})")
+    print(f"best checkpoint of the 48 px model: {beyond['best']['top1']:.3f} (final {parent:.3f})")
+    print(f"ensemble of the two fine-tuned (seeds 1, 2): {ensemble:.3f} (members "
+          f"{', '.join(f'{m:.3f}' for m in members)})")
+
     print("\n=== where everything is")
     print(f"converted data:    {data} (train/val), {test_data} (test)")
     for fusion in FUSION_MODELS:
@@ -145,6 +202,10 @@ def main() -> None:
     print("time: " + ", ".join(f"{k} {v:.0f} s" for k, v in times.items()) + f"; total {total:.0f} s")
     if fused <= late:
         sys.exit("demo: the multi-image model did not beat late fusion on the split classes")
+    if tuned < parent:
+        sys.exit(f"demo: the fine-tuned model ({tuned:.3f}) is worse than its parent ({parent:.3f})")
+    if ensemble < max(members):
+        sys.exit(f"demo: the ensemble ({ensemble:.3f}) is worse than its better member ({max(members):.3f})")
 
 
 if __name__ == "__main__":

@@ -82,7 +82,10 @@ def _remove(path: str) -> None:
 
 def _replace_folder(partial: str, path: str, last: str) -> None:
     if tf.io.gfile.exists(path):
-        tf.io.gfile.rmtree(path)
+        try:
+            tf.io.gfile.rmtree(path)
+        except tf.errors.NotFoundError:
+            pass  # ram:// says a mere name prefix exists (export, for export_best/'s files)
     if "://" not in partial or partial.startswith("file://"):
         tf.io.gfile.rename(partial, path)  # a local folder: one atomic rename
         return

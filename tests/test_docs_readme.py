@@ -23,6 +23,7 @@ import sys
 import bson
 import pytest
 
+import demo
 from tests import test_docs_readme_paths as readme
 
 pytestmark = pytest.mark.slow
@@ -81,6 +82,11 @@ SKIPPED = {
                                                                                    "dispatcher",
 }
 
+# README "Beyond one run": the commands demo.py runs, as written, on its own output.
+DEMO = "runs on make demo's output (demo_output/); demo.py runs this very command (checked below)"
+BEYOND_ONE_RUN = [".venv/bin/python " + command for command in demo.BEYOND_ONE_RUN]
+SKIPPED.update({command: DEMO for command in BEYOND_ONE_RUN})
+
 # Inside the temporary checkout: what the Kaggle download and unzip would leave, under the
 # names the README's commands read.
 TRAIN_BSON = ("train.bson", "cdiscount/train.bson")
@@ -134,6 +140,13 @@ def expected_outputs(command: readme.Command) -> list[str]:
         folder = command.option("output_dir") or f"{command.option('model_dir')}/eval_{split}"
         return [f"{folder}/metrics.json"] + ([f"{folder}/submission.csv"] if split == "test" else [])
     return []
+
+
+def test_the_beyond_one_run_commands_are_the_demos():
+    """The README section's block is demo.BEYOND_ONE_RUN, in order: what the README shows is
+    what `make demo` runs."""
+    section = [c.key for c in COMMANDS if c.section.startswith("Beyond one run")]
+    assert section == BEYOND_ONE_RUN
 
 
 def test_every_skipped_command_is_in_the_readme():

@@ -93,7 +93,12 @@ def path_problems(commands: list[Command]) -> list[str]:
     problems = []
     for command in commands:
         where = f"README line {command.line} ({command.section}): {command.key}"
-        if command.program == "beam_convert":
+        if command.key == "make demo":  # demo.py: its conversion and its models, under demo_output/
+            import demo
+
+            conversions.add("demo_output/data")
+            models.update(f"demo_output/models/{fusion}" for fusion in demo.FUSION_MODELS)
+        elif command.program == "beam_convert":
             conversions.add(command.option("output_dir"))
         elif command.program == "gsutil" and "-r" in command.words:
             source, destination = command.words[-2:]
@@ -113,10 +118,11 @@ def path_problems(commands: list[Command]) -> list[str]:
             data_dir, model_dir = command.option("data_dir"), command.option("model_dir")
             if data_dir not in conversions:
                 problems.append(f"{where}: --data_dir={data_dir} is no conversion's --output_dir")
-            if model_dir not in models:
-                problems.append(f"{where}: --model_dir={model_dir} was written by no train.py command before it")
+            for member in model_dir.split(","):  # an ensemble: A,B
+                if member not in models:
+                    problems.append(f"{where}: --model_dir={member} was written by no train.py command before it")
             split = command.option("split") or "val"
-            evaluations.add(command.option("output_dir") or posixpath.join(model_dir, f"eval_{split}"))
+            evaluations.add(command.option("output_dir") or posixpath.join(model_dir.split(",")[0], f"eval_{split}"))
         elif command.program == "kaggle" and "submit" in command.words:
             submitted = command.words[command.words.index("-f") + 1]
             if posixpath.basename(submitted) != "submission.csv" or posixpath.dirname(submitted) not in evaluations:

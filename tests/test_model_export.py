@@ -16,7 +16,7 @@ import tensorflow as tf
 
 import record_schema
 from model import export
-from model.evaluation.predict import predict_top_k
+from model.evaluation.predict import Member, predict_top_k
 from model.input_pipeline import create_dataset, decode
 from model.input_pipeline import labels as labels_lib
 from model.input_pipeline.labels import Labels
@@ -218,7 +218,9 @@ def flip_exports(tmp_path_factory):
 
 
 def _evaluate_top5(model, dataset, flip_tta):
-    return predict_top_k(model, dataset, k=5, flip_tta=flip_tta, log=lambda *_: None)
+    member = Member(model_dir="in memory", checkpoint="final", model=model,
+                    config={"train": {"image_size": IMAGE_SIZE, "crop_size": CROP_SIZE}, "model": {}})
+    return predict_top_k([member], [dataset], k=5, flip_tta=flip_tta, log=lambda *_: None)
 
 
 @pytest.mark.parametrize("flip_tta", [False, True], ids=["plain", "flip_tta"])
