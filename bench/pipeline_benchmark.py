@@ -16,13 +16,19 @@ depend on the Beam job. Then, on the same JPEGs:
               (its --seed and --shuffle_buffer, repeat) for: the defaults (180 px, no crop);
               configs/xception_gpu.flags (180 px, random 160 px crops); 90 px; and
               configs/cpu_tiny.flags (48 px). Image settings are read from the flag files. Then
-              the evaluation mode at the defaults. No mirror: the model does it (issue 11).
+              the defaults with seed=None (nondeterministic element order, what an unseeded stream
+              costs less: issue 17), and the evaluation mode at the defaults. No mirror: the model
+              does it (issue 11).
   seed-style  a Python generator over a BSON offset index (4-byte length, seek, read) decoding with
               PIL into uint8 [4, 180, 180, 3] stacks + mask, in tf.data.Dataset.from_generator.
 
 Goals (issue 11): P1 = training pipeline / ceiling >= 0.9 for the defaults and for
 xception_gpu.flags; P1-small = training pipeline at 90 px and at 48 px / ceiling >= 1.2 (products/s
 against the full-size decode); P1b = pipeline (defaults) / seed-style >= 4.
+
+--determinism=off,on adds, for each allocator, a process that first calls
+tf.config.experimental.enable_op_determinism() (what train.py --deterministic does): its table is
+keyed `ALLOCATOR+determinism`.
 
 Each allocator setting runs in its own process (TensorFlow reads TF_CPU_ALLOCATOR_USE_BFC once):
 `bfc`, TensorFlow's pooling allocator, is what train.py and evaluate.py set; `default` is glibc
@@ -63,9 +69,11 @@ RESULTS = ROOT / "bench" / "RESULTS_pipeline.md"
 GPU_FLAGS, CPU_FLAGS = ROOT / "configs" / "xception_gpu.flags", ROOT / "configs" / "cpu_tiny.flags"
 # train.py's defaults for what shapes its training pipeline (model/training/loop.py TrainConfig).
 TRAIN_DEFAULTS = {"image_size": 180, "crop_size": 0, "shuffle_buffer": 2048, "seed": 0}
-CEILING, DEFAULT, GPU, SMALL90, CPU48, EVAL, SEED = (
+CEILING, DEFAULT, GPU, SMALL90, CPU48, UNSEEDED, EVAL, SEED = (
     "ceiling: decode_jpeg map, 180 px", "train, defaults", "train, xception_gpu.flags",
-    "train, defaults at 90 px", "train, cpu_tiny.flags", "eval, defaults (in order)", "seed-style PIL generator")
+    "train, defaults at 90 px", "train, cpu_tiny.flags", "train, defaults, seed=None",
+    "eval, defaults (in order)", "seed-style PIL generator")
+TRAIN_ROWS = (DEFAULT, GPU, SMALL90, CPU48, UNSEEDED)
 GOALS = {DEFAULT: ("P1", 0.9), GPU: ("P1", 0.9), SMALL90: ("P1-small", 1.2), CPU48: ("P1-small", 1.2)}
 ALLOCATORS = {"default": None, "bfc": "true"}
 
@@ -209,11 +217,16 @@ def timed(iterator, per_element: float, batches: int) -> tuple[float, float]:
 def worker(data: dict, args) -> dict:
     """Each round times every loader in turn on a fresh iterator (datasets are built once): a
     kept-alive iterator would fill its buffers while the others run and hand them out for free."""
+    if args.worker.endswith("+determinism"):
+        import tensorflow as tf
+
+        tf.config.experimental.enable_op_determinism()
+        tf.random.set_seed(0)  # random ops refuse to run unseeded then; train.py seeds everything first
     ipp = data["images"] / data["products"]
     settings = data["settings"]
     loaders = {
         CEILING: ceiling_loader(data["pattern"], ipp),
-        **{name: pipeline_loader(data["pattern"], True, settings[name]) for name in (DEFAULT, GPU, SMALL90, CPU48)},
+        **{name: pipeline_loader(data["pattern"], True, settings[name]) for name in TRAIN_ROWS},
         EVAL: pipeline_loader(data["pattern"], False, settings[DEFAULT]),
         SEED: seed_style_loader(data["bson"]),
     }
@@ -247,7 +260,7 @@ def report(data: dict, results: dict, args, seconds: float) -> str:
            + ", ".join(f"{k} {v['load_start']:.1f} / {v['load']:.1f}" for k, v in results.items())
            + f"; {seconds:.0f} s in all. Training rows as train.py builds them: "
            + "; ".join(f"{name}: {describe(settings[name])}, shuffle_buffer {settings[name]['shuffle_buffer']}, "
-                       f"seed {settings[name]['seed']}" for name in (DEFAULT, GPU, SMALL90, CPU48)) + "."]
+                       f"seed {settings[name]['seed']}" for name in TRAIN_ROWS) + "."]
     for allocator, result in results.items():
         rates = result["rates"]
         med = {k: statistics.median(w for w, _ in v) for k, v in rates.items()}
@@ -269,6 +282,10 @@ def report(data: dict, results: dict, args, seconds: float) -> str:
             out.append(f"- {goal} {name} ({describe(settings[name])}) / ceiling = **{ratio[name]:.2f}** "
                        f"(rounds {spread[name][0]:.2f}-{spread[name][1]:.2f}; per CPU-s {cpu[name] / cpu[CEILING]:.2f})"
                        f"   goal >= {target}: {verdict}")
+        if UNSEEDED in rates:
+            seeded = statistics.median(w / u for (w, _), (u, _) in zip(rates[DEFAULT], rates[UNSEEDED]))
+            out.append(f"- seeded (deterministic order) / seed=None at the defaults = **{seeded:.2f}** (pairwise "
+                       f"median; per CPU-s {cpu[DEFAULT] / cpu[UNSEEDED]:.2f})")
         out.append(f"- P1b train defaults / seed-style = **{med[DEFAULT] / med[SEED]:.1f}x** (best rounds "
                    f"{best[DEFAULT] / best[SEED]:.1f}x; per CPU-s {cpu[DEFAULT] / cpu[SEED]:.1f}x)   goal >= 4x")
     return "\n".join(out) + "\n"
@@ -285,6 +302,8 @@ def main(argv=None) -> int:
     parser.add_argument("--seed_batches", type=int, default=8, help="timed batches for the slow seed-style loader")
     parser.add_argument("--allocators", default="bfc",
                         help=f"comma list of {sorted(ALLOCATORS)}; bfc is what train.py and evaluate.py set")
+    parser.add_argument("--determinism", default="off",
+                        help="comma list of off, on: on runs a process with enable_op_determinism (train.py --deterministic)")
     parser.add_argument("--work_dir", help="keep data here (default: a temporary folder, removed)")
     parser.add_argument("--results", default=str(RESULTS), help="markdown file to write ('' for none)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)  # internal: measure in this process
@@ -308,22 +327,24 @@ def main(argv=None) -> int:
                 write_bson(bson_path, args.products, num_classes=20, seed=0, labelled=True)
         data = prepare(bson_path, work, args.shards)
         data["settings"] = {DEFAULT: train_settings(), GPU: train_settings(GPU_FLAGS),
-                            SMALL90: train_settings(image_size=90), CPU48: train_settings(CPU_FLAGS)}
+                            SMALL90: train_settings(image_size=90), CPU48: train_settings(CPU_FLAGS),
+                            UNSEEDED: train_settings(seed=None)}
         print(f"data: {data['products']} products, {data['images']} JPEGs, {args.shards} shards in {work} "
               f"({time.perf_counter() - start:.0f} s)", flush=True)
 
         results = {}
-        for allocator in args.allocators.split(","):
+        for allocator, determinism in [(a, d) for d in args.determinism.split(",") for a in args.allocators.split(",")]:
             env = dict(os.environ)
             env.pop("TF_CPU_ALLOCATOR_USE_BFC", None)
             if ALLOCATORS[allocator]:
                 env["TF_CPU_ALLOCATOR_USE_BFC"] = ALLOCATORS[allocator]
             child = [a for a in (argv if argv is not None else sys.argv[1:])]
             command = [sys.executable, "-m", "bench.pipeline_benchmark", *child,
-                       f"--worker={allocator}", f"--data={json.dumps(data)}"]
+                       f"--worker={allocator}{'+determinism' if determinism == 'on' else ''}",
+                       f"--data={json.dumps(data)}"]
             done = subprocess.run(command, env=env, stdout=subprocess.PIPE, text=True, check=True,
                                   cwd=pathlib.Path(__file__).resolve().parent.parent)
-            results[allocator] = json.loads(done.stdout.strip().splitlines()[-1])
+            results[allocator + ("+determinism" if determinism == "on" else "")] = json.loads(done.stdout.strip().splitlines()[-1])
     finally:
         if not args.work_dir:
             shutil.rmtree(work, ignore_errors=True)
