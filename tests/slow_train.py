@@ -27,34 +27,19 @@ class SlowSteps(keras.callbacks.Callback):
         time.sleep(SECONDS_PER_STEP)
 
 
-def _traced(split_dataset, path):
-    import tensorflow as tf
+def _append_to(path):
+    def record(pipeline, batch, ids):
+        with open(path, "a") as f:
+            f.write(f"{pipeline} {batch} {','.join(str(i) for i in ids)}\n")
 
-    def traced(cfg, split, **options):
-        ds = split_dataset(cfg, split, **options)
-        if "record_counts" not in options:  # not a training stream (sample grid, calibration)
-            return ds
-        pipeline = options["input_context"].input_pipeline_id
-
-        def log(index, ids):
-            with open(path, "a") as f:
-                f.write(f"{pipeline} {int(index)} {','.join(str(i) for i in ids.numpy())}\n")
-            return index
-
-        def write(index, batch):
-            done = tf.py_function(log, [index, batch[0]["product_id"]], tf.int64)
-            with tf.control_dependencies([done]):
-                return tf.nest.map_structure(tf.identity, batch)
-
-        return ds.enumerate(options["start_batch"]).map(write)
-
-    return traced
+    return record
 
 
 if os.environ.get("TRACE_BATCHES"):
     from model.input_pipeline import data_folder  # noqa: E402
+    from tests.trace_batches import traced  # noqa: E402
 
-    data_folder.split_dataset = _traced(data_folder.split_dataset, os.environ["TRACE_BATCHES"])
+    data_folder.split_dataset = traced(data_folder.split_dataset, _append_to(os.environ["TRACE_BATCHES"]))
 
 _train = loop.train
 loop.train = lambda config, extra_callbacks=(), **kwargs: _train(config, (*extra_callbacks, SlowSteps()), **kwargs)

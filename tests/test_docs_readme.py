@@ -71,7 +71,7 @@ SKIPPED = {
     "gsutil -m cp -r gs://BUCKET/tfrecords .": CLOUD,
     'TF_CONFIG={"cluster": {"worker": ["10.0.0.1:12345", "10.0.0.2:12345"]}, "task": {"type": "worker", '
     '"index": 0}} python train.py --flagfile=configs/xception_gpu.flags --data_dir=gs://BUCKET/tfrecords/train '
-    "--model_dir=gs://BUCKET/runs/x2": "two hosts with 8 GPUs each and gs://; tests/test_model_training.py runs "
+    "--model_dir=gs://BUCKET/runs/x2": "two hosts with 8 GPUs each and gs://; tests/test_model_training_multi_worker.py runs "
                                        "two workers on one host",
     "python -m model.data_service dispatcher --port=5050 --work_dir=/var/lib/data_service/run1":
         "a server that does not exit (tests/test_model_data_service.py starts and stops one)",

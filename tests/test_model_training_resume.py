@@ -11,11 +11,11 @@ import os
 import keras
 import numpy as np
 import pytest
-import tensorflow as tf
 
 from model import config as config_lib
 from model.input_pipeline import data_folder
 from model.training import loop
+from tests import trace_batches
 from tests.record_helpers import write_data_dir
 
 pytestmark = pytest.mark.slow
@@ -41,26 +41,8 @@ def traced(monkeypatch):
     """Every batch the training streams make: (pipeline, batch index from the stream's start,
     product ids), the same test aid as tests/slow_train.py's, in-process."""
     made = []
-    split_dataset = data_folder.split_dataset
-
-    def traced_split_dataset(cfg, split, **options):
-        ds = split_dataset(cfg, split, **options)
-        if "record_counts" not in options:
-            return ds
-        pipeline = options["input_context"].input_pipeline_id
-
-        def log(index, ids):
-            made.append((pipeline, int(index), tuple(ids.numpy().tolist())))
-            return index
-
-        def write(index, batch):
-            done = tf.py_function(log, [index, batch[0]["product_id"]], tf.int64)
-            with tf.control_dependencies([done]):
-                return tf.nest.map_structure(tf.identity, batch)
-
-        return ds.enumerate(options["start_batch"]).map(write)
-
-    monkeypatch.setattr(data_folder, "split_dataset", traced_split_dataset)
+    monkeypatch.setattr(data_folder, "split_dataset",
+                        trace_batches.traced(data_folder.split_dataset, lambda *batch: made.append(batch)))
     return made
 
 
