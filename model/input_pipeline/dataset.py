@@ -80,7 +80,8 @@ def create_dataset(
 
     seed (training): an int makes the stream a pure function of (seed, this pipeline's share):
     pass p over the share reads its files in an order drawn from (seed, p) and shuffles their
-    records with a buffer seeded by (seed, p); passes follow one another (with repeat), batches
+    records in blocks of shuffle_buffer, each by a permutation drawn from (seed, p, block);
+    passes follow one another (with repeat), batches
     run across their boundaries, and batch b's crops are drawn from (seed, pipeline, b). So the
     stream can start at any batch (start_batch) and give exactly what an uninterrupted stream
     gives from there: the records before it are skipped before any parse or decode, from the
@@ -231,17 +232,20 @@ def _seeded_passes(files: list[str], read, *, seed: int, shuffle_buffer: int, re
             raise ValueError(f"start past the one pass: {skip_records} records of {per_pass}")
     names = tf.constant(files, tf.string)
     count = len(files)
-    seed = tf.constant(seed, tf.int64)
 
     @_plain
     def one_pass(pass_index):
-        pass_seed = tf.stack([seed, pass_index])
-        order = tf.random.experimental.index_shuffle(
-            tf.range(count, dtype=tf.int64), pass_seed, max_index=count - 1)
+        pass_seed = tf.stack([tf.constant(seed, tf.int64), pass_index])
+        order = tf.random.experimental.index_shuffle(tf.range(count, dtype=tf.int64), pass_seed, max_index=count - 1)
         records = tf.data.Dataset.from_tensor_slices(tf.gather(names, order)).interleave(
             read, cycle_length=min(count, 16), num_parallel_calls=AUTOTUNE, deterministic=True)
-        buffer_seed = tf.cast(tf.random.experimental.stateless_fold_in(pass_seed, 1)[0], tf.int64)
-        return records.shuffle(shuffle_buffer, seed=buffer_seed)
+        # Shuffled in blocks of shuffle_buffer records, each by a permutation drawn from (seed,
+        # pass, block): stateless, so the pass is a pure function of its seed. Dataset.shuffle
+        # cannot take a seed computed here: TensorFlow's seed helper compares the seed pair with
+        # (0, 0) in Python, which fails on a tensor whenever the process's global seed is 0.
+        return records.batch(shuffle_buffer).enumerate().map(
+            lambda block, window: tf.random.experimental.stateless_shuffle(
+                window, tf.random.experimental.stateless_fold_in(pass_seed, block))).unbatch()
 
     passes = tf.data.Dataset.counter(first_pass) if repeat else tf.data.Dataset.range(first_pass, first_pass + 1)
     return passes.flat_map(one_pass), skip
