@@ -187,7 +187,7 @@ def main() -> None:
     print(f"best checkpoint of the 48 px model: {beyond['best']['top1']:.3f} (final {parent:.3f})")
     print(f"ensemble of the two 48 px models (two seeds): {ensemble:.3f} (members "
           f"{', '.join(f'{m:.3f}' for m in members)})")
-    print(f"verdicts (BUILD_NOTES: measured, not enforced: 373 val products move 0.003 a product): fine-tuned "
+    print(f"verdicts (BUILD_NOTES: measured, not enforced: 383 val products, 0.003 a product): fine-tuned "
           f"{'>=' if tuned >= parent else '<'} parent; ensemble {'>=' if ensemble >= max(members) else '<'} "
           "its better member")
 
