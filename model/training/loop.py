@@ -101,10 +101,9 @@ def _train_held(cfg: TrainConfig, strategy, service_job: str, extra_callbacks: t
     changes = run_state.stream_changes(cfg.model_dir, cfg, strategy.num_replicas_in_sync)
     _write_run_files(cfg, mconfig, flags_text, strategy.num_replicas_in_sync)
     model, resumed_step = _build_and_restore(cfg, strategy, mconfig, data, backup_dir)
-    if resumed_step:
-        if changes:
-            print(f"Resumed with other stream settings ({'; '.join(changes)}): from here the batches are not "
-                  "the ones an uninterrupted run reads (README: Interrupted?)", flush=True)
+    if resumed_step and changes:
+        print(f"Resumed with other stream settings ({'; '.join(changes)}): from here the batches are not "
+              "the ones an uninterrupted run reads (README: Interrupted?)", flush=True)
     if cfg.sample_products > 0:
         _write_samples(cfg, data.labels)
     rates = None
