@@ -59,3 +59,20 @@ def write_data_dir(path, *, with_val=True, one_level1=False, shards=1, val_name=
         json.dump({"schema_version": 1, "num_classes": len(category_ids), "max_images": 4, "splits": counts,
                    "images_per_product": {}, "rejected": {}}, f)
     return path
+
+
+def spread_head(model, jpegs, mask, *, image_size, crop_size):
+    """The initial network's pooled features barely differ from product to product (softmax ~uniform,
+    top-k ties): rescale the category head so that its logits spread by a few units over these
+    products (JPEG slots [N, 4] and their mask)."""
+    import keras
+    import tensorflow as tf
+
+    from model.input_pipeline import decode
+
+    head = model.get_layer("category")
+    features = np.asarray(keras.Model(model.inputs, head.input)(
+        {"images": decode.decode_images(jpegs, mask, image_size, crop_size=crop_size), "mask": tf.constant(mask)}))
+    kernel = np.random.default_rng(0).normal(size=head.kernel.shape) * 4 / (features.std() * features.shape[1] ** 0.5)
+    head.kernel.assign(kernel.astype(np.float32))
+    head.bias.assign(-(features.mean(axis=0) @ kernel).astype(np.float32))

@@ -17,11 +17,10 @@ from PIL import Image
 
 import record_schema
 from model import export
-from model.input_pipeline import decode
 from model.input_pipeline import labels as labels_lib
 from model.network.multi_image import ModelConfig, build_model
 from tests.convert_helpers import png_bytes
-from tests.record_helpers import sample_documents, write_data_dir
+from tests.record_helpers import sample_documents, spread_head, write_data_dir
 
 SIZE = 32
 SLOTS = record_schema.MAX_IMAGES
@@ -36,17 +35,9 @@ def pictures():
 
 
 def _sharpen_head(model, pictures):
-    """The initial network's pooled features barely differ from picture to picture (softmax ~uniform,
-    top-k ties): rescale the head so that the logits spread by a few units over the sample."""
     jpegs = np.array([[p[0]] + [b""] * (SLOTS - 1) for p in pictures[:16]], dtype=object)
     mask = np.array([[1.0] + [0.0] * (SLOTS - 1)] * len(jpegs), np.float32)
-    head = model.get_layer("category")
-    features = keras.Model(model.inputs, head.input)(
-        {"images": decode.decode_images(jpegs, mask, SIZE + 4, crop_size=SIZE), "mask": tf.constant(mask)})
-    features = np.asarray(features)
-    kernel = np.random.default_rng(0).normal(size=head.kernel.shape) * 4 / (features.std() * features.shape[1] ** 0.5)
-    head.kernel.assign(kernel.astype(np.float32))
-    head.bias.assign(-(features.mean(axis=0) @ kernel).astype(np.float32))
+    spread_head(model, jpegs, mask, image_size=SIZE + 4, crop_size=SIZE)
 
 
 @pytest.fixture(scope="module")

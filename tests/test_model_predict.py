@@ -32,6 +32,7 @@ from tests.record_helpers import (
     REPO,
     TINY_TRAIN_FLAGS,
     sample_documents,
+    spread_head,
     write_data_dir,
 )
 
@@ -76,14 +77,8 @@ def trained(tmp_path_factory, pictures):
     labels = labels_lib.read_labels(data_dir)
     keras.utils.set_random_seed(0)
     model = build_model(ModelConfig(num_classes=labels.num_classes, image_size=CROP_SIZE, backbone="tiny"))
-    # The initial network's logits are near-uniform (top-k ties): spread them by a few units.
     images, mask = _batch(pictures["products"])
-    head = model.get_layer("category")
-    features = np.asarray(keras.Model(model.inputs, head.input)(
-        {"images": decode.decode_images(images, mask, IMAGE_SIZE, crop_size=CROP_SIZE), "mask": tf.constant(mask)}))
-    kernel = np.random.default_rng(0).normal(size=head.kernel.shape) * 4 / (features.std() * features.shape[1] ** 0.5)
-    head.kernel.assign(kernel.astype(np.float32))
-    head.bias.assign(-(features.mean(axis=0) @ kernel).astype(np.float32))
+    spread_head(model, images, mask, image_size=IMAGE_SIZE, crop_size=CROP_SIZE)
 
     model_dir = str(tmp_path_factory.mktemp("model"))
     shutil.copy(os.path.join(data_dir, record_schema.LABELS_FILE), model_dir)
