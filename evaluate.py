@@ -46,19 +46,7 @@ flags.DEFINE_bool("skip_corrupt_records", False, "Read past damaged shards: the 
                   "skipped, named once and counted in metrics.json (skipped_records); without it a damaged "
                   "shard stops evaluation with one line naming it.")
 flags.mark_flags_as_required(["data_dir", "model_dir"])
-cli.check_folder_flags(model_must_exist=False)
-
-
-def _every_model_trained(text) -> bool:
-    """Flag check: each folder of --model_dir holds a trained model (one line naming the first that does not)."""
-    for model_dir in (text or "").split(","):
-        if model_dir.strip() and not cli.has_model(model_dir.strip()):
-            raise flags.ValidationError(f"--model_dir {model_dir.strip()} has no model.keras: train first "
-                                        "(python train.py ...)")
-    return True
-
-
-flags.register_validator("model_dir", _every_model_trained)
+cli.check_folder_flags(model_must_exist=True)
 
 
 def main(argv):

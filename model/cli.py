@@ -42,16 +42,22 @@ def _without_h5py_write_failures(hook):
 
 
 def check_folder_flags(*, model_must_exist: bool) -> None:
-    """Registers the checks of --data_dir (and of --model_dir when it must hold a trained model)."""
+    """Registers the checks of --data_dir (and of --model_dir when it must hold a trained model:
+    every folder of a comma-separated list, an ensemble's, the first without one named)."""
     from absl import flags
 
     flags.register_validator(
         "data_dir", has_metadata,
         message=f"--data_dir has no {record_schema.METADATA_FILE}: point it at a beam_convert output folder")
     if model_must_exist:
-        flags.register_validator(
-            "model_dir", has_model,
-            message=f"--model_dir has no {model_dir_lib.MODEL_FILE}: train first (python train.py ...)")
+        def every_model_trained(text) -> bool:
+            for model_dir in (text or "").split(","):
+                if model_dir.strip() and not has_model(model_dir.strip()):
+                    raise flags.ValidationError(f"--model_dir {model_dir.strip()} has no {model_dir_lib.MODEL_FILE}: "
+                                                "train first (python train.py ...)")
+            return True
+
+        flags.register_validator("model_dir", every_model_trained)
 
 
 def _file_exists(path: str) -> bool:
