@@ -12,7 +12,7 @@ import numpy as np
 import tensorflow as tf
 
 import record_schema
-from model import atomic
+from model import atomic, signals
 from model import model_dir as model_dir_lib
 from model.config import config_from_json
 from model.errors import UserError
@@ -59,6 +59,7 @@ def evaluate(*, data_dir: str, model_dir, split: str, output_dir: str | None = N
                                      flip_tta=flip_tta, dup_lookup=dup_lookup, dup_lookup_level=dup_lookup_level,
                                      train_data_dir=train_data_dir, skip_corrupt_records=skip_corrupt_records,
                                      save_top_k=save_top_k, log=log)
+            signals.raise_if_requested()  # the last safe point: from here the folder is moved into place
     except BaseException:
         if tf.io.gfile.exists(output_dir):
             log(f"{output_dir} still holds the earlier evaluation (its metrics.json says which model and data).")

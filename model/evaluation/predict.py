@@ -19,7 +19,7 @@ import numpy as np
 import tensorflow as tf
 
 import record_schema
-from model import model_dir as model_dir_lib
+from model import model_dir as model_dir_lib, signals
 from model.errors import UserError
 from model.evaluation import duplicates, ensemble
 
@@ -117,6 +117,7 @@ def predict_top_k(members: list[Member], datasets: list, *, k: int = TOP_K, flip
     start = last = time.perf_counter()
     done = 0
     for batches in zip(*unique):
+        signals.raise_if_requested()
         batches = [batches[position[id(d)]] for d in datasets]
         features, label = batches[0]
         product_id = features[record_schema.PRODUCT_ID].numpy()

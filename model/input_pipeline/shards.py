@@ -15,6 +15,7 @@ import re
 
 import tensorflow as tf
 
+from model import signals
 from model.errors import UserError
 from model.input_pipeline import data_folder
 
@@ -82,6 +83,7 @@ def check_split(data_dir: str, split: str, *, skip_corrupt_records: bool, log=pr
     expected = data_folder.split_products(data_folder.read_metadata(data_dir), split)
     records, damaged, per_file = 0, {}, {}
     for path in files:
+        signals.raise_if_requested()  # a split of 700 files on a bucket takes a while
         readable, problem = count_records(path)
         records += readable
         per_file[path] = readable

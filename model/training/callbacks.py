@@ -280,9 +280,6 @@ class StopOnSignal(keras.callbacks.Callback):
         super().__init__()
         self.requests, self.backup = requests, backup
 
-    def on_train_begin(self, logs=None):
-        self.requests.deferred = True
-
     def on_train_batch_end(self, batch, logs=None):
         if self.requests.signum is not None:
             self.backup.save(_optimizer_step(self.model))
@@ -291,9 +288,6 @@ class StopOnSignal(keras.callbacks.Callback):
     def on_epoch_end(self, epoch, logs=None):
         if self.requests.signum is not None:
             self.model.stop_training = True  # Backup ran first: this epoch's end is saved
-
-    def on_train_end(self, logs=None):
-        self.requests.deferred = False
 
 
 def restore_backup(model: keras.Model, backup_dir: str) -> int:

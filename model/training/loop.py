@@ -96,11 +96,13 @@ def _train(cfg: TrainConfig, extra_callbacks: tuple, flags_text: str, stop_reque
 def _train_held(cfg: TrainConfig, strategy, service_job: str, extra_callbacks: tuple, flags_text: str,
                 stop_requests, backup_dir: str) -> dict:
     data, cfg = _read_data(cfg, strategy, service_job)
+    stop_requests.raise_if_requested()
     _describe(cfg, strategy, data)
     mconfig = model_config(cfg, data.labels, data.aux_heads)
     changes = run_state.stream_changes(cfg.model_dir, cfg, strategy.num_replicas_in_sync)
     _write_run_files(cfg, mconfig, flags_text, strategy.num_replicas_in_sync)
     model, resumed_step = _build_and_restore(cfg, strategy, mconfig, data, backup_dir)
+    _stop_if_requested(stop_requests, model, cfg)
     if resumed_step and changes:
         print(f"Resumed with other stream settings ({'; '.join(changes)}): from here the batches are not "
               "the ones an uninterrupted run reads (README: Interrupted?)", flush=True)
@@ -113,6 +115,7 @@ def _train_held(cfg: TrainConfig, strategy, service_job: str, extra_callbacks: t
         rates = input_check.measure(model, strategy, data.train_stream(resumed_step), cfg.batch_size,
                                     measure_input=not cfg.data_service)
         print(rates.verdict(distribution.describe(strategy)), flush=True)
+        _stop_if_requested(stop_requests, model, cfg)
     callbacks = callbacks_lib.make_callbacks(
         cfg.model_dir, epochs=cfg.epochs, steps_per_epoch=data.steps_per_epoch, global_batch=cfg.batch_size,
         backup_every_steps=cfg.backup_every_steps, log_every_steps=cfg.log_every_steps,
@@ -120,14 +123,26 @@ def _train_held(cfg: TrainConfig, strategy, service_job: str, extra_callbacks: t
         compute_seconds_per_product=rates.step_seconds if rates else None,
     ) + list(extra_callbacks)
     history = _fit(model, cfg, strategy, data, callbacks, resumed_step)
-    if stop_requests.signum is not None:
-        step = int(keras.ops.convert_to_numpy(model.optimizer.iterations))
-        raise Interrupted(stop_requests.signum, f"stopped by {signal.Signals(stop_requests.signum).name} at "
-                          f"optimizer step {step}; the backup in {cfg.model_dir}/{model_dir_lib.BACKUP_DIR} holds it. "
-                          "Run the same command to resume.")
+    _stop_if_requested(stop_requests, model, cfg)
     final, recalibrated, final_val = _final_model(model, cfg, mconfig, data)
+    _stop_if_requested(stop_requests, model, cfg)
     best = _best_model(final, final_val, cfg, mconfig, data)
+    _stop_if_requested(stop_requests, model, cfg)  # the last: _save ends with the backup removed
     return _save(final, best, model, cfg, data, resumed_step, recalibrated, history, final_val)
+
+
+def _stop_if_requested(stop_requests, model: keras.Model, cfg: TrainConfig) -> None:
+    """A safe point of the train loop (model.signals): a requested stop raises Interrupted saying
+    what is kept. Until _save has written model.keras and export/, the backup holds the last step."""
+    if stop_requests.signum is None:
+        return
+    name = signal.Signals(stop_requests.signum).name
+    step = int(keras.ops.convert_to_numpy(model.optimizer.iterations))
+    if step == 0:
+        raise Interrupted(stop_requests.signum, f"stopped by {name} before the first optimizer step; nothing "
+                          "was trained yet")
+    raise Interrupted(stop_requests.signum, f"stopped by {name} at optimizer step {step}; the backup in "
+                      f"{cfg.model_dir}/{model_dir_lib.BACKUP_DIR} holds it. Run the same command to resume.")
 
 
 def _place(cfg: TrainConfig) -> tuple[tf.distribute.Strategy, TrainConfig]:
