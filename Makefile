@@ -1,6 +1,7 @@
 # The two commands of the README: `make demo` and `make test`. Both build ./.venv on first use.
 # make test: pytest-xdist, one worker a core; each worker takes whole test files, so a module
-# fixture (a training run, a conversion) is built once and shared by its tests.
+# fixture (a training run, a conversion) is built once and shared by its tests. The longest
+# files go first (tests/conftest.py LONGEST_FIRST), so no long one is left to run alone at the end.
 # make test-fast: the same without the tests marked slow (pytest.ini): no training in a
 # subprocess, under a minute on 2 cores.
 VENV ?= .venv
@@ -16,7 +17,7 @@ $(VENV)/.installed: setup.py
 	touch $@
 
 test: $(VENV)/.installed
-	$(PY) -m pytest -q -n auto --dist loadfile tests
+	$(PY) -m pytest -q -n auto --dist loadfile --no-loadscope-reorder tests
 
 test-fast: $(VENV)/.installed
 	$(PY) -m pytest -q -n auto --dist loadfile -m "not slow" tests

@@ -44,6 +44,17 @@ def written_whole(path: str, last: str = ""):
         _remove(partial)
 
 
+def copy_folder(source: str, destination: str) -> None:
+    """Copies a folder tree file by file (any filesystem tf.io.gfile reads); destination is made."""
+    for folder, _, names in tf.io.gfile.walk(source):
+        target = destination + folder[len(source):]  # walk joins below `source` as given (gs:// too)
+        tf.io.gfile.makedirs(target)
+        for name in names:
+            path = os.path.join(folder, name)
+            if tf.io.gfile.exists(path):  # ram:// lists a sibling "export_best" under "export" as "_best"
+                tf.io.gfile.copy(path, os.path.join(target, name), overwrite=True)
+
+
 def write_text(path: str, text: str) -> None:
     with written_whole(path) as partial, tf.io.gfile.GFile(partial, "w") as f:
         f.write(text)

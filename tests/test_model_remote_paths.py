@@ -6,6 +6,7 @@ tests/test_model_data_faults.py::test_commands_stop_on_a_truncated_shard_with_on
 """
 
 import csv
+import json
 import io
 import os
 
@@ -29,6 +30,17 @@ def copy_tree(source: str, destination: str) -> None:
         tf.io.gfile.copy(os.path.join(source, name), os.path.join(destination, name), overwrite=True)
 
 
+def read(path: str, mode: str = "r"):
+    with tf.io.gfile.GFile(path, mode) as f:
+        return f.read()
+
+
+def walk(top: str) -> list[str]:
+    """Every file below top (ram:// also lists a sibling "top_best" as "_best": not a file, left out)."""
+    paths = [os.path.join(folder, name) for folder, _, names in tf.io.gfile.walk(top) for name in names]
+    return [path for path in paths if tf.io.gfile.exists(path)]
+
+
 def test_train_evaluate_submission_on_ram_filesystem(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # a path mistaken for a local one would appear here
     write_data_dir(str(tmp_path / "local_test"), val_name="test")
@@ -39,6 +51,13 @@ def test_train_evaluate_submission_on_ram_filesystem(tmp_path, monkeypatch):
     for name in ("model.keras", "labels.csv", "train_config.json", "train_state.json", "export/saved_model.pb"):
         assert tf.io.gfile.exists(f"ram://remote/model/{name}"), name
     assert tf.io.gfile.glob("ram://remote/model/logs/train_steps/*tfevents*")
+    # One epoch: the best model is the final one, whose export is copied to export_best/ file by file.
+    assert json.loads(read("ram://remote/model/train_state.json"))["best_epoch"] == 1
+    exported = sorted(path[len("ram://remote/model/export"):] for path in walk("ram://remote/model/export"))
+    assert exported and exported == sorted(path[len("ram://remote/model/export_best"):]
+                                           for path in walk("ram://remote/model/export_best"))
+    assert read("ram://remote/model/export_best/saved_model.pb", "rb") == read("ram://remote/model/export/saved_model.pb", "rb")
+    assert tf.io.gfile.exists("ram://remote/model/best.keras")
 
     summary = evaluation.evaluate(data_dir="ram://remote/test", model_dir="ram://remote/model", split="test",
                                   batch_size=8)

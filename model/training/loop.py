@@ -395,19 +395,34 @@ def _best_model(final: keras.Model, final_val: dict, cfg: TrainConfig, mconfig, 
     return best, epoch, best_val
 
 
+def _export(model: keras.Model, cfg: TrainConfig, data: RunData, checkpoint: str) -> None:
+    with atomic.written_whole(os.path.join(cfg.model_dir, model_dir_lib.export_dir(checkpoint)),
+                              last="saved_model.pb") as partial:
+        export.export_serving_model(model, data.labels, partial, image_size=cfg.image_size,
+                                    crop_size=cfg.crop_size, top_k=cfg.export_top_k, flip_tta=cfg.export_flip_tta)
+
+
+def _save_model(model: keras.Model, cfg: TrainConfig, checkpoint: str) -> None:
+    with atomic.written_whole(os.path.join(cfg.model_dir, model_dir_lib.model_file(checkpoint))) as partial:
+        model.save(partial)
+
+
 def _save(final: keras.Model, best, model: keras.Model, cfg: TrainConfig, data: RunData, resumed_step: int,
           recalibrated: int, history: dict, final_val: dict) -> dict:
     """The final artefacts (best.keras and export_best/ replaced by the recalibrated best), then
     the backup dropped: from here a re-run has nothing left to do. model.keras goes last of the
     models: with train_state.json it is what says the run finished."""
-    exports = [("best", best[0])] if best else []
-    for checkpoint, chosen in [*exports, ("final", final)]:
-        with atomic.written_whole(os.path.join(cfg.model_dir, model_dir_lib.export_dir(checkpoint)),
+    if best is not None and best[0] is not final:
+        _export(best[0], cfg, data, "best")
+        _save_model(best[0], cfg, "best")
+    _export(final, cfg, data, "final")
+    if best is not None and best[0] is final:
+        # The same model: its export copied, not traced and written a second time (~6 s a run).
+        with atomic.written_whole(os.path.join(cfg.model_dir, model_dir_lib.export_dir("best")),
                                   last="saved_model.pb") as partial:
-            export.export_serving_model(chosen, data.labels, partial, image_size=cfg.image_size,
-                                        crop_size=cfg.crop_size, top_k=cfg.export_top_k, flip_tta=cfg.export_flip_tta)
-        with atomic.written_whole(os.path.join(cfg.model_dir, model_dir_lib.model_file(checkpoint))) as partial:
-            chosen.save(partial)
+            atomic.copy_folder(os.path.join(cfg.model_dir, model_dir_lib.export_dir("final")), partial)
+        _save_model(final, cfg, "best")
+    _save_model(final, cfg, "final")
     model_path = os.path.join(cfg.model_dir, model_dir_lib.MODEL_FILE)
     export_path = os.path.join(cfg.model_dir, model_dir_lib.EXPORT_DIR)
     state = {
