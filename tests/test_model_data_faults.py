@@ -143,7 +143,8 @@ def test_commands_stop_on_a_truncated_shard_with_one_line_and_skip_it_when_asked
     content = open(path, "rb").read()
     open(path, "wb").write(content[: len(content) // 2])
     flags = [f"--data_dir=file://{data}", "--backbone=tiny", "--image_size=32", "--batch_size=8", "--epochs=1",
-             "--steps_per_epoch=3", "--sample_products=0", "--bn_recalibration_steps=1", "--fusion=mean"]
+             "--steps_per_epoch=3", "--sample_products=0", "--bn_recalibration_steps=1", "--fusion=mean",
+             "--noinput_check"]
 
     before = set(os.listdir(REPO))
     stopped = run("train.py", *flags, f"--model_dir=file://{tmp_path / 'm1'}")

@@ -21,7 +21,7 @@ from tests.record_helpers import write_data_dir
 pytestmark = pytest.mark.slow
 
 TINY = dict(backbone="tiny", image_size=32, batch_size=8, epochs=1, steps_per_epoch=2, sample_products=2,
-            bn_recalibration_steps=1, fusion="mean", log_every_steps=1)
+            bn_recalibration_steps=1, fusion="mean", log_every_steps=1, input_check=False)
 
 
 def copy_tree(source: str, destination: str) -> None:

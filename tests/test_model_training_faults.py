@@ -211,7 +211,7 @@ def test_a_full_disk_is_one_line_and_leaves_no_truncated_model(data_dir, small_d
     model_dir = os.path.join(small_disk, "m")
     cfg = config.TrainConfig(data_dir=data_dir, model_dir=model_dir, backbone="tiny", image_size=32, batch_size=8,
                              epochs=2, steps_per_epoch=2, sample_products=0, bn_recalibration_steps=1,
-                             log_every_steps=0)
+                             log_every_steps=0, input_check=False)
     filler = os.path.join(small_disk, "filler")
     with open(filler, "wb") as f:  # leave ~1 MB: the tiny model's backup (~2 MB with Adam) does not fit
         f.write(np.zeros(2 * 1024 * 1024, np.uint8).tobytes())
