@@ -11,6 +11,32 @@ import dataclasses
 import record_schema
 
 PRECISIONS = ("float32", "mixed_bfloat16", "mixed_float16")
+
+
+@dataclasses.dataclass(frozen=True)
+class ImageSpec:
+    """How a product's pictures reach the network: decoded at `size`, then (crop) a crop x crop
+    window of that picture, random in training and central elsewhere. `crop` None is no crop, the
+    one spelling below the command line (whose flag writes it 0)."""
+
+    size: int = record_schema.IMAGE_SIZE
+    crop: int | None = None
+
+    def __post_init__(self):
+        if self.crop is not None and not 0 < self.crop <= self.size:
+            raise ValueError(f"crop must be in 1..size ({self.size}), got {self.crop}")
+
+    @property
+    def side(self) -> int:
+        """The side of the pictures the network sees."""
+        return self.crop or self.size
+
+    @classmethod
+    def from_flags(cls, image_size: int, crop_size: int | None) -> "ImageSpec":
+        """From the flags' spelling (--crop_size=0: none)."""
+        return cls(image_size, crop_size or None)
+
+
 @dataclasses.dataclass
 class TrainConfig:
     data_dir: str
@@ -62,8 +88,12 @@ class TrainConfig:
     verbose: int = 2
 
     @property
+    def image(self) -> ImageSpec:
+        return ImageSpec.from_flags(self.image_size, self.crop_size)
+
+    @property
     def model_image_size(self) -> int:
-        return self.crop_size or self.image_size
+        return self.image.side
 
 
 def config_from_json(values: dict) -> TrainConfig:
