@@ -4,6 +4,7 @@ TensorFlow fixes its device list at first use, so the two logical CPU devices th
 MirroredStrategy tests need are configured here, before any test touches TensorFlow.
 """
 
+import json
 import os
 import pathlib
 
@@ -22,19 +23,45 @@ DATA = REPO / "data"
 
 # The longest files first. `make test` hands whole files to whichever pytest-xdist worker is free
 # (--dist loadfile, in collection order with --no-loadscope-reorder): a long file handed out last
-# runs alone at the end while the other core idles. Order: the sum of each file's durations in
-# `pytest --durations=0` (BUILD_NOTES.md, "Suite time"); a file not listed runs after these.
-LONGEST_FIRST = (
-    "test_model_data_service.py", "test_model_data_faults.py", "test_model_training_run.py",
-    "test_model_training_multi_worker.py", "test_model_training_faults.py", "test_model_network.py",
-    "test_docs_readme.py", "test_model_training_input_check.py", "test_model_evaluation_ensemble_run.py",
-    "test_model_training.py", "test_model_training_resume.py", "test_model_predict.py",
-)
+# runs alone at the end while the other core idles. The order comes from tests/durations.json,
+# each file's seconds in the last run that stored them (`make durations`: pytest
+# --store-durations); a file it does not know yet goes first, as if it were the longest.
+DURATIONS_FILE = pathlib.Path(__file__).resolve().parent / "durations.json"
+
+
+def pytest_addoption(parser):
+    parser.addoption("--store-durations", action="store_true",
+                     help=f"write each test file's seconds into {DURATIONS_FILE.name} (the order of later runs)")
+
+
+def _known_durations() -> dict:
+    try:
+        return json.loads(DURATIONS_FILE.read_text())
+    except (OSError, ValueError):
+        return {}
 
 
 def pytest_collection_modifyitems(items):
-    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
-    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: tests keep their order
+    seconds = _known_durations()
+    items.sort(key=lambda item: -seconds.get(item.path.name, float("inf")))  # stable: tests keep their order
+
+
+_file_seconds: dict = {}
+
+
+def pytest_runtest_logreport(report):
+    # On the controller (xdist forwards every worker's reports): setup, call and teardown, so a
+    # module fixture's training run counts toward its file.
+    name = pathlib.Path(report.fspath).name
+    _file_seconds[name] = _file_seconds.get(name, 0.0) + report.duration
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if hasattr(session.config, "workerinput") or not session.config.getoption("--store-durations"):
+        return
+    if exitstatus == 0 and _file_seconds:
+        DURATIONS_FILE.write_text(json.dumps({name: round(value, 1) for name, value in
+                                              sorted(_file_seconds.items(), key=lambda kv: -kv[1])}, indent=1) + "\n")
 
 
 @pytest.fixture(scope="session")
@@ -57,3 +84,12 @@ def sample_output(tmp_path_factory) -> pathlib.Path:
     out = tmp_path_factory.mktemp("sample")
     assert convert(f"--input={SAMPLE_BSON}", f"--output_dir={out}", f"--categories={CATEGORIES_CSV}") == 0
     return out
+
+
+@pytest.fixture(scope="session")
+def data_dir(tmp_path_factory) -> str:
+    """82 real products as a data folder written in a plain loop (tests/record_helpers.py), with a
+    val split: read-only, copy to change."""
+    from tests.record_helpers import write_data_dir
+
+    return write_data_dir(str(tmp_path_factory.mktemp("data")))

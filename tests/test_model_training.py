@@ -18,14 +18,9 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from tests.record_helpers import REPO, write_data_dir
+from tests.record_helpers import REPO
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    return write_data_dir(str(tmp_path_factory.mktemp("data")))
 
 
 def test_bad_flags_fail_at_start_with_one_line(data_dir, tmp_path):

@@ -24,11 +24,6 @@ pytestmark = pytest.mark.slow
 ENV = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
 
 
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    return write_data_dir(str(tmp_path_factory.mktemp("data")))
-
-
 def slow_train(data_dir, model_dir, *extra):
     return [sys.executable, "tests/slow_train.py", "0.5", f"--data_dir={data_dir}", f"--model_dir={model_dir}",
             *TINY, "--epochs=2", "--steps_per_epoch=6", "--backup_every_steps=100", *extra]

@@ -13,15 +13,9 @@ from tensorflow.core.util import event_pb2
 from model import config
 from model.input_pipeline import data_folder
 from model.training import input_check, loop
-from tests.record_helpers import write_data_dir
 
 pytestmark = pytest.mark.slow
 SLOW_SECONDS = 0.5  # per training batch of 16 products: ~30 products/s, far below the tiny model's rate
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    return write_data_dir(str(tmp_path_factory.mktemp("data")))
 
 
 def input_waits(model_dir):

@@ -12,14 +12,9 @@ import time
 import numpy as np
 import pytest
 
-from tests.record_helpers import REPO, TINY_TRAIN_FLAGS as TINY, write_data_dir
+from tests.record_helpers import REPO, TINY_TRAIN_FLAGS as TINY
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    return write_data_dir(str(tmp_path_factory.mktemp("data")))
 
 
 def _free_ports(n):

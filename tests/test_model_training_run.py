@@ -24,11 +24,6 @@ from tests.record_helpers import REPO, TINY_TRAIN_FLAGS as TINY, sample_document
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    return write_data_dir(str(tmp_path_factory.mktemp("data")))
-
-
 def run_killed_and_resumed(data_dir, model_dir, extra_args, kills, trace=None):
     """Runs 3 epochs of 6 steps. For each condition in kills, starts the command and SIGKILLs it
     once backup/progress.json satisfies the condition; then runs the same command to the end.

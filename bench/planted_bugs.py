@@ -1,0 +1,94 @@
+"""Planted bugs: each is a small change to the code that some test exists to catch. This plants
+each one in a scratch copy of the checkout, runs the tests named for it and says whether they
+failed (caught) or passed (missed). Run it before thinning a test, and after: nothing caught
+before may go uncaught (BUILD_NOTES.md "Planted bugs").
+
+    python -m bench.planted_bugs [--only=ID,ID] [--checkout=DIR]
+
+A plant whose text is not found exactly once in its file is reported as "stale": the code moved,
+and the plant must be written again for it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@dataclasses.dataclass(frozen=True)
+class Plant:
+    id: str
+    area: str
+    what: str  # the bug, in words
+    path: str  # the file planted in, from the checkout's root
+    old: str  # text found exactly once in the file...
+    new: str  # ...and what it becomes
+    tests: tuple[str, ...]  # pytest node ids expected to fail
+
+
+# fmt: off
+PLANTS = (
+    Plant("P1", "pipeline", "evaluation files read out of name order",
+          "model/input_pipeline/dataset.py", "files = sorted(tf.io.gfile.glob(file_pattern))",
+          "files = sorted(tf.io.gfile.glob(file_pattern), reverse=True)",
+          ("tests/test_model_input_pipeline.py",)),
+)
+# fmt: on
+
+
+def scratch_copy(checkout: str) -> str:
+    target = tempfile.mkdtemp(prefix="planted-")
+    shutil.copytree(checkout, target, dirs_exist_ok=True,
+                    ignore=shutil.ignore_patterns(".git", ".venv", "__pycache__", "demo_output", "*.egg-info"))
+    return target
+
+
+def plant(copy: str, bug: Plant) -> bool:
+    path = os.path.join(copy, bug.path)
+    text = open(path).read()
+    if text.count(bug.old) != 1:
+        return False
+    with open(path, "w") as f:
+        f.write(text.replace(bug.old, bug.new))
+    return True
+
+
+def verdict(checkout: str, bug: Plant) -> tuple[str, float]:
+    copy = scratch_copy(checkout)
+    start = time.time()
+    try:
+        if not plant(copy, bug):
+            return "stale", 0.0
+        run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:xdist", *bug.tests], cwd=copy,
+                             capture_output=True, text=True, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"})
+        return {0: "MISSED", 1: "caught"}.get(run.returncode, f"error (pytest exit {run.returncode})"), time.time() - start
+    finally:
+        shutil.rmtree(copy, ignore_errors=True)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--only", default="", help="comma-separated plant ids (default: all)")
+    parser.add_argument("--checkout", default=REPO, help="the checkout to plant in (default: this one)")
+    args = parser.parse_args()
+    chosen = [b for b in PLANTS if not args.only or b.id in args.only.split(",")]
+    missed = 0
+    print("| id | area | bug planted | tests | verdict | seconds |\n|---|---|---|---|---|---|")
+    for bug in chosen:
+        result, seconds = verdict(args.checkout, bug)
+        missed += result != "caught"
+        print(f"| {bug.id} | {bug.area} | {bug.what} (`{bug.path}`) | {', '.join(bug.tests)} | {result} | "
+              f"{seconds:.0f} |", flush=True)
+    return 1 if missed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
