@@ -40,6 +40,22 @@ PLANTS = (
           "model/input_pipeline/dataset.py", "files = sorted(tf.io.gfile.glob(file_pattern))",
           "files = sorted(tf.io.gfile.glob(file_pattern), reverse=True)",
           ("tests/test_model_input_pipeline.py",)),
+    Plant("N1", "network", "max fusion lets padded slots win",
+          "model/network/fusion.py", "pooled = ops.max(ops.where(real, features, lowest), axis=1)",
+          "pooled = ops.max(features, axis=1)", ("tests/test_model_network.py",)),
+    Plant("T1", "training", "learning rate not scaled with the global batch",
+          "model/training/optimization.py", "peak = cfg.base_lr * cfg.batch_size / 256.0", "peak = cfg.base_lr",
+          ("tests/test_model_training_optimization.py",)),
+    Plant("R1", "resume", "random states (crops, mirrors) not restored from the backup",
+          "model/training/random_states.py",
+          "        variable.assign(keras.ops.convert_to_tensor(state, dtype=variable.dtype))", "        pass",
+          ("tests/test_model_training_callbacks.py", "tests/test_model_training_run.py")),
+    Plant("E1", "evaluation", "top-5 counts only the first class",
+          "model/evaluation/metrics.py", "top5 = (top_classes[:, :5] == true_classes[:, None])",
+          "top5 = (top_classes[:, :1] == true_classes[:, None])", ("tests/test_model_evaluation.py",)),
+    Plant("E2", "evaluation", "rejected products get no submission row",
+          "model/evaluation/submission.py", "        elif int(pid) not in rows:\n            rows[int(pid)] = fallback",
+          "        elif False:\n            rows[int(pid)] = fallback", ("tests/test_model_evaluation.py",)),
 )
 # fmt: on
 
@@ -61,15 +77,18 @@ def plant(copy: str, bug: Plant) -> bool:
     return True
 
 
-def verdict(checkout: str, bug: Plant) -> tuple[str, float]:
+def verdict(checkout: str, bug: Plant) -> tuple[str, str, float]:
+    """(caught, MISSED, stale or error; the first test that failed; seconds)."""
     copy = scratch_copy(checkout)
     start = time.time()
     try:
         if not plant(copy, bug):
-            return "stale", 0.0
-        run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:xdist", *bug.tests], cwd=copy,
-                             capture_output=True, text=True, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"})
-        return {0: "MISSED", 1: "caught"}.get(run.returncode, f"error (pytest exit {run.returncode})"), time.time() - start
+            return "stale", "", 0.0
+        run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:xdist", "-rf", *bug.tests],
+                             cwd=copy, capture_output=True, text=True, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"})
+        failed = next((line.split()[1] for line in run.stdout.splitlines() if line.startswith("FAILED ")), "")
+        result = {0: "MISSED", 1: "caught"}.get(run.returncode, f"error (pytest exit {run.returncode})")
+        return result, failed.split(" - ")[0], time.time() - start
     finally:
         shutil.rmtree(copy, ignore_errors=True)
 
@@ -81,12 +100,12 @@ def main() -> int:
     args = parser.parse_args()
     chosen = [b for b in PLANTS if not args.only or b.id in args.only.split(",")]
     missed = 0
-    print("| id | area | bug planted | tests | verdict | seconds |\n|---|---|---|---|---|---|")
+    print("| id | area | bug planted | verdict | first failing test | seconds |\n|---|---|---|---|---|---|")
     for bug in chosen:
-        result, seconds = verdict(args.checkout, bug)
+        result, failed, seconds = verdict(args.checkout, bug)
         missed += result != "caught"
-        print(f"| {bug.id} | {bug.area} | {bug.what} (`{bug.path}`) | {', '.join(bug.tests)} | {result} | "
-              f"{seconds:.0f} |", flush=True)
+        print(f"| {bug.id} | {bug.area} | {bug.what} (`{bug.path}`) | {result} | `{failed}` | {seconds:.0f} |",
+              flush=True)
     return 1 if missed else 0
 
 
