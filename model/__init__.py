@@ -8,6 +8,8 @@ network                     backbone, fusion under the mask, the multi-image mod
 export                      the SavedModel that serves raw JPEG bytes
 training, evaluation        the train loop and what it needs; predictions, metrics, report, submission
 cli                         what train.py and evaluate.py share before TensorFlow loads
+predict                     a command (python -m model.predict): products' JPEG files through the export
 
-A module imports its own role and the roles below it (tests/test_layout.py).
+The roles and the rule between them (a module imports its own role and the roles below it) are
+MODEL_LAYERS in tests/test_layout.py, which also checks that these docstrings name every module.
 """

@@ -1,9 +1,12 @@
-"""The layout is the architecture (BUILD_NOTES "Layout"): the two halves meet only at
-record_schema, and inside model/ each role imports only the roles below it. Read from the
-source's import statements, so a new import that runs back up a layer fails here."""
+"""The layout is the architecture, and this file is its one description: MODEL_LAYERS holds
+model/'s roles, bottom to top, and each role imports only its own role and the roles below it;
+the two halves meet only at record_schema (BUILD_NOTES "Layout" says why). Read from the
+source's import statements, so a new import that runs back up a layer fails here. The package
+docstrings describe the same structure in words, and are checked to name every module on disk."""
 
 import ast
 import pathlib
+import re
 
 import pytest
 
@@ -108,3 +111,41 @@ def test_no_import_cycle_in_model():
 ])
 def test_the_rule_catches_what_it_exists_to_stop(name, imported):
     assert upward(name, {imported, "model.errors", "record_schema"}) == [imported]
+
+
+# The docstrings describe the structure in words; the check below keeps them naming what is on
+# disk, so a module added, moved or renamed without its package's docstring fails here.
+PACKAGES = sorted(p.parent for top in ("model", "beam_convert") for p in (REPO / top).rglob("__init__.py"))
+
+
+def modules_of(package: pathlib.Path) -> list[str]:
+    """The package's modules (`foo.py` -> foo, `__main__` included) and its subpackages."""
+    files = [p.stem for p in package.glob("*.py") if p.name != "__init__.py"]
+    return sorted(files + [p.parent.name for p in package.glob("*/__init__.py")])
+
+
+def docstring(package: pathlib.Path) -> str:
+    return ast.get_docstring(ast.parse((package / "__init__.py").read_text())) or ""
+
+
+def unnamed(names: list[str], text: str) -> list[str]:
+    """The names that do not appear in text as a word of their own (`create_dataset` does not
+    name `dataset`, "multi-image" does not name `multi_image`)."""
+    return [n for n in names if not re.search(rf"(?<!\w){re.escape(n)}(?!\w)", text)]
+
+
+@pytest.mark.parametrize("package", PACKAGES, ids=lambda p: str(p.relative_to(REPO)))
+def test_each_package_docstring_names_its_modules(package):
+    missing = unnamed(modules_of(package), docstring(package))
+    assert not missing, f"{package.relative_to(REPO)}/__init__.py: its docstring does not name {missing}"
+
+
+def test_the_model_docstring_names_every_role():
+    roles = [name.removeprefix("model.") for name in MODEL_LAYERS]
+    missing = unnamed(roles, docstring(REPO / "model"))
+    assert not missing, f"model/__init__.py's docstring does not name the roles {missing}"
+
+
+def test_the_docstring_check_catches_a_module_left_out():
+    text = "create_dataset, the multi-image model, shards"
+    assert unnamed(["dataset", "multi_image", "shards"], text) == ["dataset", "multi_image"]
