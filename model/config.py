@@ -63,6 +63,8 @@ class ImageSpec:
 
 @dataclasses.dataclass
 class TrainConfig:
+    """What train.py runs with (model/training/loop.py: `train(cfg)`), one field a flag."""
+
     data_dir: str = setting(help="Output folder of `python -m beam_convert` (metadata.json, shards).")
     model_dir: str = setting(help="Where checkpoints, logs, model.keras and export/ go.")
     # Model.
@@ -140,11 +142,8 @@ class TrainConfig:
 
     @property
     def image(self) -> ImageSpec:
+        """The image side of this run: its .side is what the network sees."""
         return ImageSpec(self.image_size, self.crop_size)
-
-    @property
-    def model_image_size(self) -> int:
-        return self.image.side
 
 
 def config_from_json(values: dict) -> TrainConfig:

@@ -282,7 +282,7 @@ def _build_and_restore(cfg: TrainConfig, strategy, mconfig, data: RunData, backu
         init_from.initialise(model, cfg.init_from, data.labels)
     trainable = sum(int(keras.ops.size(v)) for v in model.trainable_variables)
     print(f"Model: {model.count_params():,} parameters ({trainable:,} trainable); {cfg.backbone} backbone at "
-          f"{cfg.model_image_size} px, {cfg.fusion} fusion", flush=True)
+          f"{cfg.image.side} px, {cfg.fusion} fusion", flush=True)
     if resumed_step:
         resumed_epoch = resumed_step // data.steps_per_epoch
         print(f"Resuming from {backup_dir}: epoch {min(resumed_epoch, cfg.epochs - 1) + 1}/{cfg.epochs}, "
