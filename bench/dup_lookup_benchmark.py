@@ -95,6 +95,7 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
 
     import record_schema
+    from model.config import EvalConfig
     from model.evaluation import evaluate as evaluation
 
     data = ensemble_benchmark.prepare_data(args.work_dir, args.products)
@@ -112,8 +113,8 @@ def main(argv=None) -> None:
             np.savez(os.path.join(train_dir, record_schema.IMAGE_DIGESTS_FILE), **table)
             out = os.path.join(train_dir, "eval")
             shutil.rmtree(out, ignore_errors=True)
-            summary = evaluation.evaluate(data_dir=data, model_dir=model_dir, split="val", output_dir=out,
-                                          dup_lookup=True, train_data_dir=train_dir, log=lambda *_: None)
+            summary = evaluation.evaluate(EvalConfig(data_dir=data, model_dir=model_dir, split="val", output_dir=out,
+                                                     dup_lookup=True, train_data_dir=train_dir), log=lambda *_: None)
             d = summary["dup_lookup"]
             if d["image_level"]["matched"] != matched:
                 raise SystemExit(f"{case} seed {seed}: {d['image_level']['matched']} products matched, {matched} planted")

@@ -66,6 +66,7 @@ def main(argv=None) -> None:
     parser.add_argument("--results", default=RESULTS, help="results file ('' to only print)")
     args = parser.parse_args(argv)
 
+    from model.config import EvalConfig
     from model.evaluation import evaluate as evaluation
 
     data = prepare_data(args.work_dir, args.products)
@@ -79,8 +80,8 @@ def main(argv=None) -> None:
                 ("A+B arithmetic", ",".join(members), {}),
                 ("A+B geometric", ",".join(members), {"ensemble_mean": "geometric"})):
             out = os.path.join(args.work_dir, "eval", f"run{run}", name.replace(" ", "_").replace("+", ""))
-            summary = evaluation.evaluate(data_dir=data, model_dir=model_dir, split="val", output_dir=out,
-                                          log=lambda *_: None, **options)
+            summary = evaluation.evaluate(EvalConfig(data_dir=data, model_dir=model_dir, split="val", output_dir=out,
+                                                     **options), log=lambda *_: None)
             scores[name] = (summary["top1"], summary["top5"], summary["products"])
         rows.append(scores)
         print(f"run {run + 1}: " + ", ".join(f"{k} {v[0]:.4f}" for k, v in scores.items()), flush=True)

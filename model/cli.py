@@ -1,9 +1,10 @@
 """What train.py and evaluate.py share: the environment TensorFlow reads at import, quiet logs,
-and the checks of their folder flags.
+their flags (made from a config dataclass's fields) and the checks of their folder flags.
 
 Importing this module does not load TensorFlow, so `configure_environment` can run first.
 """
 
+import dataclasses
 import os
 import sys
 
@@ -39,6 +40,45 @@ def _without_h5py_write_failures(hook):
         hook(info)
 
     return unraisable
+
+
+def define_flags(config_class, module, flag_values=None) -> None:
+    """One flag a field of config_class (model/config.py), with the field's default, help, bounds
+    and choices, registered as `module`'s own (pass sys.modules[__name__]): absl's --help lists
+    only the main module's flags, and train.py's flags.txt is the flags of its module."""
+    from absl import flags
+
+    flag_values = flags.FLAGS if flag_values is None else flag_values
+    # absl names the main module by its file, as --help and get_flags_for_module do.
+    module_name = sys.argv[0] if module.__name__ == "__main__" else module.__name__
+    for field in dataclasses.fields(config_class):
+        meta = field.metadata
+        default = None if field.default is dataclasses.MISSING else field.default
+        if default is None and meta.get("flag_none") is not None:
+            default = meta["flag_none"]
+        kind = field.type.split(" | ")[0]  # "int | None": an integer flag (annotations are strings here)
+        bounds = {name: meta[name] for name in ("lower_bound", "upper_bound") if meta.get(name) is not None}
+        common = {"module_name": module_name, "flag_values": flag_values}
+        if meta.get("choices"):
+            flags.DEFINE_enum(field.name, default, list(meta["choices"]), meta["help"], **common)
+        elif kind == "bool":
+            flags.DEFINE_bool(field.name, default, meta["help"], **common)
+        elif kind == "int":
+            flags.DEFINE_integer(field.name, default, meta["help"], **bounds, **common)
+        elif kind == "float":
+            flags.DEFINE_float(field.name, default, meta["help"], **bounds, **common)
+        elif kind == "str":
+            flags.DEFINE_string(field.name, default, meta["help"], **common)
+        else:
+            raise TypeError(f"{config_class.__name__}.{field.name}: no flag type for {field.type!r}")
+
+
+def config_from_flags(config_class, flag_values=None):
+    """config_class filled from the parsed flags of its fields."""
+    from absl import flags
+
+    flag_values = flags.FLAGS if flag_values is None else flag_values
+    return config_class(**{field.name: flag_values[field.name].value for field in dataclasses.fields(config_class)})
 
 
 def check_folder_flags(*, model_must_exist: bool) -> None:

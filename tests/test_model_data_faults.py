@@ -60,8 +60,8 @@ def damaged_copy(source, destination, damage):
 
 
 def evaluate(trained, data_dir, output_dir, **options):
-    return evaluation.evaluate(data_dir=data_dir, model_dir=trained["model"], split="test", output_dir=output_dir,
-                               batch_size=8, **options)
+    return evaluation.evaluate(config.EvalConfig(data_dir=data_dir, model_dir=trained["model"], split="test",
+                                          output_dir=output_dir, batch_size=8, **options))
 
 
 def test_missing_shards_are_named():
@@ -210,7 +210,7 @@ def test_the_classes_are_compared_before_predicting(trained, tmp_path, monkeypat
     open(labels, "w").write("\n".join([header, f"{label},999999,{tree}", *rest]) + "\n")  # another category
     monkeypatch.setattr(predict, "predict_top_k", lambda *a, **k: pytest.fail("predicted before comparing"))
     with pytest.raises(errors.UserError, match="labels.csv differs from the model's classes"):
-        evaluation.evaluate(data_dir=other, model_dir=trained["model"], split="val", batch_size=8)
+        evaluation.evaluate(config.EvalConfig(data_dir=other, model_dir=trained["model"], split="val", batch_size=8))
 
 
 def test_sigterm_stops_an_evaluation_cleanly(trained, tmp_path):

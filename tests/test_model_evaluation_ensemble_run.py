@@ -41,8 +41,8 @@ def trained(tmp_path_factory):
 
 
 def evaluate(trained, model_dir, output_dir, **options):
-    return evaluation.evaluate(data_dir=trained["data"], model_dir=model_dir, split="val", output_dir=str(output_dir),
-                               batch_size=8, log=lambda *_: None, **options)
+    return evaluation.evaluate(config.EvalConfig(data_dir=trained["data"], model_dir=model_dir, split="val",
+                                          output_dir=str(output_dir), batch_size=8, **options), log=lambda *_: None)
 
 
 def top1_of(arrays) -> float:

@@ -59,8 +59,8 @@ def test_train_evaluate_submission_on_ram_filesystem(tmp_path, monkeypatch):
     assert read("ram://remote/model/export_best/saved_model.pb", "rb") == read("ram://remote/model/export/saved_model.pb", "rb")
     assert tf.io.gfile.exists("ram://remote/model/best.keras")
 
-    summary = evaluation.evaluate(data_dir="ram://remote/test", model_dir="ram://remote/model", split="test",
-                                  batch_size=8)
+    summary = evaluation.evaluate(config.EvalConfig(data_dir="ram://remote/test", model_dir="ram://remote/model",
+                                             split="test", batch_size=8))
     with tf.io.gfile.GFile("ram://remote/model/eval_test/submission.csv") as f:
         rows = list(csv.reader(io.StringIO(f.read())))
     assert rows[0] == ["_id", "category_id"] and len(rows) - 1 == summary["products"] == 17

@@ -247,6 +247,7 @@ def test_submission_from_an_unlabelled_bson_with_bad_products(resumed_run, tmp_p
     import csv
 
     from beam_convert.__main__ import main as convert
+    from model.config import EvalConfig
     from model.evaluation import evaluate as evaluation
     from tests.convert_helpers import png_bytes, product, write_bson
 
@@ -261,8 +262,8 @@ def test_submission_from_an_unlabelled_bson_with_bad_products(resumed_run, tmp_p
     write_bson(tmp_path / "test.bson", documents)
     test_dir = tmp_path / "test_data"
     assert convert([f"--input={tmp_path / 'test.bson'}", f"--output_dir={test_dir}"]) == 0
-    evaluation.evaluate(data_dir=str(test_dir), model_dir=resumed_run["model_dir"], split="test",
-                        output_dir=str(tmp_path / "eval"), log=lambda *a, **k: None)
+    evaluation.evaluate(EvalConfig(data_dir=str(test_dir), model_dir=resumed_run["model_dir"], split="test",
+                                   output_dir=str(tmp_path / "eval")), log=lambda *a, **k: None)
     with open(tmp_path / "eval" / "submission.csv", newline="") as f:
         rows = list(csv.reader(f))
     assert rows[0] == ["_id", "category_id"]

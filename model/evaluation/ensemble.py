@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from model import model_dir as model_dir_lib
+from model import config, model_dir as model_dir_lib
 from model.errors import UserError
 
-MEANS = ("arithmetic", "geometric")
+MEANS = config.ENSEMBLE_MEANS
 _FLOOR = 1e-12  # log(0) guard of the geometric mean: a class one member rules out keeps a trace
 
 

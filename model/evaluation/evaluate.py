@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+from typing import Callable
 
 import numpy as np
 import tensorflow as tf
@@ -14,7 +15,7 @@ import tensorflow as tf
 import record_schema
 from model import atomic, signals
 from model import model_dir as model_dir_lib
-from model.config import config_from_json
+from model.config import DUP_LOOKUP_LEVELS, EvalConfig, ImageSpec, TrainConfig
 from model.errors import UserError
 from model.evaluation import duplicates, ensemble, metrics as metrics_lib, predict, report, submission as submission_lib
 from model.evaluation import top_k_file
@@ -22,43 +23,33 @@ from model.input_pipeline import data_folder, shards
 from model.input_pipeline import labels as labels_lib
 
 
-DUP_LOOKUP_LEVELS = ("image", "product")  # the first is the default (BUILD_NOTES.md measures both)
-
-
-def evaluate(*, data_dir: str, model_dir, split: str, output_dir: str | None = None,
-             batch_size: int = 64, flip_tta: bool = False, dup_lookup: bool = False,
-             dup_lookup_level: str = DUP_LOOKUP_LEVELS[0], train_data_dir: str | None = None,
-             skip_corrupt_records: bool = False, checkpoint: str = "final", ensemble_weights: str | None = None,
-             ensemble_mean: str = "arithmetic", save_top_k: int = 0, log=print) -> dict:
+def evaluate(cfg: EvalConfig, log=print) -> dict:
     """Predicts one split of a beam_convert folder; writes metrics.json + report.png (labelled
-    splits) and submission.csv (test), and top_k.npz with save_top_k > 0. Returns the summary
+    splits) and submission.csv (test), and top_k.npz with cfg.save_top_k > 0. Returns the summary
     that is written to metrics.json.
 
-    model_dir: one folder, or several ("A,B" or a list): an ensemble averaging their class
+    cfg.model_dir: one folder, or several ("A,B" or a list): an ensemble averaging their class
     probabilities (ensemble.combine: ensemble_mean, ensemble_weights "w1,w2"). checkpoint: final
     or best, one for all or one per model ("final,best").
 
     The output is written into a temporary folder beside output_dir and moved into place at the
     end: a failed evaluation leaves no half-written folder, and an earlier complete one unchanged.
     """
-    model_dirs = ensemble.split_list(model_dir) if isinstance(model_dir, str) else list(model_dir)
+    model_dirs = ensemble.split_list(cfg.model_dir) if isinstance(cfg.model_dir, str) else list(cfg.model_dir)
     if not model_dirs:
         raise UserError("--model_dir names no folder")
-    checkpoints = ensemble.member_checkpoints(checkpoint, model_dirs)
-    weights = ensemble.member_weights(ensemble_weights, model_dirs)
-    if ensemble_mean not in ensemble.MEANS:
-        raise UserError(f"--ensemble_mean must be one of {', '.join(ensemble.MEANS)}, got {ensemble_mean!r}")
-    if dup_lookup_level not in DUP_LOOKUP_LEVELS:
-        raise UserError(f"--dup_lookup_level must be one of {', '.join(DUP_LOOKUP_LEVELS)}, got {dup_lookup_level!r}")
-    output_dir = output_dir or default_output_dir(model_dirs, checkpoints, split)
+    checkpoints = ensemble.member_checkpoints(cfg.checkpoint, model_dirs)
+    weights = ensemble.member_weights(cfg.ensemble_weights, model_dirs)
+    if cfg.ensemble_mean not in ensemble.MEANS:
+        raise UserError(f"--ensemble_mean must be one of {', '.join(ensemble.MEANS)}, got {cfg.ensemble_mean!r}")
+    if cfg.dup_lookup_level not in DUP_LOOKUP_LEVELS:
+        raise UserError(f"--dup_lookup_level must be one of {', '.join(DUP_LOOKUP_LEVELS)}, "
+                        f"got {cfg.dup_lookup_level!r}")
+    output_dir = cfg.output_dir or default_output_dir(model_dirs, checkpoints, cfg.split)
     try:
         with atomic.written_whole(output_dir, last=model_dir_lib.METRICS_FILE) as partial:
             tf.io.gfile.makedirs(partial)
-            summary = _evaluate_into(partial, data_dir=data_dir, model_dirs=model_dirs, checkpoints=checkpoints,
-                                     weights=weights, mean=ensemble_mean, split=split, batch_size=batch_size,
-                                     flip_tta=flip_tta, dup_lookup=dup_lookup, dup_lookup_level=dup_lookup_level,
-                                     train_data_dir=train_data_dir, skip_corrupt_records=skip_corrupt_records,
-                                     save_top_k=save_top_k, log=log)
+            summary = _evaluate_into(_Run(cfg, partial, log), model_dirs, checkpoints, weights)
             signals.raise_if_requested()  # the last safe point: from here the folder is moved into place
     except BaseException:
         if tf.io.gfile.exists(output_dir):
@@ -77,6 +68,43 @@ def default_output_dir(model_dirs: list[str], checkpoints: list[str], split: str
     return folder + ("_best" if checkpoints[0] == "best" else "")
 
 
+@dataclasses.dataclass
+class _Run:
+    """What the steps of one evaluation share; members and labels once they are loaded."""
+
+    cfg: EvalConfig
+    output_dir: str  # the temporary folder, moved into place when complete
+    log: Callable[[str], None]
+    members: list = dataclasses.field(default_factory=list)
+    labels: labels_lib.Labels | None = None
+
+
+def _evaluate_into(run: _Run, model_dirs: list[str], checkpoints: list[str], weights) -> dict:
+    """The steps, in order: members, split check, prediction (with the duplicate lookup's digests),
+    duplicate lookup, metrics and report, submission, metrics.json."""
+    run.members, run.labels = _load_members(model_dirs, checkpoints, weights)
+    table = _digest_table(run)
+    class_counts = table.class_counts(run.labels) if table is not None else None
+    check = _check_split(run)
+    predictions, digests = _predict(run, check, table)
+    summary = _summary(run, check, len(predictions["top_classes"]))
+    top_classes, lookup = _duplicate_lookup(run, predictions, digests, table, summary)
+    if run.cfg.save_top_k:
+        _write_top_k(run, predictions)
+        summary["top_k_file"] = top_k_file.FILE
+    summary["members"] = [{"model_dir": m.model_dir, "checkpoint": m.checkpoint, "weight": m.weight,
+                           "image_size": m.image.size, "crop_size": m.image.crop, "fusion": m.fusion}
+                          for m in run.members]
+    labelled = len(predictions["label"]) and (predictions["label"] >= 0).all()
+    if labelled:
+        _metrics_and_report(run, predictions, top_classes, lookup, class_counts, summary)
+    if run.cfg.split == "test" or not labelled:
+        summary["submission"] = _submission(run, predictions, top_classes, class_counts)
+    with tf.io.gfile.GFile(os.path.join(run.output_dir, model_dir_lib.METRICS_FILE), "w") as f:
+        json.dump(summary, f, indent=1)
+    return summary
+
+
 def _load_members(model_dirs, checkpoints, weights) -> tuple[list, labels_lib.Labels]:
     members, label_sets = [], []
     for model_dir, checkpoint, weight in zip(model_dirs, checkpoints, weights):
@@ -88,120 +116,156 @@ def _load_members(model_dirs, checkpoints, weights) -> tuple[list, labels_lib.La
     return members, label_sets[0]
 
 
-def _member_datasets(members, data_dir: str, split: str, batch_size: int, skip: bool) -> list:
-    """One evaluation dataset per member; members decoding at the same size share one."""
-    by_size = {}
-    for member in members:
-        key = (member.image_size, member.crop_size)
-        if key not in by_size:
-            trained = config_from_json(member.config["train"])
-            by_size[key] = data_folder.split_dataset(dataclasses.replace(trained, data_dir=data_dir), split,
-                                                     training=False, batch_size=batch_size,
-                                                     **({"skip_corrupt_records": True} if skip else {}))
-    return [by_size[(m.image_size, m.crop_size)] for m in members]
-
-
-def _evaluate_into(output_dir: str, *, data_dir: str, model_dirs: list[str], checkpoints: list[str], weights,
-                   mean: str, split: str, batch_size: int, flip_tta: bool, dup_lookup: bool, dup_lookup_level: str,
-                   train_data_dir: str | None, skip_corrupt_records: bool, save_top_k: int, log) -> dict:
-    members, labels = _load_members(model_dirs, checkpoints, weights)
-    model_dir = ",".join(model_dirs)
-    train_data_dir = train_data_dir or members[0].config["train"]["data_dir"]
+def _digest_table(run: _Run) -> duplicates.DigestTable | None:
+    """The training data's image digests (the duplicate lookup, the class frequencies), if there."""
+    train_data_dir = run.cfg.train_data_dir or run.members[0].config["train"]["data_dir"]
     digests_path = os.path.join(train_data_dir, record_schema.IMAGE_DIGESTS_FILE)
     table = duplicates.DigestTable(digests_path) if tf.io.gfile.exists(digests_path) else None
-    if dup_lookup and table is None:
+    if run.cfg.dup_lookup and table is None:
         raise UserError(f"--dup_lookup needs {digests_path}")
-    class_counts = table.class_counts(labels) if table is not None else None
+    return table
 
-    if split != "test":
-        _check_same_classes(data_dir, model_dirs[0], labels)  # before a long prediction, not after
-    check = shards.check_split(data_dir, split, skip_corrupt_records=skip_corrupt_records, log=log)
-    pattern = data_folder.split_pattern(data_dir, split)
-    datasets = _member_datasets(members, data_dir, split, batch_size, bool(check.damaged))
+
+def _check_split(run: _Run) -> shards.SplitCheck:
+    """The model's classes and the split's shards, before a long prediction rather than after."""
+    cfg = run.cfg
+    if cfg.split != "test":
+        _check_same_classes(cfg.data_dir, run.members[0].model_dir, run.labels)
+    return shards.check_split(cfg.data_dir, cfg.split, skip_corrupt_records=cfg.skip_corrupt_records, log=run.log)
+
+
+def _predict(run: _Run, check: shards.SplitCheck, table) -> tuple[dict, dict | None]:
+    """predict.predict_top_k over the split, and (--dup_lookup) the split's image digests."""
+    cfg, members = run.cfg, run.members
+    pattern = data_folder.split_pattern(cfg.data_dir, cfg.split)
+    datasets = _member_datasets(members, cfg.data_dir, cfg.split, cfg.batch_size, bool(check.damaged))
     digests = matches = None
-    if dup_lookup:
+    if cfg.dup_lookup:
         digests = duplicates.read_record_digests(pattern, skip_corrupt_records=bool(check.damaged))
-        matches = duplicates.image_matches(digests, table, labels)
-    what = f"the ensemble of {len(members)} ({mean} mean) " if len(members) > 1 else ""
-    log(f"Evaluating {what}{model_dir}{' (' + ','.join(checkpoints) + ')' if 'best' in checkpoints else ''} "
-        f"on {pattern}{' with flip TTA' if flip_tta else ''}")
-    k = max(predict.TOP_K, save_top_k)
-    predictions = predict.predict_top_k(members, datasets, k=k, flip_tta=flip_tta, mean=mean,
-                                        image_matches=matches, total=check.records, log=log)
-    model_top = predictions["top_classes"]
-    if len(model_top) != check.records:  # the shards changed while they were read
-        raise UserError(f"{data_dir}: read {len(model_top)} {split} products, the check counted {check.records}")
+        matches = duplicates.image_matches(digests, table, run.labels)
+    checkpoints = [m.checkpoint for m in members]
+    what = f"the ensemble of {len(members)} ({cfg.ensemble_mean} mean) " if len(members) > 1 else ""
+    run.log(f"Evaluating {what}{_model_dir(run)}{' (' + ','.join(checkpoints) + ')' if 'best' in checkpoints else ''} "
+            f"on {pattern}{' with flip TTA' if cfg.flip_tta else ''}")
+    predictions = predict.predict_top_k(members, datasets, k=max(predict.TOP_K, cfg.save_top_k),
+                                        flip_tta=cfg.flip_tta, mean=cfg.ensemble_mean, image_matches=matches,
+                                        total=check.records, log=run.log)
+    read = len(predictions["top_classes"])
+    if read != check.records:  # the shards changed while they were read
+        raise UserError(f"{cfg.data_dir}: read {read} {cfg.split} products, the check counted {check.records}")
+    return predictions, digests
 
-    summary = {"split": split, "data_dir": data_dir, "model_dir": model_dir, "checkpoint": ",".join(checkpoints),
-               "flip_tta": flip_tta, "dup_lookup": dup_lookup, "products": int(len(model_top)),
-               "skipped_records": check.unreadable, "damaged_files": sorted(check.damaged)}
+
+def _member_datasets(members, data_dir: str, split: str, batch_size: int, skip: bool) -> list:
+    """One evaluation dataset per member; members reading their pictures alike share one."""
+    by_image = {}
+    for member in members:
+        if member.image not in by_image:
+            by_image[member.image] = _split_dataset(data_dir, split, member.image, batch_size, skip)
+    return [by_image[m.image] for m in members]
+
+
+def _split_dataset(data_dir: str, split: str, image: ImageSpec, batch_size: int, skip: bool):
+    """The evaluation stream of one split at one image spec. data_folder.split_dataset reads a
+    TrainConfig's data_dir, image and skip fields: only those are set."""
+    cfg = TrainConfig(data_dir=data_dir, model_dir="", image_size=image.size, crop_size=image.crop,
+                      skip_corrupt_records=skip)
+    return data_folder.split_dataset(cfg, split, training=False, batch_size=batch_size)
+
+
+def _model_dir(run: _Run) -> str:
+    return ",".join(m.model_dir for m in run.members)
+
+
+def _summary(run: _Run, check: shards.SplitCheck, products: int) -> dict:
+    """metrics.json's first keys: what was evaluated, with what, and what could not be read."""
+    cfg, members = run.cfg, run.members
+    summary = {"split": cfg.split, "data_dir": cfg.data_dir, "model_dir": _model_dir(run),
+               "checkpoint": ",".join(m.checkpoint for m in members), "flip_tta": cfg.flip_tta,
+               "dup_lookup": cfg.dup_lookup, "products": products, "skipped_records": check.unreadable,
+               "damaged_files": sorted(check.damaged)}
     if len(members) > 1:
-        summary["ensemble"] = {"mean": mean, "weights": [m.weight for m in members]}
+        summary["ensemble"] = {"mean": cfg.ensemble_mean, "weights": [m.weight for m in members]}
     if check.damaged:
-        log(f"{check.unreadable} of {check.expected} {split} products were unreadable in "
-            f"{len(check.damaged)} damaged file(s) and are left out")
-    top_classes = model_top
-    if dup_lookup:
-        product_top, overridden = duplicates.apply_duplicate_lookup(predictions, digests, table, labels)
-        image_top, image_matched = predictions["image_top_classes"], int(predictions["image_matched"].sum())
-        top_classes, changed = (image_top, image_matched) if dup_lookup_level == "image" else (product_top, overridden)
-        summary["dup_lookup_level"] = dup_lookup_level
-        summary["dup_lookup_overridden"] = changed
-    if save_top_k:
-        top_k_file.write_top_k(os.path.join(output_dir, top_k_file.FILE), product_id=predictions["product_id"],
-                               label=predictions["label"], top_classes=model_top,
-                               top_probabilities=predictions["top_probabilities"],
-                               category_ids=labels.category_ids, k=save_top_k)
-        summary["top_k_file"] = top_k_file.FILE
+        run.log(f"{check.unreadable} of {check.expected} {cfg.split} products were unreadable in "
+                f"{len(check.damaged)} damaged file(s) and are left out")
+    return summary
 
-    labelled = len(predictions["label"]) and (predictions["label"] >= 0).all()
-    summary["members"] = [{"model_dir": m.model_dir, "checkpoint": m.checkpoint, "weight": m.weight,
-                           "image_size": m.image_size, "crop_size": m.crop_size, "fusion": m.fusion}
-                          for m in members]
-    if labelled:
-        if split == "test":  # labelled after all: the other splits were compared before predicting
-            _check_same_classes(data_dir, model_dirs[0], labels)
-        true, num_images = predictions["label"], predictions["num_images"]
-        metrics = metrics_lib.compute_metrics(true, top_classes, num_images, labels, class_counts)
-        for entry, member_top in zip(summary["members"], predictions["member_top_classes"]):
-            alone = metrics_lib.compute_metrics(true, member_top, num_images, labels)
-            entry.update(top1=alone["top1"], top5=alone["top5"], by_image_count=alone["by_image_count"])
-        if dup_lookup:
-            plain = metrics_lib.compute_metrics(true, model_top, num_images, labels)
-            product = metrics_lib.compute_metrics(true, product_top, num_images, labels)
-            image = metrics_lib.compute_metrics(true, image_top, num_images, labels)
-            metrics["dup_lookup"] = {"level": dup_lookup_level, "overridden": summary["dup_lookup_overridden"],
-                                     "top1_without": plain["top1"], "top5_without": plain["top5"],
-                                     "top1_gain": metrics["top1"] - plain["top1"],
-                                     "top5_gain": metrics["top5"] - plain["top5"],
-                                     "product_level": {"overridden": overridden, "top1": product["top1"],
-                                                       "top5": product["top5"]},
-                                     "image_level": {"matched": image_matched, "top1": image["top1"],
-                                                     "top5": image["top5"]}}
-        summary.update(metrics)
-        name = members[0].model.name if len(members) == 1 else f"ensemble of {len(members)}"
-        report.write_report(metrics, os.path.join(output_dir, model_dir_lib.REPORT_FILE), model_name=name,
-                            fusion="+".join(m.fusion for m in members), split=split)
-        log(f"{split}: top-1 {metrics['top1']:.4f}  top-5 {metrics['top5']:.4f}  ({metrics['products']} products); "
-            f"by image count: " + ", ".join(f"{n}: {m['top1']:.3f}" for n, m in metrics["by_image_count"].items()))
-        if len(members) > 1:
-            for entry in summary["members"]:
-                log(f"  member {entry['model_dir']} ({entry['checkpoint']}): top-1 {entry['top1']:.4f}  "
+
+def _duplicate_lookup(run: _Run, predictions: dict, digests, table, summary: dict):
+    """The top classes scored: the model's, or (--dup_lookup) those after the lookup at the level
+    asked; and the lookup's results at both levels ({level: (top classes, products changed)})."""
+    if not run.cfg.dup_lookup:
+        return predictions["top_classes"], None
+    lookup = {"product": duplicates.apply_duplicate_lookup(predictions, digests, table, run.labels),
+              "image": (predictions["image_top_classes"], int(predictions["image_matched"].sum()))}
+    top_classes, changed = lookup[run.cfg.dup_lookup_level]
+    summary["dup_lookup_level"] = run.cfg.dup_lookup_level
+    summary["dup_lookup_overridden"] = changed
+    return top_classes, lookup
+
+
+def _write_top_k(run: _Run, predictions: dict) -> None:
+    top_k_file.write_top_k(os.path.join(run.output_dir, top_k_file.FILE), product_id=predictions["product_id"],
+                           label=predictions["label"], top_classes=predictions["top_classes"],
+                           top_probabilities=predictions["top_probabilities"],
+                           category_ids=run.labels.category_ids, k=run.cfg.save_top_k)
+
+
+def _metrics_and_report(run: _Run, predictions: dict, top_classes, lookup, class_counts, summary: dict) -> None:
+    """The metrics of a labelled split (each member's alone too) into summary, report.png, and the
+    figures said."""
+    cfg, members, labels = run.cfg, run.members, run.labels
+    if cfg.split == "test":  # labelled after all: the other splits were compared before predicting
+        _check_same_classes(cfg.data_dir, members[0].model_dir, labels)
+    true, num_images = predictions["label"], predictions["num_images"]
+    metrics = metrics_lib.compute_metrics(true, top_classes, num_images, labels, class_counts)
+    for entry, member_top in zip(summary["members"], predictions["member_top_classes"]):
+        alone = metrics_lib.compute_metrics(true, member_top, num_images, labels)
+        entry.update(top1=alone["top1"], top5=alone["top5"], by_image_count=alone["by_image_count"])
+    if lookup is not None:
+        metrics["dup_lookup"] = _lookup_metrics(run, predictions, lookup, metrics)
+    summary.update(metrics)
+    name = members[0].model.name if len(members) == 1 else f"ensemble of {len(members)}"
+    report.write_report(metrics, os.path.join(run.output_dir, model_dir_lib.REPORT_FILE), model_name=name,
+                        fusion="+".join(m.fusion for m in members), split=cfg.split)
+    run.log(f"{cfg.split}: top-1 {metrics['top1']:.4f}  top-5 {metrics['top5']:.4f}  ({metrics['products']} "
+            f"products); by image count: "
+            + ", ".join(f"{n}: {m['top1']:.3f}" for n, m in metrics["by_image_count"].items()))
+    if len(members) > 1:
+        for entry in summary["members"]:
+            run.log(f"  member {entry['model_dir']} ({entry['checkpoint']}): top-1 {entry['top1']:.4f}  "
                     f"top-5 {entry['top5']:.4f}")
-    if split == "test" or not labelled:
-        fallback = submission_lib.most_frequent_category(labels, class_counts)
-        submission = submission_lib.write_submission(
-            os.path.join(output_dir, model_dir_lib.SUBMISSION_FILE), predictions["product_id"],
-            labels.category_ids[top_classes[:, 0]] if len(top_classes) else [],
-            data_folder.read_rejected(data_dir), fallback,
-            all_product_ids=data_folder.read_product_ids(data_dir, split))
-        summary["submission"] = submission
-        log(f"submission.csv: {submission['rows']} rows ({submission['rejected_with_fallback']} rejected and "
+
+
+def _lookup_metrics(run: _Run, predictions: dict, lookup: dict, metrics: dict) -> dict:
+    """metrics.json["dup_lookup"]: the gain over the model alone, and each level's figures."""
+    true, num_images, labels = predictions["label"], predictions["num_images"], run.labels
+    plain = metrics_lib.compute_metrics(true, predictions["top_classes"], num_images, labels)
+    (product_top, overridden), (image_top, image_matched) = lookup["product"], lookup["image"]
+    product = metrics_lib.compute_metrics(true, product_top, num_images, labels)
+    image = metrics_lib.compute_metrics(true, image_top, num_images, labels)
+    return {"level": run.cfg.dup_lookup_level, "overridden": lookup[run.cfg.dup_lookup_level][1],
+            "top1_without": plain["top1"], "top5_without": plain["top5"],
+            "top1_gain": metrics["top1"] - plain["top1"], "top5_gain": metrics["top5"] - plain["top5"],
+            "product_level": {"overridden": overridden, "top1": product["top1"], "top5": product["top5"]},
+            "image_level": {"matched": image_matched, "top1": image["top1"], "top5": image["top5"]}}
+
+
+def _submission(run: _Run, predictions: dict, top_classes, class_counts) -> dict:
+    """submission.csv: a row for every product of the input, the rejected and unreadable ones given
+    the most frequent training category."""
+    cfg, labels = run.cfg, run.labels
+    fallback = submission_lib.most_frequent_category(labels, class_counts)
+    submission = submission_lib.write_submission(
+        os.path.join(run.output_dir, model_dir_lib.SUBMISSION_FILE), predictions["product_id"],
+        labels.category_ids[top_classes[:, 0]] if len(top_classes) else [],
+        data_folder.read_rejected(cfg.data_dir), fallback,
+        all_product_ids=data_folder.read_product_ids(cfg.data_dir, cfg.split))
+    run.log(f"submission.csv: {submission['rows']} rows ({submission['rejected_with_fallback']} rejected and "
             f"{submission['unreadable_with_fallback']} unreadable products given the most frequent training "
             f"category {fallback})")
-    with tf.io.gfile.GFile(os.path.join(output_dir, model_dir_lib.METRICS_FILE), "w") as f:
-        json.dump(summary, f, indent=1)
-    return summary
+    return submission
 
 
 def _check_same_classes(data_dir: str, model_dir: str, labels: labels_lib.Labels) -> None:

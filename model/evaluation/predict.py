@@ -20,6 +20,7 @@ import tensorflow as tf
 
 import record_schema
 from model import model_dir as model_dir_lib, signals
+from model.config import ImageSpec
 from model.errors import UserError
 from model.evaluation import duplicates, ensemble
 
@@ -36,12 +37,9 @@ class Member:
     weight: float = 1.0
 
     @property
-    def image_size(self) -> int:
-        return int(self.config["train"].get("image_size", record_schema.IMAGE_SIZE))
-
-    @property
-    def crop_size(self) -> int | None:
-        return int(self.config["train"].get("crop_size") or 0) or None
+    def image(self) -> ImageSpec:
+        """How this model reads its pictures, as it was trained (its train_config.json)."""
+        return ImageSpec.from_train_json(self.config["train"])
 
     @property
     def fusion(self) -> str:
@@ -107,24 +105,14 @@ def predict_top_k(members: list[Member], datasets: list, *, k: int = TOP_K, flip
     image_top_probabilities [N, k] after the image-level lookup and image_matched [N] bool.
     """
     weights = [m.weight for m in members]
-    functions = [probabilities_function(m.model, m.crop_size or m.image_size, flip_tta=flip_tta) for m in members]
-    # One iterator per distinct dataset: members decoding at the same size read the records once.
-    unique = list({id(d): d for d in datasets}.values())
-    position = {id(d): i for i, d in enumerate(unique)}
+    functions = [probabilities_function(m.model, m.image.side, flip_tta=flip_tta) for m in members]
     member_k = min(k, TOP_K)
-
     out = collections.defaultdict(list)
     start = last = time.perf_counter()
     done = 0
-    for batches in zip(*unique):
-        signals.raise_if_requested()
-        batches = [batches[position[id(d)]] for d in datasets]
+    for batches in _member_batches(members, datasets):
         features, label = batches[0]
         product_id = features[record_schema.PRODUCT_ID].numpy()
-        for (other, _), member in zip(batches[1:], members[1:]):
-            if not np.array_equal(other[record_schema.PRODUCT_ID].numpy(), product_id):
-                raise UserError(f"{member.model_dir}: its input batches list other products than "
-                                f"{members[0].model_dir}'s (the split changed while it was read?)")
         mask = features[record_schema.MASK].numpy()
         member_p = [f(b[0][record_schema.IMAGES], b[0][record_schema.MASK]).numpy() for f, b in zip(functions, batches)]
         combined = ensemble.combine(member_p, weights, mean) if len(members) > 1 else member_p[0]
@@ -151,17 +139,39 @@ def predict_top_k(members: list[Member], datasets: list, *, k: int = TOP_K, flip
             log(f"  predicted {done}{of} products ({done / (now - start):.0f} products/s)")
     log(f"  predicted {done} products in {time.perf_counter() - start:.1f} s")
     if not out:
-        empty = {"product_id": np.zeros([0], np.int64), "label": np.zeros([0], np.int64),
-                 "num_images": np.zeros([0], np.int64), "top_classes": np.zeros([0, k], np.int64),
-                 "top_probabilities": np.zeros([0, k], np.float32),
-                 "member_top_classes": [np.zeros([0, member_k], np.int64) for _ in members]}
-        if image_matches is not None:
-            empty.update(image_top_classes=empty["top_classes"], image_top_probabilities=empty["top_probabilities"],
-                         image_matched=np.zeros([0], bool))
-        return empty
+        return _no_products(len(members), k, member_k, image_level=image_matches is not None)
     result = {name: np.concatenate(parts) for name, parts in out.items() if not name.startswith("member_")}
     result["member_top_classes"] = [np.concatenate(out[f"member_{i}"]) for i in range(len(members))]
     return result
+
+
+def _member_batches(members: list[Member], datasets: list):
+    """Each step's batch of every member (datasets[i] feeds members[i]), the records read once per
+    distinct dataset (members decoding at the same size share one); every member's batch must
+    list the first member's products. A requested stop (model.signals) raises between batches."""
+    unique = list({id(d): d for d in datasets}.values())
+    position = {id(d): i for i, d in enumerate(unique)}
+    for batches in zip(*unique):
+        signals.raise_if_requested()
+        batches = [batches[position[id(d)]] for d in datasets]
+        product_id = batches[0][0][record_schema.PRODUCT_ID].numpy()
+        for (other, _), member in zip(batches[1:], members[1:]):
+            if not np.array_equal(other[record_schema.PRODUCT_ID].numpy(), product_id):
+                raise UserError(f"{member.model_dir}: its input batches list other products than "
+                                f"{members[0].model_dir}'s (the split changed while it was read?)")
+        yield batches
+
+
+def _no_products(members: int, k: int, member_k: int, *, image_level: bool) -> dict:
+    """predict_top_k's arrays for a split with no product."""
+    empty = {"product_id": np.zeros([0], np.int64), "label": np.zeros([0], np.int64),
+             "num_images": np.zeros([0], np.int64), "top_classes": np.zeros([0, k], np.int64),
+             "top_probabilities": np.zeros([0, k], np.float32),
+             "member_top_classes": [np.zeros([0, member_k], np.int64) for _ in range(members)]}
+    if image_level:
+        empty.update(image_top_classes=empty["top_classes"], image_top_probabilities=empty["top_probabilities"],
+                     image_matched=np.zeros([0], bool))
+    return empty
 
 
 def _image_level(members, functions, batches, combined, product_id, mask, image_matches, weights, mean):

@@ -245,21 +245,16 @@ def _describe(cfg: TrainConfig, strategy, data: RunData) -> None:
 
 
 def model_config(cfg: TrainConfig, labels: labels_lib.Labels, aux_heads: dict) -> multi_image.ModelConfig:
-    return multi_image.ModelConfig(
-        num_classes=labels.num_classes,
-        num_level1=aux_heads.get("level1", 0),
-        num_level2=aux_heads.get("level2", 0),
-        image_size=cfg.model_image_size,
-        backbone=cfg.backbone,
-        fusion=cfg.fusion,
-        packed=cfg.packed,
-        weights=cfg.weights or None,
-        dropout=cfg.dropout,
-        bn_momentum=cfg.bn_momentum,
-        max_images=record_schema.MAX_IMAGES,
-        flip=cfg.flip,
-        seed=cfg.seed,
-    )
+    """The network's config: every ModelConfig field that TrainConfig has by name, the image side
+    the network sees (after any crop), the weights (None for random), and the data's classes."""
+    train_fields = {field.name for field in dataclasses.fields(TrainConfig)}
+    shared = {field.name: getattr(cfg, field.name) for field in dataclasses.fields(multi_image.ModelConfig)
+              if field.name in train_fields}
+    return multi_image.ModelConfig(**{
+        **shared, "image_size": cfg.image.side, "weights": cfg.weights or None,
+        "num_classes": labels.num_classes, "num_level1": aux_heads.get("level1", 0),
+        "num_level2": aux_heads.get("level2", 0), "max_images": record_schema.MAX_IMAGES,
+    })
 
 
 def _write_run_files(cfg: TrainConfig, mconfig: multi_image.ModelConfig, flags_text: str, replicas: int) -> None:
@@ -287,7 +282,7 @@ def _build_and_restore(cfg: TrainConfig, strategy, mconfig, data: RunData, backu
         init_from.initialise(model, cfg.init_from, data.labels)
     trainable = sum(int(keras.ops.size(v)) for v in model.trainable_variables)
     print(f"Model: {model.count_params():,} parameters ({trainable:,} trainable); {cfg.backbone} backbone at "
-          f"{cfg.model_image_size} px, {cfg.fusion} fusion", flush=True)
+          f"{cfg.image.side} px, {cfg.fusion} fusion", flush=True)
     if resumed_step:
         resumed_epoch = resumed_step // data.steps_per_epoch
         print(f"Resuming from {backup_dir}: epoch {min(resumed_epoch, cfg.epochs - 1) + 1}/{cfg.epochs}, "

@@ -12,7 +12,7 @@ import random
 import tensorflow as tf
 
 from model import model_dir as model_dir_lib
-from model.config import TrainConfig
+from model.config import TrainConfig, config_from_json
 from model.errors import UserError
 from model.training import callbacks as callbacks_lib
 
@@ -64,8 +64,9 @@ def settings_differences(saved: dict, cfg: TrainConfig) -> list[str]:
     def same(name, a, b):
         return normalised_path(a) == normalised_path(b) if name in PATH_SETTINGS else a == b
 
+    known = dataclasses.asdict(config_from_json(saved))  # as this version spells them (crop_size 0: None)
     return [f"--{name}={saved[name]} (now {value})" for name, value in dataclasses.asdict(cfg).items()
-            if name not in RUN_INDEPENDENT and name in saved and not same(name, saved[name], value)]
+            if name not in RUN_INDEPENDENT and name in saved and not same(name, known[name], value)]
 
 
 def stream_changes(model_dir: str, cfg: TrainConfig, replicas: int) -> list[str]:
