@@ -88,3 +88,31 @@ def test_the_model_config_takes_the_train_fields_of_its_names():
     assert (model.backbone, model.fusion, model.image_size, model.dropout, model.bn_momentum, model.flip,
             model.packed, model.seed, model.weights) == ("tiny", "gated", 32, 0.3, 0.9, False, False, 7, None)
     assert (model.num_classes, model.num_level1, model.num_level2) == (5, 2, 0)
+
+
+def another_value(field):
+    """A value of the field's type other than its default, inside its bounds and choices."""
+    meta, default = field.metadata, field.default
+    if default is None and meta.get("flag_none") is not None:  # an int whose flag writes None as 0
+        return 40
+    if meta.get("choices"):
+        return next(choice for choice in meta["choices"] if choice != default)
+    if isinstance(default, bool):
+        return not default
+    if isinstance(default, (int, float)) and not isinstance(default, bool):
+        upper = meta.get("upper_bound")
+        value = default + 1 if isinstance(default, int) else default + 0.5
+        return value if upper is None or value <= upper else (default + upper) / 2
+    return "given"
+
+
+@pytest.mark.parametrize("config_class", [config.TrainConfig, config.EvalConfig])
+def test_every_flag_given_reaches_its_field(config_class):
+    values = flag_values_of(config_class)
+    given = {field.name: another_value(field) for field in dataclasses.fields(config_class)
+             if field.name not in ("data_dir", "model_dir")}
+    argv = [f"--{name}" if value is True else f"--no{name}" if value is False else f"--{name}={value}"
+            for name, value in given.items()]
+    values(["command", "--data_dir=d", "--model_dir=m", *argv])
+    made = cli.config_from_flags(config_class, values)
+    assert {name: getattr(made, name) for name in given} == given
