@@ -149,3 +149,31 @@ def test_the_model_docstring_names_every_role():
 def test_the_docstring_check_catches_a_module_left_out():
     text = "create_dataset, the multi-image model, shards"
     assert unnamed(["dataset", "multi_image", "shards"], text) == ["dataset", "multi_image"]
+
+
+LONGEST_FUNCTION = 60  # lines, decorators and docstring included
+LONG_REASON = "# longer than 60 lines:"  # on the line above the def, with the measured reason
+
+
+def long_functions(path: pathlib.Path, root: pathlib.Path = REPO) -> list[str]:
+    """The functions of a file over LONGEST_FUNCTION lines that give no reason for it."""
+    lines = path.read_text().splitlines()
+    found = []
+    for node in ast.walk(ast.parse("\n".join(lines))):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            first = min([node.lineno, *(d.lineno for d in node.decorator_list)])
+            length = node.end_lineno - first + 1
+            if length > LONGEST_FUNCTION and not lines[first - 2].strip().startswith(LONG_REASON):
+                found.append(f"{path.relative_to(root)}:{node.lineno} {node.name} ({length} lines)")
+    return found
+
+
+def test_no_function_is_longer_than_a_screen_without_a_reason():
+    assert [f for path in MODEL_FILES + CONVERT_FILES for f in long_functions(path)] == []
+
+
+def test_the_length_rule_catches_a_long_function(tmp_path):
+    body = "\n".join(f"    x{i} = {i}" for i in range(LONGEST_FUNCTION))
+    path = tmp_path / "probe.py"
+    path.write_text(f"def long():\n{body}\n\n\n{LONG_REASON} measured\ndef excused():\n{body}\n")
+    assert long_functions(path, root=tmp_path) == ["probe.py:1 long (61 lines)"]
