@@ -93,3 +93,16 @@ def test_an_unreadable_flagfile_is_one_line(tmp_path, capsys):
 def test_missing_input_is_one_line_error(tmp_path, capsys):
     assert convert(f"--input={tmp_path / 'nothing*.bson'}", f"--output_dir={tmp_path / 'out'}") == 2
     assert "no input file matches" in capsys.readouterr().err
+
+
+def test_the_config_takes_each_option_of_its_field_name():
+    from beam_convert.job import ConvertConfig
+    from beam_convert.options import convert_config, parse_args
+
+    args, _ = parse_args(["--input=in.bson", "--output_dir=out", "--val_fraction=0.3", "--max_images=2",
+                          "--num_shards=5", "--skip_corrupt", "--range_size=7", "--categories=cats.csv"])
+    config = convert_config(args, output_dir="/abs/out", tmp_dir="/abs/out/_tmp-1", categories=None)
+    assert config == ConvertConfig(output_dir="/abs/out", tmp_dir="/abs/out/_tmp-1", max_images=2, val_fraction=0.3,
+                                   num_shards=5, skip_corrupt=True, range_size=7, categories=None)
+    args, _ = parse_args(["--input=in.bson", "--output_dir=out"])
+    assert convert_config(args, output_dir="o", tmp_dir="t", categories=None) == ConvertConfig("o", "t")
