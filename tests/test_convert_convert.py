@@ -209,6 +209,30 @@ def test_a_range_finished_by_an_earlier_run_is_taken_from_its_marker(tmp_path, m
     assert counted == {"ranges_resumed": 2, "no_images": 1}, "a resumed range's rejections still count"
 
 
+def test_a_range_an_earlier_version_wrote_in_input_order_is_converted_again(tmp_path, monkeypatch):
+    """Markers without "buckets" hold records in input order, which finalize cannot deal into shards."""
+    from beam_convert.convert import ConvertRange
+
+    path = tmp_path / "resume.bson"
+    offsets = write_bson(path, [product(n, JPEGS[n:n + 1]) for n in range(4)])
+    ranges = [IndexRange(str(path), 0, offsets[0], offsets[2], 2, True),
+              IndexRange(str(path), 0, offsets[2], path.stat().st_size, 2, True)]
+    first, _ = _convert_ranges(tmp_path, ranges, _index_of(path), range_size=2)
+    old_marker = progress_marker(stage_config(tmp_path).tmp_dir, "range", ranges[0].range_id)
+    with open(old_marker) as f:
+        data = json.load(f)
+    del data["result"]["buckets"]
+    with open(old_marker, "w") as f:
+        json.dump(data, f)
+    converted = []
+    convert_range = ConvertRange._convert
+    monkeypatch.setattr(ConvertRange, "_convert",
+                        lambda self, *a: converted.append(a[0].range_id) or convert_range(self, *a))
+    again, counted = _convert_ranges(tmp_path, ranges, _index_of(path), range_size=2)
+    assert converted == [ranges[0].range_id] and counted["ranges_resumed"] == 1
+    assert again == first
+
+
 # --- through the command ------------------------------------------------------------------------------
 
 
@@ -247,41 +271,3 @@ def test_an_interrupted_job_resumes_without_redoing_finished_ranges(tmp_path, mo
     assert record_multiset(out) == record_multiset(clean)
     assert read_metadata(out)["images_per_product"] == read_metadata(clean)["images_per_product"]
     assert read_metadata(out)["rejected"] == {}
-
-
-def test_ranges_an_earlier_version_wrote_in_input_order_are_converted_again(tmp_path, monkeypatch, capsys):
-    import glob
-    import json
-
-    from beam_convert import finalize
-    from beam_convert.convert import ConvertRange
-
-    out = tmp_path / "out"
-    args = (f"--input={SAMPLE_BSON}", f"--output_dir={out}", "--range_size=10", "--num_shards=3")
-
-    def fails(*unused):
-        raise OSError("No space left on device")
-
-    monkeypatch.setattr(finalize, "write_metadata", fails)  # every range converted, then a failure
-    assert convert(*args) == 1
-    monkeypatch.undo()
-    markers = sorted(glob.glob(str(out / "_tmp-*" / "progress" / "range-*.json")))
-    assert len(markers) == 9
-    for marker in markers[:4]:  # as a version that wrote records in input order left them
-        with open(marker) as f:
-            data = json.load(f)
-        del data["result"]["buckets"]
-        with open(marker, "w") as f:
-            json.dump(data, f)
-    converted = []
-    convert_range = ConvertRange._convert
-    monkeypatch.setattr(ConvertRange, "_convert",
-                        lambda self, *a: converted.append(a[0].range_id) or convert_range(self, *a))
-    capsys.readouterr()
-    assert convert(*args) == 0
-    assert "resuming the unfinished run" in capsys.readouterr().err
-    assert len(converted) == 4
-    clean = tmp_path / "clean"
-    assert convert(f"--input={SAMPLE_BSON}", f"--output_dir={clean}", *args[2:]) == 0
-    assert {p.name: p.read_bytes() for p in out.iterdir() if p.name != "metadata.json"} == {
-        p.name: p.read_bytes() for p in clean.iterdir() if p.name != "metadata.json"}

@@ -3,7 +3,7 @@ one-line errors."""
 
 import pytest
 
-from tests.convert_helpers import SAMPLE_BSON, convert, convert_and_read_stderr, read_metadata
+from tests.convert_helpers import SAMPLE_BSON, convert, convert_and_read_stderr
 
 pytestmark = pytest.mark.slow  # converts (a Beam job or a subprocess): not in make test-fast
 
@@ -46,33 +46,6 @@ def test_real_beam_options_are_passed_to_beam_unchanged():
     args, passed_on = parse_args(["--input=in.bson", "--output_dir=out", *beam_args])
     assert passed_on == beam_args
     assert (args.input, args.output_dir) == ("in.bson", "out")
-
-
-def test_a_real_beam_option_still_runs(tmp_path):
-    out = tmp_path / "out"
-    assert convert(f"--input={SAMPLE_BSON}", f"--output_dir={out}", "--direct_num_workers=2") == 0
-    assert read_metadata(out)["documents"] == 82
-
-
-def test_a_flagfile_sets_options_and_the_command_line_overrides_it(tmp_path):
-    (tmp_path / "beam.flags").write_text("--direct_num_workers=1\n")
-    (tmp_path / "convert.flags").write_text(
-        "# absl's flagfile format, as for train.py\n"
-        "--val_fraction=0.5\n"
-        "\n"
-        "// another kind of comment\n"
-        "  --range_size=10  \n"
-        f"--flagfile={tmp_path / 'beam.flags'}\n")
-    from_file = tmp_path / "from_file"
-    assert convert(f"--flagfile={tmp_path / 'convert.flags'}", f"--input={SAMPLE_BSON}",
-                   f"--output_dir={from_file}") == 0
-    metadata = read_metadata(from_file)
-    assert metadata["val_fraction"] == 0.5
-    assert sum(split["shards"] for split in metadata["splits"].values()) > 2, "--range_size=10: several shards"
-    overridden = tmp_path / "overridden"
-    assert convert(f"--flagfile={tmp_path / 'convert.flags'}", f"--input={SAMPLE_BSON}",
-                   f"--output_dir={overridden}", "--val_fraction=0.2") == 0
-    assert read_metadata(overridden)["val_fraction"] == 0.2
 
 
 def test_a_misspelt_option_in_a_flagfile_is_refused_too(tmp_path, capsys):
