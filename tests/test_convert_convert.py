@@ -209,7 +209,7 @@ def test_a_range_finished_by_an_earlier_run_is_taken_from_its_marker(tmp_path, m
     assert counted == {"ranges_resumed": 2, "no_images": 1}, "a resumed range's rejections still count"
 
 
-def test_a_range_an_earlier_version_wrote_in_input_order_is_converted_again(tmp_path, monkeypatch):
+def test_ranges_an_earlier_version_wrote_in_input_order_are_converted_again(tmp_path, monkeypatch):
     """Markers without "buckets" hold records in input order, which finalize cannot deal into shards."""
     from beam_convert.convert import ConvertRange
 
