@@ -22,6 +22,7 @@ instead of returning them, and exits the process on a bad value.
 """
 
 import argparse
+import dataclasses
 import difflib
 import os
 from typing import Optional
@@ -191,6 +192,14 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     _check_values(args)
     check_beam_args(beam_args, _option_names(parser))
     return args, beam_args
+
+
+def convert_config(args: argparse.Namespace, **resolved) -> ConvertConfig:
+    """The conversion's config, each field taken from the option of its name, except the fields
+    given in `resolved`: what is worked out from the options (output_dir made absolute, the job's
+    tmp_dir, the categories read from their file)."""
+    fields = [field.name for field in dataclasses.fields(ConvertConfig) if field.name not in resolved]
+    return ConvertConfig(**{name: getattr(args, name) for name in fields}, **resolved)
 
 
 # --- what the options name -----------------------------------------------------------------------

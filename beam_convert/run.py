@@ -20,7 +20,7 @@ import record_schema
 from beam_convert import files, products, stopping
 from beam_convert.convert import finished_ranges
 from beam_convert.job import ConvertConfig
-from beam_convert.options import local_path, parse_args, read_categories, resolve_inputs
+from beam_convert.options import convert_config, local_path, parse_args, read_categories, resolve_inputs
 from beam_convert.output_folder import (
     TMP_PREFIX, check_output_dir, discard_partial_output, prepare_tmp_dir, restore_previous_output)
 from beam_convert.pipeline import build
@@ -138,16 +138,7 @@ def convert(argv: list[str]) -> dict:
     prepare_tmp_dir(output_dir, tmp_dir)
     if resumable and (done := finished_ranges(tmp_dir)):
         say(f"resuming the unfinished run in {tmp_dir}: {done} range(s) already converted")
-    config = ConvertConfig(
-        output_dir=output_dir,
-        tmp_dir=tmp_dir,
-        max_images=args.max_images,
-        val_fraction=args.val_fraction,
-        num_shards=args.num_shards,
-        skip_corrupt=args.skip_corrupt,
-        range_size=args.range_size,
-        categories=categories,
-    )
+    config = convert_config(args, output_dir=output_dir, tmp_dir=tmp_dir, categories=categories)
     input_bytes = sum(size for _, size in inputs)
     pipeline, local = make_pipeline(beam_args, input_bytes)
     say(f"{len(inputs)} input file(s), {input_bytes / 1e6:,.1f} MB -> {output_dir}")

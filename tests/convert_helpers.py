@@ -1,4 +1,5 @@
-"""Helpers for the conversion tests: BSON documents on disk, and reading the job's output back."""
+"""Helpers for the conversion tests: BSON documents on disk, the Beam stages run in a TestPipeline,
+and reading the job's output back."""
 
 import collections
 import csv
@@ -12,11 +13,17 @@ import subprocess
 import sys
 
 import bson
+import numpy as np
 import tensorflow as tf
+from apache_beam.metrics.metric import MetricsFilter
+from apache_beam.runners.portability.fn_api_runner import FnApiRunner
+from apache_beam.testing.test_pipeline import TestPipeline
 from PIL import Image
 
 import record_schema
+from beam_convert import files, mix
 from beam_convert.__main__ import main
+from beam_convert.job import METRICS_NAMESPACE, ConvertConfig, SplitFile
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 SAMPLE_BSON = REPO / "data" / "train_example.bson"
@@ -62,6 +69,61 @@ def write_bson(path, documents) -> list[int]:
             f.write(doc if isinstance(doc, bytes) else bson.encode(doc))
     return offsets
 
+
+# --- the stages in-process ----------------------------------------------------------------------
+
+def stage_pipeline() -> TestPipeline:
+    """A TestPipeline on the in-process FnApiRunner, the runner the command picks for small inputs
+    (TestPipeline's default, the DirectRunner, may hand the job to another)."""
+    return TestPipeline(runner=FnApiRunner())
+
+
+def stage_config(tmp_path, **fields) -> ConvertConfig:
+    """The config of a stage under test: output in tmp_path/out, the job's files in out/_tmp-test."""
+    out = pathlib.Path(tmp_path) / "out"
+    return ConvertConfig(output_dir=str(out), tmp_dir=str(out / "_tmp-test"), **fields)
+
+
+def counters(result) -> dict[str, int]:
+    """The job's counters (job.increment) after a pipeline ran, by name, summed over its steps."""
+    totals = collections.Counter()
+    for counter in result.metrics().query(MetricsFilter().with_namespace(METRICS_NAMESPACE))["counters"]:
+        totals[counter.key.metric.name] += counter.committed
+    return dict(totals)
+
+
+def payload(product_id: int) -> bytes:
+    """The stand-in record of a product in write_range_files: finalize copies records as bytes."""
+    return f"record {product_id}".encode()
+
+
+def write_range_files(config: ConvertConfig, range_id: str, split: str, ids) -> SplitFile:
+    """One range's temporary files of one split as ConvertRange leaves them (the records in
+    mix.range_order, with their ids and framed sizes in that order), each record payload(id)."""
+    ids = np.asarray(ids, np.int64)
+    order = mix.range_order(ids, mix.bucket_count(config.range_size))
+    frames = [files.tfrecord_frame(payload(int(product_id))) for product_id in ids[order]]
+    paths = [files.join(config.tmp_dir, kind, split, f"{range_id}.{ext}")
+             for kind, ext in (("records", "tfrecord"), ("ids", "npy"), ("sizes", "npy"))]
+    os.makedirs(os.path.dirname(paths[0]), exist_ok=True)
+    pathlib.Path(paths[0]).write_bytes(b"".join(frames))
+    for path, array in zip(paths[1:], (ids[order], np.array([len(frame) for frame in frames], np.int64))):
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        np.save(path, array)
+    return SplitFile(paths[0], len(ids), len(ids), paths[1], paths[2])
+
+
+def read_payloads(path) -> list[bytes]:
+    """The records of one TFRecord file, from its length prefixes (no TensorFlow, no CRC check)."""
+    records = []
+    with open(path, "rb") as f:
+        while header := f.read(12):
+            records.append(f.read(int.from_bytes(header[:8], "little")))
+            f.read(4)
+    return records
+
+
+# --- the command -----------------------------------------------------------------------------------
 
 def convert(*args: str) -> int:
     return main([str(a) for a in args])

@@ -112,18 +112,6 @@ def test_corrupt_bson_stops_the_job_naming_file_and_offset(tmp_path, capsys, cor
     assert not list(out.glob("*.tfrecord"))
 
 
-@pytest.mark.parametrize("corruption", ["truncated", "invalid"])
-def test_skip_corrupt_keeps_everything_else(tmp_path, corruption):
-    offset, path = _corrupt_file(tmp_path, corruption)
-    out = tmp_path / "out"
-    assert convert(f"--input={path}", f"--output_dir={out}", "--skip_corrupt", "--range_size=2") == 0
-    (row,) = read_rejected(out)
-    assert row["reason"] == "corrupt_bson" and row["offset"] == offset
-    kept = sorted(r["product_id"] for s in ("train", "val") for r in read_records(out, s))
-    assert kept == ([1, 2, 3, 4] if corruption == "truncated" else [1, 2, 3, 4, 5])
-    assert read_metadata(out)["rejected"] == {"corrupt_bson": 1}
-
-
 # --- a conversion that writes no product is an error (issue 9, item 4) ---------------------------
 
 def read_rejected_file(path) -> list[dict]:

@@ -1,5 +1,9 @@
 """How the converter stops (issue 20, items 3 and 4): a full disk, SIGINT and SIGTERM. Each ends in
-one line saying what happened and what is kept, never a traceback or a logging error."""
+one line saying what happened and what is kept, never a traceback or a logging error.
+
+A real process where only one shows it: worker processes on a full disk (the hang this guards
+against would hang pytest), and a signal sent to the command and its workers. What follows in the
+same folder (the in-process runner on a full disk, the resumed run) runs in this process."""
 
 import glob
 import os
@@ -13,7 +17,7 @@ import uuid
 import pytest
 
 from tests.convert_helpers import (
-    finish_command, kill_group, run_command, shard_counts, start_command, synthetic_bson)
+    convert, finish_command, kill_group, run_command, shard_counts, start_command, synthetic_bson)
 
 pytestmark = pytest.mark.slow  # converts (a Beam job or a subprocess): not in make test-fast
 
@@ -52,12 +56,20 @@ def small_tmpfs():
 MULTI_PROCESS = ("--direct_running_mode=multi_processing", "--direct_num_workers=2")
 
 
+def _convert_in_this_process(capfd, *args):
+    """Exit status and stderr of a run in this process (descriptor 2 captured, as a terminal's)."""
+    capfd.readouterr()
+    status = convert(*args)
+    return subprocess.CompletedProcess(args, status, "", capfd.readouterr().err)
+
+
 @pytest.mark.parametrize("workers", [(), MULTI_PROCESS], ids=["in_process", "worker_processes"])
-def test_a_full_disk_is_one_line_naming_the_path(synthetic_800, small_tmpfs, workers):
+def test_a_full_disk_is_one_line_naming_the_path(synthetic_800, small_tmpfs, workers, capfd):
     """The worker processes' stderr went to _tmp-KEY/beam.log on the full disk: Beam's worker prints
     a failed bundle's traceback there before answering, and that print failing hung the run."""
     out = os.path.join(small_tmpfs, "out")
-    result = run_command(f"--input={synthetic_800}", f"--output_dir={out}", *workers, timeout=120)
+    args = (f"--input={synthetic_800}", f"--output_dir={out}", *workers)
+    result = run_command(*args, timeout=120) if workers else _convert_in_this_process(capfd, *args)
     assert result.returncode == 1
     lines = result.stderr.splitlines()
     assert not _only_converter_lines(lines), result.stderr[:3000]
@@ -118,7 +130,7 @@ def _workers_of(pid) -> list[int]:
     (signal.SIGINT, 130, MULTI_PROCESS, True),
 ], ids=["SIGINT-in_process", "SIGTERM-worker_processes", "SIGINT-worker_processes_and_their_group"])
 def test_a_signal_stops_the_run_in_one_line_and_the_same_command_resumes(synthetic_6000, tmp_path, workers, group,
-                                                                          signum, status):
+                                                                          signum, status, capfd):
     out = str(tmp_path / "out")
     args = (f"--input={synthetic_6000}", f"--output_dir={out}", "--range_size=200", "--num_shards=4", *workers)
     process = start_command(*args)
@@ -145,7 +157,7 @@ def test_a_signal_stops_the_run_in_one_line_and_the_same_command_resumes(synthet
     assert not _workers_of(process.pid), "worker processes outlived the run"
     assert not os.path.exists(os.path.join(out, "metadata.json"))
 
-    resumed = run_command(*args, timeout=300)
+    resumed = _convert_in_this_process(capfd, *args)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"beam_convert: resuming the unfinished run in {tmp_dir}: {kept} range(s) already converted" in (
         resumed.stderr.splitlines())

@@ -1,9 +1,19 @@
-"""The record order of the shards (beam_convert/mix.py): pure functions on tiny inputs."""
+"""The record order of the shards (beam_convert/mix.py): pure functions on tiny inputs, then the
+whole graph (pipeline.build: ConvertRange writes buckets, RunFinalize deals them) in a TestPipeline."""
 
+import glob
+import os
+
+import apache_beam as beam
 import numpy as np
 import pytest
+import tensorflow as tf
+from apache_beam.testing.util import assert_that, equal_to
 
+import record_schema
 from beam_convert import mix
+from beam_convert.pipeline import build
+from tests.convert_helpers import product, sample_jpegs, stage_config, stage_pipeline, write_bson
 
 
 def _ranges(count, size, seed=0):
@@ -88,3 +98,22 @@ def test_every_shard_crosses_the_whole_input_from_a_place_of_its_own():
         assert np.mean(shard["end"] - shard["first"]) <= 2 * mix.PIECE_RECORDS
     first_ranges = [int(shard["source"][1]) for shard in shards]  # [0] may be the cut tail of a bucket
     assert len(set(first_ranges)) >= 4
+
+
+def test_the_graph_deals_a_category_sorted_input_into_class_mixed_shards(tmp_path):
+    """12 categories of 10 products, in category order: 6 index ranges of 20, 3 shards. Cut in input
+    order, a shard would hold 4 categories."""
+    jpegs = sample_jpegs()
+    path = tmp_path / "sorted.bson"
+    write_bson(path, [product(7919 * n % 10**6, [jpegs[n % len(jpegs)]], category_id=1000 + n // 10)
+                      for n in range(120)])
+    config = stage_config(tmp_path, val_fraction=0, range_size=20, num_shards=3)
+    with stage_pipeline() as pipeline:
+        metadata = build(pipeline, [str(path)], config)
+        assert_that(metadata | "Splits" >> beam.Map(lambda m: m["splits"]),
+                    equal_to([{"train": {"products": 120, "images": 120, "shards": 3}}]))
+    spec = record_schema.feature_spec()
+    for shard in sorted(glob.glob(os.path.join(config.output_dir, record_schema.shard_pattern("train")))):
+        categories = [int(tf.io.parse_single_example(raw, spec)["category_id"][0])
+                      for raw in tf.data.TFRecordDataset(shard)]
+        assert len(categories) == 40 and len(set(categories)) >= 2 * 4, categories  # twice an input-order cut

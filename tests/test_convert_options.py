@@ -3,7 +3,7 @@ one-line errors."""
 
 import pytest
 
-from tests.convert_helpers import SAMPLE_BSON, convert, convert_and_read_stderr, read_metadata
+from tests.convert_helpers import SAMPLE_BSON, convert, convert_and_read_stderr
 
 pytestmark = pytest.mark.slow  # converts (a Beam job or a subprocess): not in make test-fast
 
@@ -48,33 +48,6 @@ def test_real_beam_options_are_passed_to_beam_unchanged():
     assert (args.input, args.output_dir) == ("in.bson", "out")
 
 
-def test_a_real_beam_option_still_runs(tmp_path):
-    out = tmp_path / "out"
-    assert convert(f"--input={SAMPLE_BSON}", f"--output_dir={out}", "--direct_num_workers=2") == 0
-    assert read_metadata(out)["documents"] == 82
-
-
-def test_a_flagfile_sets_options_and_the_command_line_overrides_it(tmp_path):
-    (tmp_path / "beam.flags").write_text("--direct_num_workers=1\n")
-    (tmp_path / "convert.flags").write_text(
-        "# absl's flagfile format, as for train.py\n"
-        "--val_fraction=0.5\n"
-        "\n"
-        "// another kind of comment\n"
-        "  --range_size=10  \n"
-        f"--flagfile={tmp_path / 'beam.flags'}\n")
-    from_file = tmp_path / "from_file"
-    assert convert(f"--flagfile={tmp_path / 'convert.flags'}", f"--input={SAMPLE_BSON}",
-                   f"--output_dir={from_file}") == 0
-    metadata = read_metadata(from_file)
-    assert metadata["val_fraction"] == 0.5
-    assert sum(split["shards"] for split in metadata["splits"].values()) > 2, "--range_size=10: several shards"
-    overridden = tmp_path / "overridden"
-    assert convert(f"--flagfile={tmp_path / 'convert.flags'}", f"--input={SAMPLE_BSON}",
-                   f"--output_dir={overridden}", "--val_fraction=0.2") == 0
-    assert read_metadata(overridden)["val_fraction"] == 0.2
-
-
 def test_a_misspelt_option_in_a_flagfile_is_refused_too(tmp_path, capsys):
     (tmp_path / "convert.flags").write_text("--max_image=2\n")
     status, lines = convert_and_read_stderr(capsys, f"--flagfile={tmp_path / 'convert.flags'}",
@@ -93,3 +66,59 @@ def test_an_unreadable_flagfile_is_one_line(tmp_path, capsys):
 def test_missing_input_is_one_line_error(tmp_path, capsys):
     assert convert(f"--input={tmp_path / 'nothing*.bson'}", f"--output_dir={tmp_path / 'out'}") == 2
     assert "no input file matches" in capsys.readouterr().err
+
+
+def test_the_config_takes_each_option_of_its_field_name():
+    from beam_convert.job import ConvertConfig
+    from beam_convert.options import convert_config, parse_args
+
+    args, _ = parse_args(["--input=in.bson", "--output_dir=out", "--val_fraction=0.3", "--max_images=2",
+                          "--num_shards=5", "--skip_corrupt", "--range_size=7", "--categories=cats.csv"])
+    config = convert_config(args, output_dir="/abs/out", tmp_dir="/abs/out/_tmp-1", categories=None)
+    assert config == ConvertConfig(output_dir="/abs/out", tmp_dir="/abs/out/_tmp-1", max_images=2, val_fraction=0.3,
+                                   num_shards=5, skip_corrupt=True, range_size=7, categories=None)
+    args, _ = parse_args(["--input=in.bson", "--output_dir=out"])
+    assert convert_config(args, output_dir="o", tmp_dir="t", categories=None) == ConvertConfig("o", "t")
+
+
+def test_a_flagfile_is_read_where_it_stands_and_later_options_override_it(tmp_path):
+    from beam_convert.options import parse_args
+
+    (tmp_path / "beam.flags").write_text("--direct_num_workers=1\n")
+    (tmp_path / "convert.flags").write_text(
+        "# absl's flagfile format, as for train.py\n"
+        "--val_fraction=0.5\n"
+        "\n"
+        "// another kind of comment\n"
+        "  --range_size=10  \n"
+        f"--flagfile={tmp_path / 'beam.flags'}\n")
+    args, beam_args = parse_args([f"--flagfile={tmp_path / 'convert.flags'}", "--input=in.bson", "--output_dir=out"])
+    assert (args.val_fraction, args.range_size, args.input) == (0.5, 10, "in.bson")
+    assert beam_args == ["--direct_num_workers=1"], "a nested flagfile's Beam option goes to Beam"
+    args, _ = parse_args([f"--flagfile={tmp_path / 'convert.flags'}", "--input=in.bson", "--output_dir=out",
+                          "--val_fraction=0.2"])
+    assert (args.val_fraction, args.range_size) == (0.2, 10)
+
+
+def test_the_pipeline_gets_the_beam_options_and_the_in_process_runner_unless_one_is_named():
+    from apache_beam.options.pipeline_options import DirectOptions
+    from apache_beam.runners.portability.fn_api_runner import FnApiRunner
+
+    from beam_convert.run import IN_MEMORY_MAX_BYTES, make_pipeline
+
+    pipeline, local = make_pipeline(["--direct_num_workers=2"], input_bytes=1000)
+    assert local and isinstance(pipeline.runner, FnApiRunner)
+    assert pipeline.options.view_as(DirectOptions).direct_num_workers == 2
+    assert pipeline.options.view_as(DirectOptions).direct_running_mode == "in_memory"
+    pipeline, _ = make_pipeline([], input_bytes=IN_MEMORY_MAX_BYTES + 1)  # a large input: one worker a core
+    direct = pipeline.options.view_as(DirectOptions)
+    assert (direct.direct_running_mode, direct.direct_num_workers) == ("multi_processing", 0)
+
+
+def test_the_input_glob_names_every_matching_file_with_its_size(tmp_path):
+    from beam_convert.options import resolve_inputs
+
+    for name, size in (("part-b.bson", 3), ("part-a.bson", 5), ("other.bson", 1)):
+        (tmp_path / name).write_bytes(b"x" * size)
+    assert resolve_inputs(str(tmp_path / "part-*.bson")) == [(str(tmp_path / "part-a.bson"), 5),
+                                                              (str(tmp_path / "part-b.bson"), 3)]

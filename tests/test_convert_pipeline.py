@@ -1,4 +1,7 @@
-"""The conversion job end to end (python -m beam_convert), on real and hand-made BSON."""
+"""The conversion job end to end (python -m beam_convert), on real and hand-made BSON: what only the
+whole job shows (every JPEG of the real sample byte for byte, the split by image digest over the
+whole input, the package Dataflow workers install). The stages alone are tested in a TestPipeline
+(test_convert_index.py, test_convert_convert.py, test_convert_finalize.py, test_convert_mix.py)."""
 
 import os
 import subprocess
@@ -9,8 +12,7 @@ import numpy as np
 import pytest
 
 from tests.convert_helpers import (
-    REPO, SAMPLE_BSON, convert, product, read_labels, read_metadata, read_records,
-    record_multiset, sample_documents, sample_jpegs, write_bson)
+    REPO, convert, product, read_labels, read_metadata, read_records, sample_documents, sample_jpegs, write_bson)
 
 pytestmark = pytest.mark.slow  # converts (a Beam job or a subprocess): not in make test-fast
 
@@ -46,26 +48,6 @@ def test_sample_labels_map_back_to_category_ids(sample_output):
         assert int(by_label[record["label"]]["category_id"]) == record["category_id"]
     quoted = [r for r in rows if "," in r["category_level3"]]
     assert quoted, "the real file has level3 names holding commas"
-
-
-def test_same_records_whatever_the_workers_and_ranges(tmp_path):
-    runs = {
-        "one range, in memory": [],
-        "ranges of 7, three shards": ["--range_size=7", "--num_shards=3"],
-        "ranges of 5, two worker processes": ["--range_size=5", "--direct_running_mode=multi_processing",
-                                              "--direct_num_workers=2"],
-    }
-    multisets = {}
-    for name, extra in runs.items():
-        out = tmp_path / name.replace(" ", "_").replace(",", "")
-        assert convert(f"--input={SAMPLE_BSON}", f"--output_dir={out}", "--val_fraction=0.2", *extra) == 0
-        multisets[name] = record_multiset(out)
-    first = multisets["one range, in memory"]
-    assert sum(first.values()) == 82
-    assert {split for split, _ in first} == {"train", "val"}
-    for name, multiset in multisets.items():
-        assert multiset == first, name
-    assert len(list((tmp_path / "ranges_of_7_three_shards").glob("train-*-of-00003.tfrecord"))) == 3
 
 
 def _write_products_over_image_groups(path, groups, count, seed):
@@ -117,37 +99,6 @@ def test_reports_images_that_partly_shared_products_put_on_both_sides(tmp_path):
     assert overlap["images_on_both_sides"] == len(images["train"] & images["val"])
     assert overlap["train_distinct_images"] == len(images["train"])
     assert overlap["val_distinct_images"] == len(images["val"])
-
-
-def test_unlabelled_input_becomes_test(tmp_path):
-    documents = [product(doc["_id"], [i["picture"] for i in doc["imgs"]], category_id=None)
-                 for doc in sample_documents()[:10]]
-    write_bson(tmp_path / "test.bson", documents)
-    out = tmp_path / "out"
-    assert convert(f"--input={tmp_path / 'test.bson'}", f"--output_dir={out}") == 0
-    records = read_records(out, "test")
-    # In the shards' mixed order (beam_convert/mix.py): evaluation joins by product id.
-    assert sorted(r["product_id"] for r in records) == sorted(d["_id"] for d in documents)
-    assert {(r["label"], r["category_id"]) for r in records} == {(-1, -1)}
-    assert read_metadata(out)["splits"].keys() == {"test"}
-
-
-def test_classes_from_the_data_without_categories(sample_output, tmp_path):
-    out = tmp_path / "out"
-    assert convert(f"--input={SAMPLE_BSON}", f"--output_dir={out}") == 0
-    expected = sorted({doc["category_id"] for doc in sample_documents()})
-    assert [int(r["category_id"]) for r in read_labels(out)] == expected
-    assert read_metadata(out)["num_classes"] == 36
-
-
-def test_several_files_through_a_glob(tmp_path):
-    documents = sample_documents()
-    write_bson(tmp_path / "part-a.bson", documents[:30])
-    write_bson(tmp_path / "part-b.bson", documents[30:])
-    out = tmp_path / "out"
-    assert convert(f"--input={tmp_path / 'part-*.bson'}", f"--output_dir={out}", "--range_size=10") == 0
-    ids = {r["product_id"] for s in ("train", "val") for r in read_records(out, s)}
-    assert ids == {doc["_id"] for doc in documents}
 
 
 def test_sdist_carries_both_packages_and_requirements_but_no_sample_data(tmp_path):

@@ -3,7 +3,7 @@ as this machine allows."""
 
 import pytest
 
-from tests.convert_helpers import SAMPLE_BSON, convert_and_read_stderr, run_command
+from tests.convert_helpers import SAMPLE_BSON, convert_and_read_stderr
 
 pytestmark = pytest.mark.slow  # converts (a Beam job or a subprocess): not in make test-fast
 
@@ -24,18 +24,19 @@ def test_a_failure_before_any_range_is_converted_claims_nothing_is_kept(tmp_path
 
 # --- Dataflow, as far as this machine allows (issue 10) -------------------------------------------
 
-def test_the_readme_dataflow_command_builds_a_job_that_stages_the_package(tmp_path):
+def test_the_readme_dataflow_command_builds_a_job_that_stages_the_package(tmp_path, capsys, monkeypatch):
     """The README's Dataflow command with --dry_run=True (Beam's DataflowRunner builds the job,
     pickling every DoFn, and makes the sdist of --setup_file, but submits nothing). The buckets
     cannot be reached from here, so input and output are local, and the project and bucket valid names."""
     pytest.importorskip("apitools", reason="the gcp extra (pip install -e '.[gcp]') is not installed")
+    monkeypatch.chdir(SAMPLE_BSON.parent.parent)  # --setup_file=./setup.py, as the README runs it
     out = tmp_path / "out"
-    result = run_command(
-        f"--input={SAMPLE_BSON}", f"--output_dir={out}", "--categories=data/category_names.csv",
+    status, lines = convert_and_read_stderr(
+        capsys, f"--input={SAMPLE_BSON}", f"--output_dir={out}", "--categories=data/category_names.csv",
         "--runner=DataflowRunner", "--project=my-project", "--region=europe-west1",
         "--temp_location=gs://my-bucket/tmp", "--setup_file=./setup.py", "--dry_run=True")
-    assert result.returncode == 0, result.stderr[-3000:]
-    last = result.stderr.strip().splitlines()[-1]
+    assert status == 0, lines[-30:]
+    last = lines[-1]
     assert last.startswith("beam_convert: dry run: the DataflowRunner job was built and not submitted")
     assert "workflow.tar.gz" in last  # the sdist that --setup_file ships to every worker
     assert list(out.iterdir()) == []  # nothing converted, no temporary folder left

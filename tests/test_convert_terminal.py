@@ -1,11 +1,13 @@
 """What the terminal shows (beam_convert/terminal.py): only the converter's own lines, one-line
-errors, progress."""
+errors, progress. The runs are in this process with its file descriptors captured (capfd): the
+worker processes write to the descriptor 2 they inherit, as under a real terminal. Only --verbose
+runs in a process of its own (its test says why)."""
 
 import time
 
 import pytest
 
-from tests.convert_helpers import SAMPLE_BSON, read_metadata, run_command, write_bson
+from tests.convert_helpers import SAMPLE_BSON, convert, read_metadata, run_command, write_bson
 
 pytestmark = pytest.mark.slow  # converts (a Beam job or a subprocess): not in make test-fast
 
@@ -19,25 +21,36 @@ def _only_converter_lines(lines):
 MULTI_PROCESS = ("--direct_running_mode=multi_processing", "--direct_num_workers=2")
 
 
-def test_a_multi_process_run_prints_only_its_own_lines(tmp_path):
+def _run_capturing_descriptors(capfd, *args):
+    """Exit status, stdout and stderr (what reached descriptors 1 and 2, workers' included)."""
+    capfd.readouterr()
+    status = convert(*args)
+    captured = capfd.readouterr()
+    return status, captured.out, captured.err
+
+
+def test_a_multi_process_run_prints_only_its_own_lines(tmp_path, capfd):
     out = tmp_path / "out"
-    result = run_command(f"--input={SAMPLE_BSON}", f"--output_dir={out}", *MULTI_PROCESS)
-    assert result.returncode == 0, result.stderr
-    lines = result.stderr.splitlines()
+    status, stdout, stderr = _run_capturing_descriptors(capfd, f"--input={SAMPLE_BSON}", f"--output_dir={out}",
+                                                        *MULTI_PROCESS)
+    assert status == 0, stderr
+    lines = stderr.splitlines()
     assert not _only_converter_lines(lines), "Beam's worker lines reached the terminal"
     assert lines[-1].startswith("beam_convert: done in ")
-    assert result.stdout == ""
+    assert stdout == ""
     assert read_metadata(out)["documents"] == 82
     assert not list(out.glob("_tmp-*")), "the run's log goes with its temporary folder"
 
 
 def test_verbose_shows_what_the_workers_log(tmp_path):
+    """In its own process: --verbose gives Beam's logging a handler on descriptor 2 (logging.basicConfig),
+    which in pytest's process its own log capture takes instead."""
     result = run_command(f"--input={SAMPLE_BSON}", f"--output_dir={tmp_path / 'out'}", *MULTI_PROCESS, "--verbose")
     assert result.returncode == 0, result.stderr
     assert "sdk_worker" in result.stderr  # the worker processes' own INFO lines
 
 
-def test_a_worker_error_is_one_line_and_its_traceback_goes_to_the_log(tmp_path):
+def test_a_worker_error_is_one_line_and_its_traceback_goes_to_the_log(tmp_path, capfd):
     from tests.convert_helpers import sample_documents
 
     import bson
@@ -45,9 +58,10 @@ def test_a_worker_error_is_one_line_and_its_traceback_goes_to_the_log(tmp_path):
     documents = [bson.encode(document) for document in sample_documents()[:5]]
     documents[-1] = documents[-1][: len(documents[-1]) // 2]  # a truncated last document
     offsets = write_bson(tmp_path / "truncated.bson", documents)
-    result = run_command(f"--input={tmp_path / 'truncated.bson'}", f"--output_dir={tmp_path / 'out'}", *MULTI_PROCESS)
-    assert result.returncode == 1
-    lines = result.stderr.splitlines()
+    status, _, stderr = _run_capturing_descriptors(capfd, f"--input={tmp_path / 'truncated.bson'}",
+                                                   f"--output_dir={tmp_path / 'out'}", *MULTI_PROCESS)
+    assert status == 1
+    lines = stderr.splitlines()
     assert not _only_converter_lines(lines), "a traceback or Beam's log reached the terminal"
     assert lines[-1].startswith(f"beam_convert: error: {tmp_path / 'truncated.bson'}: corrupt BSON document at "
                                 f"byte offset {offsets[-1]}")
