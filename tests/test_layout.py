@@ -1,5 +1,5 @@
-"""The layout is the architecture (BUILD_NOTES "Layout"): the two halves meet only at
-record_schema, and inside model/ each role imports only the roles below it. Read from the
+"""The layout is the architecture (BUILD_NOTES "Layout"): the two halves meet only at the shared
+top-level modules (SHARED), and inside model/ each role imports only the roles below it. Read from the
 source's import statements, so a new import that runs back up a layer fails here."""
 
 import ast
@@ -8,6 +8,10 @@ import pathlib
 import pytest
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
+
+# The top-level modules both halves import, and that import neither: the record (record_schema)
+# and the stop on SIGINT/SIGTERM (stop_signals). setup.py ships them beside the two packages.
+SHARED = ("record_schema", "stop_signals")
 
 ENTRY_POINT = 7  # a package's __main__: a command, above every role
 
@@ -38,7 +42,7 @@ def imports_of(path: pathlib.Path) -> set[str]:
         elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
             names.add(node.module)
             names.update(f"{node.module}.{alias.name}" for alias in node.names)
-    return {n for n in names if n.split(".")[0] in ("model", "beam_convert", "record_schema", "sample_data")}
+    return {n for n in names if n.split(".")[0] in ("model", "beam_convert", "sample_data", *SHARED)}
 
 
 def role(name: str) -> str | None:
@@ -73,9 +77,17 @@ def test_model_imports_only_its_own_role_and_the_roles_below(path):
     assert upward(name, imports_of(path)) == [], f"{name} imports up or across a layer"
 
 
-def test_the_halves_meet_only_at_record_schema():
+def test_the_halves_meet_only_at_the_shared_modules():
     assert not [p for p in CONVERT_FILES if any(n.startswith("model") for n in imports_of(p))]
     assert not [p for p in MODEL_FILES if any(n.startswith("beam_convert") for n in imports_of(p))]
+
+
+@pytest.mark.parametrize("name", SHARED)
+def test_a_shared_module_imports_neither_half_and_is_shipped(name):
+    assert imports_of(REPO / f"{name}.py") == set()
+    setup = ast.parse((REPO / "setup.py").read_text())
+    (shipped,) = [k.value for k in ast.walk(setup) if isinstance(k, ast.keyword) and k.arg == "py_modules"]
+    assert name in ast.literal_eval(shipped)
 
 
 def test_no_import_cycle_in_model():
