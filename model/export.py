@@ -7,7 +7,7 @@ import tensorflow as tf
 
 import record_schema
 from model.input_pipeline import decode
-from model.input_pipeline import labels as labels_lib
+from model.input_pipeline.labels import Labels
 
 # The converter's first two checks (beam_convert/jpeg_check.py), in TensorFlow ops: decode_jpeg
 # also takes PNG and GIF, and fills a truncated picture with grey instead of failing.
@@ -129,7 +129,7 @@ _ONE_SHOT.experimental_optimization.apply_default_optimizations = False
 _ONE_SHOT.autotune.enabled = False
 
 
-def export_serving_model(model: keras.Model, labels: labels_lib.Labels, path: str, *, image_size: int,
+def export_serving_model(model: keras.Model, labels: Labels, path: str, *, image_size: int,
                          crop_size: int = 0, top_k: int = 5, flip_tta: bool = False) -> None:
     """SavedModel whose default signature maps raw JPEG bytes to the top-k category ids.
 
