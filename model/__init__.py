@@ -8,6 +8,7 @@ network                     backbone, fusion under the mask, the multi-image mod
 export                      the SavedModel that serves raw JPEG bytes
 training, evaluation        the train loop and what it needs; predictions, metrics, report, submission
 cli                         what train.py and evaluate.py share before TensorFlow loads
+commands                    every command's CLI (flags, main); model/predict.py and data_service/__main__.py run one
 
 A module imports its own role and the roles below it (tests/test_layout.py).
 """

@@ -145,7 +145,7 @@ def export_serving_model(model: keras.Model, labels: Labels, path: str, *, image
     the server then answers what that evaluation measured, at twice the model's work a call.
 
     serving_info() -> {"flip_tta": bool, "image_size": int32, "crop_size": int32}: what the export
-    does, for a client (model/predict.py prints it) or a server that must tell one export from another.
+    does, for a client (model/commands/predict.py prints it) or a server that must tell one export from another.
     """
     top_k = min(top_k, labels.num_classes)
     category_ids = tf.constant(labels.category_ids, dtype=tf.int64)

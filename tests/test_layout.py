@@ -13,7 +13,8 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 # and the stop on SIGINT/SIGTERM (stop_signals). setup.py ships them beside the two packages.
 SHARED = ("record_schema", "stop_signals")
 
-ENTRY_POINT = 7  # a package's __main__: a command, above every role
+ENTRY_POINT = 7  # model/commands/: every command's CLI, above every role
+LAUNCHER = 8  # what a user runs (a package's __main__, python -m model.predict): hands a command to launch
 
 # model/'s roles, bottom to top: a module may import its own role and the roles below it.
 MODEL_LAYERS = {
@@ -24,7 +25,8 @@ MODEL_LAYERS = {
     "model.export": 4,
     "model.training": 5, "model.evaluation": 5,
     "model.cli": 6,
-    "model.predict": ENTRY_POINT,  # a command (python -m model.predict) in a module of its own
+    "model.commands": ENTRY_POINT,
+    "model.predict": LAUNCHER,  # python -m model.predict: runs model/commands/predict.py
 }
 
 
@@ -53,7 +55,7 @@ def role(name: str) -> str | None:
 
 
 def rank(name: str) -> int:
-    return ENTRY_POINT if name.endswith(".__main__") else MODEL_LAYERS[role(name)]
+    return LAUNCHER if name.endswith(".__main__") else MODEL_LAYERS[role(name)]
 
 
 MODEL_FILES = sorted((REPO / "model").rglob("*.py"))
@@ -88,6 +90,14 @@ def test_a_shared_module_imports_neither_half_and_is_shipped(name):
     setup = ast.parse((REPO / "setup.py").read_text())
     (shipped,) = [k.value for k in ast.walk(setup) if isinstance(k, ast.keyword) and k.arg == "py_modules"]
     assert name in ast.literal_eval(shipped)
+
+
+def test_a_launcher_only_hands_a_command_to_launch():
+    """A command's flags and body live in model/commands/, beside the other commands."""
+    launchers = [p for p in MODEL_FILES if role(module_name(p)) and rank(module_name(p)) == LAUNCHER]
+    assert len(launchers) >= 2  # model/predict.py, model/data_service/__main__.py
+    for path in launchers:
+        assert {role(m) for m in imports_of(path)} - {None} <= {"model.cli", "model.commands"}, path
 
 
 def test_no_import_cycle_in_model():
