@@ -149,7 +149,6 @@ def export_serving_model(model: keras.Model, labels: Labels, path: str, *, image
     """
     top_k = min(top_k, labels.num_classes)
     category_ids = tf.constant(labels.category_ids, dtype=tf.int64)
-    n = record_schema.MAX_IMAGES
 
     def serve(images, mask):
         # The slots the model reads (mask > 0.5, as its fusion does) are the only ones decoded.
@@ -176,6 +175,14 @@ def export_serving_model(model: keras.Model, labels: Labels, path: str, *, image
             "error": error,
         }
 
+    settings = {"flip_tta": bool(flip_tta), "image_size": int(image_size), "crop_size": int(crop_size or 0)}
+    _write_archive(model, serve, settings, path)
+
+
+def _write_archive(model: keras.Model, serve, settings: dict, path: str) -> None:
+    """The SavedModel at `path` (replacing one there): serve(images, mask) as serving_default, and
+    serving_info() answering `settings`."""
+    n = record_schema.MAX_IMAGES
     archive = keras.export.ExportArchive()
     archive.track(model)
     archive.add_endpoint(
@@ -186,7 +193,6 @@ def export_serving_model(model: keras.Model, labels: Labels, path: str, *, image
             tf.TensorSpec([None, n], tf.float32, name="mask"),
         ],
     )
-    settings = {"flip_tta": bool(flip_tta), "image_size": int(image_size), "crop_size": int(crop_size or 0)}
     archive.add_endpoint("serving_info", lambda: {name: tf.constant(value) for name, value in settings.items()},
                          input_signature=[])
     if tf.io.gfile.exists(path):

@@ -16,7 +16,6 @@ import shutil
 import subprocess
 import sys
 
-import keras
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -28,14 +27,13 @@ from model.errors import UserError
 from model.input_pipeline import decode
 from model.input_pipeline.labels import read_labels
 from model.model_dir import RunFolder
-from model.network.multi_image import ModelConfig, build_model
 from tests.record_helpers import (
     REPO,
     TINY_TRAIN_FLAGS,
     sample_documents,
-    spread_head,
     write_data_dir,
 )
+from tests.serving_helpers import spread_tiny_model
 
 IMAGE_SIZE, CROP_SIZE = 36, 32
 NOT_JPEG = "not a JPEG (no FF D8 FF start)"
@@ -74,12 +72,9 @@ def _batch(products):
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, pictures):
     """(model_dir, the Keras model, labels): export/ plain with k=5, export_best/ flip TTA with k=3."""
-    data_dir = write_data_dir(str(tmp_path_factory.mktemp("data")), with_val=False)
-    labels = read_labels(data_dir)
-    keras.utils.set_random_seed(0)
-    model = build_model(ModelConfig(num_classes=labels.num_classes, image_size=CROP_SIZE, backbone="tiny"))
-    images, mask = _batch(pictures["products"])
-    spread_head(model, images, mask, image_size=IMAGE_SIZE, crop_size=CROP_SIZE)
+    data_dir = str(tmp_path_factory.mktemp("data"))
+    model, labels = spread_tiny_model(data_dir, *_batch(pictures["products"]), image_size=IMAGE_SIZE,
+                                      crop_size=CROP_SIZE)
 
     model_dir = str(tmp_path_factory.mktemp("model"))
     shutil.copy(os.path.join(data_dir, record_schema.LABELS_FILE), model_dir)
