@@ -20,7 +20,8 @@ setuptools.setup(
     python_requires=">=3.11",
     # sample_data (the synthetic data generator) stays out of the sdist that Dataflow workers install.
     packages=setuptools.find_packages(include=["beam_convert", "beam_convert.*", "model", "model.*"]),
-    py_modules=["record_schema"],
+    # What both halves import (tests/test_layout.py SHARED): the record, and the stop on a signal.
+    py_modules=["record_schema", "stop_signals"],
     install_requires=[
         TENSORFLOW,
         "keras>=3.5,<4",

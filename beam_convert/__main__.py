@@ -8,6 +8,7 @@ line `beam_convert: error: ...`, a stop one line `beam_convert: stopped by SIGNA
 
 import logging
 import os
+import signal
 import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # before TensorFlow loads, if anything loads it
@@ -15,18 +16,19 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # before TensorFlow loads, i
 logging.getLogger().addFilter(lambda record: "apitools not found" not in record.getMessage())
 
 # Imported after the lines above: these modules import Beam.
-from beam_convert import stopping
+import stop_signals
 from beam_convert.errors import DataError, UsageError
 from beam_convert.run import convert
+from beam_convert.stopping import Stopped, stop_on_signals
 from beam_convert.terminal import one_line, quiet_beam_logs
 
 
 def main(argv: list[str]) -> int:
     quiet_beam_logs()
-    with stopping.stop_on_signals():
+    with stop_on_signals():
         try:
             return _convert(argv)
-        except stopping.Stopped as stop:  # also one that arrives while an error line is printed
+        except Stopped as stop:  # also one that arrives while an error line is printed
             print(f"beam_convert: {stop.message}", file=sys.stderr)
             return stop.status
 
@@ -42,10 +44,10 @@ def _convert(argv: list[str]) -> int:
         return 1
     except KeyboardInterrupt:  # no handler of ours (main() called outside the main thread)
         print("beam_convert: stopped by SIGINT", file=sys.stderr)
-        return stopping.exit_status(stopping.signal.SIGINT)
+        return stop_signals.exit_status(signal.SIGINT)
     except Exception as error:  # noqa: BLE001 - the runner wraps worker errors in many types
-        if stopping.received() is not None:  # a stop that the runner wrapped outside run_pipeline
-            raise stopping.Stopped(stopping.received()) from None
+        if stop_signals.received() is not None:  # a stop that the runner wrapped outside run_pipeline
+            raise Stopped(stop_signals.received()) from None
         print(f"beam_convert: error: {one_line(error)}", file=sys.stderr)
         return 1
     return 0

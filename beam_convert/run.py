@@ -17,13 +17,15 @@ from apache_beam.portability.api import beam_runner_api_pb2
 from apache_beam.runners.portability.fn_api_runner import FnApiRunner
 
 import record_schema
-from beam_convert import files, products, stopping
+import stop_signals
+from beam_convert import files, products
 from beam_convert.convert import finished_ranges
 from beam_convert.job import ConvertConfig
 from beam_convert.options import convert_config, local_path, parse_args, read_categories, resolve_inputs
 from beam_convert.output_folder import (
     TMP_PREFIX, check_output_dir, discard_partial_output, prepare_tmp_dir, restore_previous_output)
 from beam_convert.pipeline import build
+from beam_convert.stopping import Stopped
 from beam_convert.terminal import (
     beam_log_path, corrupt_bson_message, nothing_converted_message, progress_lines, say, show_beam_logs, stderr_to)
 
@@ -64,7 +66,7 @@ def put_output_dir_back(output_dir: str, tmp_dir: str, overwrite: bool) -> None:
 
 def stopped_message(signum: int, output_dir: str, tmp_dir: str, local: bool) -> str:
     """The one line of a run stopped by a signal: what it keeps."""
-    name = stopping.signal_name(signum)
+    name = stop_signals.signal_name(signum)
     if not local:  # a Dataflow (Flink, Spark) job runs on without this command
         return (f"stopped by {name}: this command no longer waits for the job, which is not stopped (cancel it "
                 f"from the runner's console); if it does not finish, run the same command to resume from {tmp_dir}")
@@ -118,11 +120,11 @@ def run_pipeline(pipeline: beam.Pipeline, config: ConvertConfig, local: bool, ve
                 result.wait_until_finish()
                 return result
     except BaseException as error:
-        signum = stopping.received()
+        signum = stop_signals.received()
         if signum is None or local:  # a remote job stopped by a signal here runs on: its output is its own
             put_output_dir_back(config.output_dir, tmp_dir, overwrite)
         if signum is not None:
-            raise stopping.Stopped(signum, stopped_message(signum, config.output_dir, tmp_dir, local)) from None
+            raise Stopped(signum, stopped_message(signum, config.output_dir, tmp_dir, local)) from None
         explain_failure(error, config.output_dir, tmp_dir, log_path)
         raise
 

@@ -1,18 +1,18 @@
-"""SIGINT and SIGTERM: the run stops where it is, keeps its finished ranges, and says so in one line.
+"""SIGINT and SIGTERM in the converter: the run stops where it is, keeps its finished ranges, and
+says so in one line.
 
-The handler records the signal, then raises Stopped in the main thread. Beam wraps what a DoFn
-raises (a KeyboardInterrupt comes out as "RuntimeError: KeyboardInterrupt [while running ...]"),
-so what the run does next is decided from the record (received()), not from the exception that
-reaches it. Exit status 128 + the signal's number: 130 for SIGINT, 143 for SIGTERM.
+The mechanism is the one both halves use (stop_signals.py, at the top level), with the stop raised
+at once: the main thread only waits for Beam's runner. The handler records the signal and raises
+Stopped in the main thread; Beam wraps what a DoFn raises, so what the run does next is decided
+from the record (`stop_signals.received()`), not from the exception that reaches it. Exit status
+128 + the signal's number: 130 for SIGINT, 143 for SIGTERM.
 """
 
 import contextlib
-import signal
 import threading
-from typing import Iterator, Optional
+from typing import Iterator
 
-SIGNALS = (signal.SIGINT, signal.SIGTERM)
-_received: Optional[int] = None
+import stop_signals
 
 
 class Stopped(BaseException):
@@ -21,33 +21,12 @@ class Stopped(BaseException):
 
     def __init__(self, signum: int, message: str = ""):
         self.signum = signum
-        self.message = message or f"stopped by {signal_name(signum)}"
+        self.message = message or f"stopped by {stop_signals.signal_name(signum)}"
         super().__init__(self.message)
 
     @property
     def status(self) -> int:
-        return exit_status(self.signum)
-
-
-def signal_name(signum: int) -> str:
-    return signal.Signals(signum).name
-
-
-def exit_status(signum: int) -> int:
-    return 128 + signum
-
-
-def received() -> Optional[int]:
-    """The stop signal that arrived during this run, if one did."""
-    return _received
-
-
-def _handler(signum: int, frame) -> None:
-    global _received
-    if _received is not None:
-        return  # a second signal: the first one's stop is under way (it takes well under a second)
-    _received = signum
-    raise Stopped(signum)
+        return stop_signals.exit_status(self.signum)
 
 
 @contextlib.contextmanager
@@ -59,23 +38,18 @@ def stop_on_signals() -> Iterator[None]:
     runner's threads failing as their worker processes go (Ctrl-C in a terminal signals the
     workers too), expected and no news.
     """
-    global _received
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    _received = None
-    previous = {signum: signal.signal(signum, _handler) for signum in SIGNALS}
-    thread_hook = threading.excepthook
+    with stop_signals.stop_requests(Stopped, at_once=True):
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        thread_hook = threading.excepthook
 
-    def quiet_once_stopped(args) -> None:
-        if _received is None:
-            thread_hook(args)
+        def quiet_once_stopped(args) -> None:
+            if stop_signals.received() is None:
+                thread_hook(args)
 
-    threading.excepthook = quiet_once_stopped
-    try:
-        yield
-    finally:
-        threading.excepthook = thread_hook
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
-        _received = None
+        threading.excepthook = quiet_once_stopped
+        try:
+            yield
+        finally:
+            threading.excepthook = thread_hook

@@ -8,7 +8,8 @@ network                     backbone, fusion under the mask, the multi-image mod
 export                      the SavedModel that serves raw JPEG bytes
 training, evaluation        the train loop and what it needs; predictions, metrics, report, submission
 cli                         what train.py and evaluate.py share before TensorFlow loads
-predict                     a command (python -m model.predict): products' JPEG files through the export
+predict                     python -m model.predict: runs commands/predict (products' JPEG files through the export)
+commands                    every command's CLI (flags, main); model/predict.py and data_service/__main__.py run one
 
 The roles and the rule between them (a module imports its own role and the roles below it) are
 MODEL_LAYERS in tests/test_layout.py, which also checks that these docstrings name every module.

@@ -9,7 +9,7 @@ import os
 import sys
 
 import record_schema
-from model import model_dir as model_dir_lib
+from model.model_dir import MODEL_FILE, RunFolder
 
 
 def configure_environment() -> None:
@@ -93,7 +93,7 @@ def check_folder_flags(*, model_must_exist: bool) -> None:
         def every_model_trained(text) -> bool:
             for model_dir in (text or "").split(","):
                 if model_dir.strip() and not has_model(model_dir.strip()):
-                    raise flags.ValidationError(f"--model_dir {model_dir.strip()} has no {model_dir_lib.MODEL_FILE}: "
+                    raise flags.ValidationError(f"--model_dir {model_dir.strip()} has no {MODEL_FILE}: "
                                                 "train first (python train.py ...)")
             return True
 
@@ -115,4 +115,4 @@ def has_metadata(data_dir) -> bool:
 
 def has_model(model_dir) -> bool:
     """Flag check: --model_dir holds a trained model (None is left to the required check)."""
-    return model_dir is None or _file_exists(os.path.join(model_dir, model_dir_lib.MODEL_FILE))
+    return model_dir is None or _file_exists(RunFolder(model_dir).model_file)

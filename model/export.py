@@ -7,7 +7,7 @@ import tensorflow as tf
 
 import record_schema
 from model.input_pipeline import decode
-from model.input_pipeline import labels as labels_lib
+from model.input_pipeline.labels import Labels
 
 # The converter's first two checks (beam_convert/jpeg_check.py), in TensorFlow ops: decode_jpeg
 # also takes PNG and GIF, and fills a truncated picture with grey instead of failing.
@@ -129,7 +129,7 @@ _ONE_SHOT.experimental_optimization.apply_default_optimizations = False
 _ONE_SHOT.autotune.enabled = False
 
 
-def export_serving_model(model: keras.Model, labels: labels_lib.Labels, path: str, *, image_size: int,
+def export_serving_model(model: keras.Model, labels: Labels, path: str, *, image_size: int,
                          crop_size: int = 0, top_k: int = 5, flip_tta: bool = False) -> None:
     """SavedModel whose default signature maps raw JPEG bytes to the top-k category ids.
 
@@ -145,11 +145,10 @@ def export_serving_model(model: keras.Model, labels: labels_lib.Labels, path: st
     the server then answers what that evaluation measured, at twice the model's work a call.
 
     serving_info() -> {"flip_tta": bool, "image_size": int32, "crop_size": int32}: what the export
-    does, for a client (model/predict.py prints it) or a server that must tell one export from another.
+    does, for a client (model/commands/predict.py prints it) or a server that must tell one export from another.
     """
     top_k = min(top_k, labels.num_classes)
     category_ids = tf.constant(labels.category_ids, dtype=tf.int64)
-    n = record_schema.MAX_IMAGES
 
     def serve(images, mask):
         # The slots the model reads (mask > 0.5, as its fusion does) are the only ones decoded.
@@ -176,6 +175,14 @@ def export_serving_model(model: keras.Model, labels: labels_lib.Labels, path: st
             "error": error,
         }
 
+    settings = {"flip_tta": bool(flip_tta), "image_size": int(image_size), "crop_size": int(crop_size or 0)}
+    _write_archive(model, serve, settings, path)
+
+
+def _write_archive(model: keras.Model, serve, settings: dict, path: str) -> None:
+    """The SavedModel at `path` (replacing one there): serve(images, mask) as serving_default, and
+    serving_info() answering `settings`."""
+    n = record_schema.MAX_IMAGES
     archive = keras.export.ExportArchive()
     archive.track(model)
     archive.add_endpoint(
@@ -186,7 +193,6 @@ def export_serving_model(model: keras.Model, labels: labels_lib.Labels, path: st
             tf.TensorSpec([None, n], tf.float32, name="mask"),
         ],
     )
-    settings = {"flip_tta": bool(flip_tta), "image_size": int(image_size), "crop_size": int(crop_size or 0)}
     archive.add_endpoint("serving_info", lambda: {name: tf.constant(value) for name, value in settings.items()},
                          input_signature=[])
     if tf.io.gfile.exists(path):

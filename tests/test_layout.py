@@ -1,6 +1,7 @@
 """The layout is the architecture, and this file is its one description: MODEL_LAYERS holds
 model/'s roles, bottom to top, and each role imports only its own role and the roles below it;
-the two halves meet only at record_schema (BUILD_NOTES "Layout" says why). Read from the
+the two halves meet only at the shared top-level
+modules (SHARED) (BUILD_NOTES "Layout" says why). Read from the
 source's import statements, so a new import that runs back up a layer fails here. The package
 docstrings describe the same structure in words, and are checked to name every module on disk."""
 
@@ -12,7 +13,12 @@ import pytest
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
-ENTRY_POINT = 7  # a package's __main__: a command, above every role
+# The top-level modules both halves import, and that import neither: the record (record_schema)
+# and the stop on SIGINT/SIGTERM (stop_signals). setup.py ships them beside the two packages.
+SHARED = ("record_schema", "stop_signals")
+
+ENTRY_POINT = 7  # model/commands/: every command's CLI, above every role
+LAUNCHER = 8  # what a user runs (a package's __main__, python -m model.predict): hands a command to launch
 
 # model/'s roles, bottom to top: a module may import its own role and the roles below it.
 MODEL_LAYERS = {
@@ -23,7 +29,8 @@ MODEL_LAYERS = {
     "model.export": 4,
     "model.training": 5, "model.evaluation": 5,
     "model.cli": 6,
-    "model.predict": ENTRY_POINT,  # a command (python -m model.predict) in a module of its own
+    "model.commands": ENTRY_POINT,
+    "model.predict": LAUNCHER,  # python -m model.predict: runs model/commands/predict.py
 }
 
 
@@ -41,7 +48,7 @@ def imports_of(path: pathlib.Path) -> set[str]:
         elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
             names.add(node.module)
             names.update(f"{node.module}.{alias.name}" for alias in node.names)
-    return {n for n in names if n.split(".")[0] in ("model", "beam_convert", "record_schema", "sample_data")}
+    return {n for n in names if n.split(".")[0] in ("model", "beam_convert", "sample_data", *SHARED)}
 
 
 def role(name: str) -> str | None:
@@ -52,7 +59,7 @@ def role(name: str) -> str | None:
 
 
 def rank(name: str) -> int:
-    return ENTRY_POINT if name.endswith(".__main__") else MODEL_LAYERS[role(name)]
+    return LAUNCHER if name.endswith(".__main__") else MODEL_LAYERS[role(name)]
 
 
 MODEL_FILES = sorted((REPO / "model").rglob("*.py"))
@@ -76,9 +83,25 @@ def test_model_imports_only_its_own_role_and_the_roles_below(path):
     assert upward(name, imports_of(path)) == [], f"{name} imports up or across a layer"
 
 
-def test_the_halves_meet_only_at_record_schema():
+def test_the_halves_meet_only_at_the_shared_modules():
     assert not [p for p in CONVERT_FILES if any(n.startswith("model") for n in imports_of(p))]
     assert not [p for p in MODEL_FILES if any(n.startswith("beam_convert") for n in imports_of(p))]
+
+
+@pytest.mark.parametrize("name", SHARED)
+def test_a_shared_module_imports_neither_half_and_is_shipped(name):
+    assert imports_of(REPO / f"{name}.py") == set()
+    setup = ast.parse((REPO / "setup.py").read_text())
+    (shipped,) = [k.value for k in ast.walk(setup) if isinstance(k, ast.keyword) and k.arg == "py_modules"]
+    assert name in ast.literal_eval(shipped)
+
+
+def test_a_launcher_only_hands_a_command_to_launch():
+    """A command's flags and body live in model/commands/, beside the other commands."""
+    launchers = [p for p in MODEL_FILES if role(module_name(p)) and rank(module_name(p)) == LAUNCHER]
+    assert len(launchers) >= 2  # model/predict.py, model/data_service/__main__.py
+    for path in launchers:
+        assert {role(m) for m in imports_of(path)} - {None} <= {"model.cli", "model.commands"}, path
 
 
 def test_no_import_cycle_in_model():

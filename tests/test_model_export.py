@@ -18,8 +18,7 @@ import record_schema
 from model import export
 from model.evaluation.predict import Member, predict_top_k
 from model.input_pipeline import create_dataset, decode
-from model.input_pipeline import labels as labels_lib
-from model.input_pipeline.labels import Labels
+from model.input_pipeline.labels import Labels, read_labels
 from model.network.multi_image import ModelConfig, build_model
 from tests.record_helpers import sample_documents, write_data_dir
 
@@ -196,7 +195,7 @@ def flip_exports(tmp_path_factory):
     evaluation decoding), the JPEG slots of the same products, and one model exported without and
     with flip TTA."""
     data_dir = write_data_dir(str(tmp_path_factory.mktemp("flip_data")), with_val=False)
-    labels = labels_lib.read_labels(data_dir)
+    labels = read_labels(data_dir)
     dataset = create_dataset(os.path.join(data_dir, record_schema.shard_pattern("train")), batch_size=8,
                              training=False, image_size=IMAGE_SIZE, crop_size=CROP_SIZE).take(FLIP_PRODUCTS // 8)
     keras.utils.set_random_seed(1)

@@ -9,7 +9,6 @@ data/train_example.bson.
 
 import io
 
-import keras
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -17,10 +16,9 @@ from PIL import Image
 
 import record_schema
 from model import export
-from model.input_pipeline import labels as labels_lib
-from model.network.multi_image import ModelConfig, build_model
 from tests.convert_helpers import png_bytes
-from tests.record_helpers import sample_documents, spread_head, write_data_dir
+from tests.record_helpers import sample_documents
+from tests.serving_helpers import spread_tiny_model
 
 SIZE = 32
 SLOTS = record_schema.MAX_IMAGES
@@ -34,20 +32,12 @@ def pictures():
     return [[img["picture"] for img in d["imgs"]] for d in sample_documents()]
 
 
-def _sharpen_head(model, pictures):
-    jpegs = np.array([[p[0]] + [b""] * (SLOTS - 1) for p in pictures[:16]], dtype=object)
-    mask = np.array([[1.0] + [0.0] * (SLOTS - 1)] * len(jpegs), np.float32)
-    spread_head(model, jpegs, mask, image_size=SIZE + 4, crop_size=SIZE)
-
-
 @pytest.fixture(scope="module")
 def model_and_labels(tmp_path_factory, pictures):
-    data_dir = write_data_dir(str(tmp_path_factory.mktemp("data")), with_val=False)
-    labels = labels_lib.read_labels(data_dir)
-    keras.utils.set_random_seed(0)
-    model = build_model(ModelConfig(num_classes=labels.num_classes, image_size=SIZE, backbone="tiny"))
-    _sharpen_head(model, pictures)
-    return model, labels
+    """The tiny network, its head spread over the first pictures of 16 products."""
+    jpegs = np.array([[p[0]] + [b""] * (SLOTS - 1) for p in pictures[:16]], dtype=object)
+    mask = np.array([[1.0] + [0.0] * (SLOTS - 1)] * len(jpegs), np.float32)
+    return spread_tiny_model(str(tmp_path_factory.mktemp("data")), jpegs, mask, image_size=SIZE + 4, crop_size=SIZE)
 
 
 @pytest.fixture(scope="module")

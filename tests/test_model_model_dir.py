@@ -18,3 +18,20 @@ def test_each_checkpoint_names_its_model_and_its_export(checkpoint, model_file, 
 def test_an_unknown_checkpoint_is_refused_naming_the_choices(name):
     with pytest.raises(ValueError, match="final, best.*'last'"):
         getattr(model_dir, name)("last")
+
+
+def test_a_run_folder_gives_the_path_of_each_of_its_files():
+    run = model_dir.RunFolder("gs://bucket/runs/a")
+    assert (run.flags_file, run.config_file, run.state_file, run.labels_file) == (
+        "gs://bucket/runs/a/flags.txt", "gs://bucket/runs/a/train_config.json", "gs://bucket/runs/a/train_state.json",
+        "gs://bucket/runs/a/labels.csv")
+    assert (run.model_file, run.best_file, run.best_score_file) == (
+        "gs://bucket/runs/a/model.keras", "gs://bucket/runs/a/best.keras", "gs://bucket/runs/a/best.json")
+    assert (run.backup, run.logs, run.lock_file) == (
+        "gs://bucket/runs/a/backup", "gs://bucket/runs/a/logs", "gs://bucket/runs/a/run.lock")
+    assert (run.model(), run.model("best"), run.export(), run.export("best")) == (
+        run.model_file, run.best_file, "gs://bucket/runs/a/export", "gs://bucket/runs/a/export_best")
+    assert run.eval_dir("val") == "gs://bucket/runs/a/eval_val"
+    assert run.worker_dir("worker", 1) == "gs://bucket/runs/a/workers/worker_1"
+    with pytest.raises(ValueError, match="'last'"):
+        run.export("last")

@@ -1,4 +1,4 @@
-"""python -m model.predict (model/predict.py): products from JPEG files through the SavedModel
+"""python -m model.predict (model/commands/predict.py): products from JPEG files through the SavedModel
 (issue 16, item 5).
 
 A model_dir made in-process: a tiny network with a head that spreads its logits over the sample
@@ -16,25 +16,24 @@ import shutil
 import subprocess
 import sys
 
-import keras
 import numpy as np
 import pytest
 import tensorflow as tf
 
 import record_schema
-from model import export, predict
-from model import model_dir as model_dir_lib
+from model import export
+from model.commands import predict
 from model.errors import UserError
 from model.input_pipeline import decode
-from model.input_pipeline import labels as labels_lib
-from model.network.multi_image import ModelConfig, build_model
+from model.input_pipeline.labels import read_labels
+from model.model_dir import RunFolder
 from tests.record_helpers import (
     REPO,
     TINY_TRAIN_FLAGS,
     sample_documents,
-    spread_head,
     write_data_dir,
 )
+from tests.serving_helpers import spread_tiny_model
 
 IMAGE_SIZE, CROP_SIZE = 36, 32
 NOT_JPEG = "not a JPEG (no FF D8 FF start)"
@@ -73,17 +72,14 @@ def _batch(products):
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, pictures):
     """(model_dir, the Keras model, labels): export/ plain with k=5, export_best/ flip TTA with k=3."""
-    data_dir = write_data_dir(str(tmp_path_factory.mktemp("data")), with_val=False)
-    labels = labels_lib.read_labels(data_dir)
-    keras.utils.set_random_seed(0)
-    model = build_model(ModelConfig(num_classes=labels.num_classes, image_size=CROP_SIZE, backbone="tiny"))
-    images, mask = _batch(pictures["products"])
-    spread_head(model, images, mask, image_size=IMAGE_SIZE, crop_size=CROP_SIZE)
+    data_dir = str(tmp_path_factory.mktemp("data"))
+    model, labels = spread_tiny_model(data_dir, *_batch(pictures["products"]), image_size=IMAGE_SIZE,
+                                      crop_size=CROP_SIZE)
 
     model_dir = str(tmp_path_factory.mktemp("model"))
     shutil.copy(os.path.join(data_dir, record_schema.LABELS_FILE), model_dir)
     for checkpoint, flip_tta, top_k in (("final", False, 5), ("best", True, 3)):
-        export.export_serving_model(model, labels, os.path.join(model_dir, model_dir_lib.export_dir(checkpoint)),
+        export.export_serving_model(model, labels, RunFolder(model_dir).export(checkpoint),
                                     image_size=IMAGE_SIZE, crop_size=CROP_SIZE, top_k=top_k, flip_tta=flip_tta)
     return model_dir, model, labels
 
@@ -255,7 +251,7 @@ def test_predict_with_what_train_py_exported(tmp_path, pictures):
     from model.evaluation.predict import load_model
 
     model, _ = load_model(model_dir)
-    labels = labels_lib.read_labels(os.path.join(model_dir, record_schema.LABELS_FILE))
+    labels = read_labels(RunFolder(model_dir).labels_file)
     images, mask = _batch([files])
     mask = tf.constant(mask)
     logits = model({"images": decode.decode_images(images, mask, 36, crop_size=32), "mask": mask}, training=False)

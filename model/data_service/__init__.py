@@ -2,6 +2,7 @@
 
 splits: the split source the input pipeline starts from under dynamic sharding;
 stream: `distribute`, what a trainer calls; probe: the dispatcher's state, over plain gRPC;
-launchers and __main__: `python -m model.data_service dispatcher|worker`.
+launchers: the dispatcher and worker processes, which `python -m model.data_service dispatcher|worker`
+starts (its flags and main: model/commands/data_service.py; __main__ hands it to commands.launch).
 The design and its measured effects: docs/DATA_SERVICE.md.
 """

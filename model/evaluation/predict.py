@@ -12,17 +12,17 @@ from __future__ import annotations
 import collections
 import dataclasses
 import json
-import os
 import time
 
 import numpy as np
 import tensorflow as tf
 
 import record_schema
-from model import model_dir as model_dir_lib, signals
+from model import signals
 from model.config import ImageSpec
 from model.errors import UserError
 from model.evaluation import duplicates, ensemble
+from model.model_dir import RunFolder
 
 TOP_K = 5
 
@@ -53,13 +53,13 @@ def load_model(model_dir: str, checkpoint: str = "final"):
 
     from model.network import multi_image  # noqa: F401  (registers the custom layers for deserialisation)
 
-    path = os.path.join(model_dir, model_dir_lib.model_file(checkpoint))
+    path = RunFolder(model_dir).model(checkpoint)
     if not tf.io.gfile.exists(path):
         if checkpoint == "best":
             raise UserError(f"{path} is absent: --checkpoint=best needs a run trained with a val split "
                             f"(best.keras is kept by val top-1); use --checkpoint=final")
         raise UserError(f"{path} is absent: train first (python train.py ...)")
-    with tf.io.gfile.GFile(os.path.join(model_dir, model_dir_lib.CONFIG_FILE)) as f:
+    with tf.io.gfile.GFile(RunFolder(model_dir).config_file) as f:
         config = json.load(f)
     model = keras.models.load_model(path, compile=False)
     return model, config

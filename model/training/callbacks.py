@@ -12,7 +12,7 @@ import keras
 import tensorflow as tf
 
 from model import atomic
-from model import model_dir as model_dir_lib
+from model.model_dir import RunFolder
 from model.training import random_states
 
 # The monitored metric: Keras prefixes metric names with the output name for dict outputs.
@@ -308,28 +308,27 @@ def restore_backup(model: keras.Model, backup_dir: str) -> int:
 def make_callbacks(model_dir: str, *, epochs: int, steps_per_epoch: int, global_batch: int,
                    backup_every_steps: int, log_every_steps: int, profile_steps: str, has_val: bool,
                    stop_requests=None, compute_seconds_per_product: float | None = None) -> list:
-    logs = os.path.join(model_dir, model_dir_lib.LOGS_DIR)
+    run = RunFolder(model_dir)
     # Kept after fit and removed only once model.keras and export/ exist, so a kill at any
     # moment leaves something to resume from.
-    backup = Backup(os.path.join(model_dir, model_dir_lib.BACKUP_DIR), max(1, backup_every_steps), steps_per_epoch)
+    backup = Backup(run.backup, max(1, backup_every_steps), steps_per_epoch)
     callbacks = [keras.callbacks.TerminateOnNaN(), backup]
     if stop_requests is not None:
         callbacks.append(StopOnSignal(stop_requests, backup))
     callbacks.append(Throughput(global_batch))
     if has_val:
-        callbacks.append(BestModel(os.path.join(model_dir, model_dir_lib.BEST_FILE),
-                                   os.path.join(model_dir, model_dir_lib.BEST_SCORE_FILE), f"val_{TOP1}"))
+        callbacks.append(BestModel(run.best_file, run.best_score_file, f"val_{TOP1}"))
     if log_every_steps > 0:
-        callbacks.append(StepScalars(os.path.join(logs, "train_steps"), log_every_steps, global_batch,
+        callbacks.append(StepScalars(os.path.join(run.logs, "train_steps"), log_every_steps, global_batch,
                                      total_steps=epochs * steps_per_epoch,
                                      compute_seconds_per_product=compute_seconds_per_product))
     if profile_steps:
         first, last = (int(step) for step in profile_steps.split(","))
-        callbacks.append(ProfileSteps(os.path.join(logs, "train"), first, last))
+        callbacks.append(ProfileSteps(os.path.join(run.logs, "train"), first, last))
     callbacks += [
         # Epoch-level scalars: loss, top-1/top-5, learning rate, products/s (Throughput runs first
         # and adds it to the same logs dict).
-        keras.callbacks.TensorBoard(logs, profile_batch=0, write_graph=False),
+        keras.callbacks.TensorBoard(run.logs, profile_batch=0, write_graph=False),
         EpochProgress(epochs),  # last, so its end-of-epoch line shows products_per_second too
     ]
     return callbacks

@@ -15,33 +15,32 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-import record_schema
-from model import model_dir as model_dir_lib
 from model.errors import UserError
-from model.input_pipeline import labels as labels_lib
+from model.input_pipeline.labels import Labels, read_labels
+from model.model_dir import RunFolder
 
 HEADS = ("category", "level1", "level2", "category_per_image", "level1_per_image", "level2_per_image")
 
 
 def source_file(init_from: str) -> str:
     """The .keras file --init_from names: itself, or a model_dir's final model."""
-    path = init_from if init_from.endswith(".keras") else os.path.join(init_from, model_dir_lib.MODEL_FILE)
+    path = init_from if init_from.endswith(".keras") else RunFolder(init_from).model_file
     if not tf.io.gfile.exists(path):
         hint = "" if init_from.endswith(".keras") else " (a model_dir whose training finished)"
         raise UserError(f"--init_from={init_from}: no {path}{hint}")
     return path
 
 
-def same_classes(path: str, labels: labels_lib.Labels) -> bool:
+def same_classes(path: str, labels: Labels) -> bool:
     """Whether the model at `path` was trained on `labels`' classes, in the same order (the
     labels.csv train.py writes beside it); False when there is none to tell."""
     folder = os.path.dirname(path)
-    if not tf.io.gfile.exists(os.path.join(folder, record_schema.LABELS_FILE)):
+    if not tf.io.gfile.exists(RunFolder(folder).labels_file):
         return False
-    return np.array_equal(labels_lib.read_labels(folder).category_ids, labels.category_ids)
+    return np.array_equal(read_labels(folder).category_ids, labels.category_ids)
 
 
-def initialise(model: keras.Model, init_from: str, labels: labels_lib.Labels, log=print) -> dict:
+def initialise(model: keras.Model, init_from: str, labels: Labels, log=print) -> dict:
     """Copies the weights of the model --init_from names into `model`; returns
     {"copied": [layer names], "initialised": [layer names]}."""
     path = source_file(init_from)

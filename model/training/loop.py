@@ -28,6 +28,7 @@ from model.data_service import probe, stream
 from model.errors import Interrupted, UserError
 from model.input_pipeline import data_folder, shards
 from model.input_pipeline import labels as labels_lib
+from model.model_dir import RunFolder
 from model.network import multi_image
 from model.training import (batchnorm, distribution, init_from, input_check, inputs, optimization, run_lock, run_state,
                             sample_grid)
@@ -89,7 +90,7 @@ def _train(cfg: TrainConfig, extra_callbacks: tuple, flags_text: str, stop_reque
             return finished
         # Every worker resumes from the chief's backup (model_dir as given): the workers' own are
         # written at their own moments, and a kill can leave them a step apart.
-        backup_dir = os.path.join(given_model_dir, model_dir_lib.BACKUP_DIR)
+        backup_dir = RunFolder(given_model_dir).backup
         return _train_held(cfg, strategy, service_job, extra_callbacks, flags_text, stop_requests, backup_dir)
 
 
@@ -260,13 +261,13 @@ def model_config(cfg: TrainConfig, labels: labels_lib.Labels, aux_heads: dict) -
 def _write_run_files(cfg: TrainConfig, mconfig: multi_image.ModelConfig, flags_text: str, replicas: int) -> None:
     """labels.csv (evaluate.py maps class indices back to category ids with the model's own
     copy), train_config.json (with the seed, drawn or given, and the replicas) and flags.txt."""
-    with atomic.written_whole(os.path.join(cfg.model_dir, record_schema.LABELS_FILE)) as partial:
+    with atomic.written_whole(RunFolder(cfg.model_dir).labels_file) as partial:
         tf.io.gfile.copy(os.path.join(cfg.data_dir, record_schema.LABELS_FILE), partial, overwrite=True)
-    atomic.write_text(os.path.join(cfg.model_dir, model_dir_lib.CONFIG_FILE),
+    atomic.write_text(RunFolder(cfg.model_dir).config_file,
                       json.dumps({"model": dataclasses.asdict(mconfig), "train": dataclasses.asdict(cfg),
                                   "replicas": replicas}, indent=1))
     if flags_text:
-        atomic.write_text(os.path.join(cfg.model_dir, model_dir_lib.FLAGS_FILE), flags_text)
+        atomic.write_text(RunFolder(cfg.model_dir).flags_file, flags_text)
 
 
 def _build_and_restore(cfg: TrainConfig, strategy, mconfig, data: RunData, backup_dir: str) -> tuple[keras.Model, int]:
@@ -295,7 +296,7 @@ def _write_samples(cfg: TrainConfig, labels: labels_lib.Labels) -> None:
                                         shuffle_buffer=64, seed=cfg.seed)
     features, label = next(iter(samples))
     sample_grid.write_sample_grid(features, label, sample_grid.class_names(labels),
-                                  os.path.join(cfg.model_dir, model_dir_lib.LOGS_DIR))
+                                  RunFolder(cfg.model_dir).logs)
 
 
 def fit_phases(resumed_step: int, steps_per_epoch: int, epochs: int) -> list[tuple[int, int, int]]:
@@ -376,8 +377,8 @@ def _recalibrated(weights: list, name: str, cfg: TrainConfig, mconfig, data: Run
 def _best_model(final: keras.Model, final_val: dict, cfg: TrainConfig, mconfig, data: RunData):
     """(the model of the best epoch, BatchNorm-recalibrated like the final one, its epoch, its val
     figures), or None without val. The final model itself when the last epoch was the best."""
-    best_path = os.path.join(cfg.model_dir, model_dir_lib.BEST_FILE)
-    score_path = os.path.join(cfg.model_dir, model_dir_lib.BEST_SCORE_FILE)
+    best_path = RunFolder(cfg.model_dir).best_file
+    score_path = RunFolder(cfg.model_dir).best_score_file
     if not (data.has_val and tf.io.gfile.exists(best_path) and tf.io.gfile.exists(score_path)):
         return None
     with tf.io.gfile.GFile(score_path) as f:
@@ -391,14 +392,14 @@ def _best_model(final: keras.Model, final_val: dict, cfg: TrainConfig, mconfig, 
 
 
 def _export(model: keras.Model, cfg: TrainConfig, data: RunData, checkpoint: str) -> None:
-    with atomic.written_whole(os.path.join(cfg.model_dir, model_dir_lib.export_dir(checkpoint)),
+    with atomic.written_whole(RunFolder(cfg.model_dir).export(checkpoint),
                               last="saved_model.pb") as partial:
         export.export_serving_model(model, data.labels, partial, image_size=cfg.image_size,
                                     crop_size=cfg.crop_size, top_k=cfg.export_top_k, flip_tta=cfg.export_flip_tta)
 
 
 def _save_model(model: keras.Model, cfg: TrainConfig, checkpoint: str) -> None:
-    with atomic.written_whole(os.path.join(cfg.model_dir, model_dir_lib.model_file(checkpoint))) as partial:
+    with atomic.written_whole(RunFolder(cfg.model_dir).model(checkpoint)) as partial:
         model.save(partial)
 
 
@@ -413,13 +414,13 @@ def _save(final: keras.Model, best, model: keras.Model, cfg: TrainConfig, data: 
     _export(final, cfg, data, "final")
     if best is not None and best[0] is final:
         # The same model: its export copied, not traced and written a second time (~6 s a run).
-        with atomic.written_whole(os.path.join(cfg.model_dir, model_dir_lib.export_dir("best")),
+        with atomic.written_whole(RunFolder(cfg.model_dir).export("best"),
                                   last="saved_model.pb") as partial:
-            atomic.copy_folder(os.path.join(cfg.model_dir, model_dir_lib.export_dir("final")), partial)
+            atomic.copy_folder(RunFolder(cfg.model_dir).export("final"), partial)
         _save_model(final, cfg, "best")
     _save_model(final, cfg, "final")
-    model_path = os.path.join(cfg.model_dir, model_dir_lib.MODEL_FILE)
-    export_path = os.path.join(cfg.model_dir, model_dir_lib.EXPORT_DIR)
+    model_path = RunFolder(cfg.model_dir).model_file
+    export_path = RunFolder(cfg.model_dir).export()
     state = {
         "epochs": cfg.epochs,
         "steps_per_epoch": data.steps_per_epoch,
@@ -433,8 +434,8 @@ def _save(final: keras.Model, best, model: keras.Model, cfg: TrainConfig, data: 
         "best_val": {k: float(v) for k, v in best[2].items()} if best else {},
         "skipped_records": data.skipped,
     }
-    atomic.write_text(os.path.join(cfg.model_dir, model_dir_lib.STATE_FILE), json.dumps(state, indent=1))
-    backup_dir = os.path.join(cfg.model_dir, model_dir_lib.BACKUP_DIR)
+    atomic.write_text(RunFolder(cfg.model_dir).state_file, json.dumps(state, indent=1))
+    backup_dir = RunFolder(cfg.model_dir).backup
     if tf.io.gfile.exists(backup_dir):
         tf.io.gfile.rmtree(backup_dir)
     print(f"Saved {model_path} and the SavedModel {export_path}" + (" (and the best epoch's: best.keras, export_best/)" if best else ""))

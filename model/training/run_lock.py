@@ -26,8 +26,8 @@ import time
 import tensorflow as tf
 
 from model import atomic
-from model import model_dir as model_dir_lib
 from model.errors import UserError
+from model.model_dir import RunFolder
 
 HEARTBEAT_SECONDS = 30.0
 STALE_SECONDS = 120.0
@@ -102,7 +102,7 @@ def _create(path: str, me: dict) -> bool:
 @contextlib.contextmanager
 def hold(model_dir: str, log=print):
     """Holds model_dir while the block runs; UserError (one line) if a live trainer holds it."""
-    path = os.path.join(model_dir, model_dir_lib.LOCK_FILE)
+    path = RunFolder(model_dir).lock_file
     me = _this_process()
     with atomic.write_errors_named(path):
         for _ in range(3):  # a stale lock removed, then a race with another starter: bounded

@@ -11,10 +11,10 @@ import random
 
 import tensorflow as tf
 
-from model import model_dir as model_dir_lib
 from model.config import TrainConfig, config_from_json
 from model.errors import UserError
-from model.training import callbacks as callbacks_lib
+from model.model_dir import RunFolder
+from model.training.callbacks import BACKUP_WEIGHTS
 
 
 # Settings that do not change what a run computes: a resumed or finished run may differ in them.
@@ -44,7 +44,7 @@ def resolve_seed(model_dir: str, cfg: TrainConfig, *, multi_worker: bool = False
     strategy every worker must take the same one without talking: it is derived from model_dir."""
     if cfg.seed:
         return cfg, "given"
-    config_path = os.path.join(model_dir, model_dir_lib.CONFIG_FILE)
+    config_path = RunFolder(model_dir).config_file
     if tf.io.gfile.exists(config_path):
         with tf.io.gfile.GFile(config_path) as f:
             recorded = json.load(f)["train"].get("seed", 0)
@@ -71,7 +71,7 @@ def settings_differences(saved: dict, cfg: TrainConfig) -> list[str]:
 
 def stream_changes(model_dir: str, cfg: TrainConfig, replicas: int) -> list[str]:
     """The stream settings of the run saved in model_dir that cfg (on `replicas` replicas) changes."""
-    config_path = os.path.join(model_dir, model_dir_lib.CONFIG_FILE)
+    config_path = RunFolder(model_dir).config_file
     if not tf.io.gfile.exists(config_path):
         return []
     with tf.io.gfile.GFile(config_path) as f:
@@ -108,11 +108,11 @@ def check_earlier_run(model_dir: str, cfg: TrainConfig) -> dict | None:
     A finished or interrupted run made with other settings stops here with one line: resuming it
     would mix two runs, and starting over would destroy it.
     """
-    config_path = os.path.join(model_dir, model_dir_lib.CONFIG_FILE)
-    state_path = os.path.join(model_dir, model_dir_lib.STATE_FILE)
+    run = RunFolder(model_dir)
+    config_path, state_path = run.config_file, run.state_file
     exists = tf.io.gfile.exists
-    finished = exists(state_path) and exists(os.path.join(model_dir, model_dir_lib.MODEL_FILE))
-    interrupted = exists(os.path.join(model_dir, model_dir_lib.BACKUP_DIR, callbacks_lib.BACKUP_WEIGHTS))
+    finished = exists(state_path) and exists(run.model_file)
+    interrupted = exists(os.path.join(run.backup, BACKUP_WEIGHTS))
     if not (finished or interrupted) or not exists(config_path):
         return None
     with tf.io.gfile.GFile(config_path) as f:
