@@ -1,48 +1,10 @@
-"""Evaluate a trained model on one split of a beam_convert folder (docs/FORMATS.md section 4).
-
-    python evaluate.py --data_dir=DIR --model_dir=DIR[,DIR...] --split=val|test [--output_dir=DIR]
-        [--checkpoint=final|best] [--ensemble_weights=W,W] [--ensemble_mean=arithmetic|geometric]
-        [--flip_tta] [--dup_lookup [--dup_lookup_level=image|product]] [--save_top_k=K]
-
-Labelled splits: metrics.json (top1, top5, products, accuracy per image count, per level of the
-category tree, most confused pairs, each ensemble member's figures) and report.png. test:
-submission.csv `_id,category_id` with a row for every product of the input, rejected ones
-included (most frequent training category). Several model folders make an ensemble: their class
-probabilities are averaged, each model reading the images at its own size.
-"""
-
-import sys
-
-from absl import app, flags
-
-from model import cli, errors  # neither loads TensorFlow
-
-cli.configure_environment()  # before TensorFlow loads: it reads these at import
-
-from model import config  # noqa: E402  (no TensorFlow either)
-
-cli.define_flags(config.EvalConfig, sys.modules[__name__])  # defaults, help and bounds: the dataclass's fields
-flags.mark_flags_as_required(["data_dir", "model_dir"])
-cli.check_folder_flags(model_must_exist=True)
-
-
-def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-    from model import signals
-    from model.evaluation import evaluate as evaluation
-
-    cli.quiet_logs()
-    try:
-        with signals.stop_requests():
-            evaluation.evaluate(cli.config_from_flags(config.EvalConfig))
-    except errors.UserError as error:
-        sys.exit(f"evaluate.py: error: {error}")
-    except errors.Interrupted as stop:
-        print(f"evaluate.py: {stop}; nothing written (an earlier evaluation in the output folder is kept)",
-              file=sys.stderr, flush=True)
-        sys.exit(128 + stop.signum)
-
+"""`python evaluate.py --data_dir=DIR --model_dir=DIR --split=val|test` (docs/FORMATS.md section 4):
+the command is model/commands/evaluate.py."""
 
 if __name__ == "__main__":
-    app.run(main)
+    from model import cli
+
+    cli.configure_environment()  # before TensorFlow loads: it reads these at import
+    from model.commands import evaluate, launch
+
+    launch(evaluate)

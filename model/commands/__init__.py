@@ -2,6 +2,7 @@
 preamble), `define_flags()` and `main(argv)`, the body absl's app.run calls. What a user types
 runs one of them through `launch`, from an entry point of a few lines:
 
+evaluate       python evaluate.py: one model or an ensemble on a split; metrics, report, submission
 predict        python -m model.predict (model/predict.py): products from JPEG files through the SavedModel
 data_service   python -m model.data_service dispatcher|worker (model/data_service/__main__.py)
 """
