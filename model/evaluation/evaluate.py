@@ -4,7 +4,6 @@ asked, moved into place only when complete."""
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 
@@ -14,7 +13,7 @@ import tensorflow as tf
 import record_schema
 from model import atomic, signals
 from model import model_dir as model_dir_lib
-from model.config import config_from_json
+from model.config import ImageSpec
 from model.errors import UserError
 from model.evaluation import duplicates, ensemble, metrics as metrics_lib, predict, report, submission as submission_lib
 from model.evaluation import top_k_file
@@ -94,10 +93,8 @@ def _member_datasets(members, data_dir: str, split: str, batch_size: int, skip: 
     for member in members:
         key = (member.image_size, member.crop_size)
         if key not in by_size:
-            trained = config_from_json(member.config["train"])
-            by_size[key] = data_folder.split_dataset(dataclasses.replace(trained, data_dir=data_dir), split,
-                                                     training=False, batch_size=batch_size,
-                                                     **({"skip_corrupt_records": True} if skip else {}))
+            by_size[key] = data_folder.split_dataset(data_dir, split, ImageSpec(*key), training=False,
+                                                     batch_size=batch_size, skip_corrupt_records=skip)
     return [by_size[(m.image_size, m.crop_size)] for m in members]
 
 
