@@ -9,20 +9,20 @@ Data: the 82 real products of data/train_example.bson (~7.7 KB a record, near th
 
   read        every record of one pass through the same 16-file interleave, no shuffle: the
               reading ceiling (page-cached files: the data was just written).
-  skip        `dataset._seeded_passes(...)` (the seeded training stream's record stage, with the
+  skip        `sources.seeded_passes(...)` (the seeded training stream's record stage, with the
               `shuffle_buffer`) then `.skip(n)`, n = one pass less one batch (the worst resume: the
               last batch of a pass), timed to the first record after it, minus the same at n = 0:
               records/s and MB/s of skipping.
   resume      `create_dataset` (training, seeded, 180 px, batch 64, the shuffle_buffer, repeat):
-              first-batch latency at start_batch = the last batch of pass 0, and 1,000 passes in
-              (whole passes are never read), against start_batch = 0.
+              first-batch latency at a start (StreamStart) at the last batch of pass 0, and 1,000 passes
+              in (whole passes are never read), against a start at batch 0.
   checkpoint  `tf.train.Checkpoint(iterator=iter(create_dataset(...)))` after the first batch (the
               shuffle buffer is full by then): save time and size, restore time into a fresh
               iterator, and whether the next batches match the uninterrupted iterator's.
   disk        `dd iflag=direct` of one shard: what the local disk gives when nothing is cached.
 
 Then a `sample` block: the 82-product sample folder (tests/record_helpers.write_data_dir, 66 train
-records, batch 8, cpu_tiny's 48 px), first-batch latency at start_batch 0, the last batch of a
+records, batch 8, cpu_tiny's 48 px), first-batch latency at start batch 0, the last batch of a
 pass and 1,000,000 batches in.
 """
 
@@ -99,10 +99,10 @@ def skip_time(files: list[str], n: int, shuffle_buffer: int) -> float:
     """Seconds to the first record after skipping n of the seeded record stage."""
     import tensorflow as tf
 
-    from model.input_pipeline import dataset
+    from model.input_pipeline import sources
 
-    ds, _ = dataset._seeded_passes(files, tf.data.TFRecordDataset, seed=SEED, shuffle_buffer=shuffle_buffer,
-                                   repeat=True, skip_records=0, share_records=None)
+    ds = sources.seeded_passes(files, tf.data.TFRecordDataset, seed=SEED, shuffle_buffer=shuffle_buffer,
+                               repeat=True, skip_records=0, share_records=None)
     return first(ds.skip(n))
 
 
@@ -110,8 +110,8 @@ def training_stream(data: dict, shuffle_buffer: int, start_batch: int):
     from model import input_pipeline
 
     return input_pipeline.create_dataset(data["pattern"], batch_size=BATCH, training=True, repeat=True,
-                                         shuffle_buffer=shuffle_buffer, seed=SEED, start_batch=start_batch,
-                                         record_counts=data["record_counts"])
+                                         shuffle_buffer=shuffle_buffer, seed=SEED,
+                                         start=input_pipeline.StreamStart(start_batch, data["record_counts"]))
 
 
 def checkpoint_round(data: dict, shuffle_buffer: int, directory: str) -> dict:
@@ -173,6 +173,7 @@ def sample_latencies(work: str, rounds: int) -> dict:
     """First-batch latency on the 82-product sample: start 0, the last batch of the pass, far in."""
     sys.path.insert(0, str(ROOT))
     from model import input_pipeline
+    from model.config import ImageSpec
     from tests.record_helpers import write_data_dir
 
     import record_schema
@@ -191,9 +192,9 @@ def sample_latencies(work: str, rounds: int) -> dict:
     for _ in range(rounds):
         for name, start_batch in starts.items():
             ds = input_pipeline.create_dataset(os.path.join(folder, record_schema.shard_pattern("train")),
-                                               batch_size=batch, training=True, repeat=True, image_size=48,
-                                               shuffle_buffer=2048, seed=SEED, start_batch=start_batch,
-                                               record_counts=counts)
+                                               batch_size=batch, training=True, repeat=True,
+                                               image=ImageSpec(48), shuffle_buffer=2048, seed=SEED,
+                                               start=input_pipeline.StreamStart(start_batch, counts))
             times[name].append(first(ds))
     return {"records": per_pass, "times": times}
 
@@ -218,7 +219,7 @@ def report(data: dict, rows: dict, checkpoints: list[dict], disk: float | None, 
         out.append(f"| {name} | {med[name]:.2f} | {', '.join(f'{v:.2f}' for v in values)} |")
     out += ["",
             f"- read ceiling: **{read_rate:,.0f} records/s, {read_rate * record_kb / 1024:,.0f} MB/s** (one pass, no shuffle)",
-            f"- skip (`_seeded_passes` + `.skip`, {skip_n:,} records): **{skip_rate:,.0f} records/s, "
+            f"- skip (`seeded_passes` + `.skip`, {skip_n:,} records): **{skip_rate:,.0f} records/s, "
             f"{skip_rate * record_kb / 1024:,.0f} MB/s**, {skip_rate / read_rate:.2f} of the read ceiling",
             f"- resume at the last batch of the pass vs start 0 (`create_dataset`): first batch "
             f"{med['resume: last batch of pass 0']:.2f} s vs {med['resume: start 0']:.2f} s "

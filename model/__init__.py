@@ -2,10 +2,9 @@
 
 errors, config, model_dir   what every role may use: the user error, the run's settings, model_dir's file names
 atomic, signals             files written whole or not at all; SIGINT/SIGTERM as requests to stop
-data_service                the training stream on tf.data service workers (its split source is the input's first stage)
 input_pipeline              a beam_convert folder -> batches of decoded image stacks (create_dataset)
 network                     backbone, fusion under the mask, the multi-image model
-export                      the SavedModel that serves raw JPEG bytes
+export, data_service        the SavedModel that serves raw JPEG bytes; the training stream on tf.data service workers
 training, evaluation        the train loop and what it needs; predictions, metrics, report, submission
 cli                         what train.py and evaluate.py share before TensorFlow loads
 predict                     python -m model.predict: runs commands/predict (products' JPEG files through the export)

@@ -119,3 +119,21 @@ class RunFolder:
 
     def worker_dir(self, task_type: str, task_id: int) -> str:
         return worker_dir(self.path, task_type, task_id)
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalFolder:
+    """An evaluation's output folder (default: RunFolder(model_dir).eval_dir(split)): its files' paths."""
+    path: str
+
+    @property
+    def metrics_file(self) -> str:
+        return os.path.join(self.path, METRICS_FILE)
+
+    @property
+    def report_file(self) -> str:
+        return os.path.join(self.path, REPORT_FILE)
+
+    @property
+    def submission_file(self) -> str:
+        return os.path.join(self.path, SUBMISSION_FILE)

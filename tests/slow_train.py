@@ -4,7 +4,7 @@
 
 A test aid, kept out of the production code: it adds one callback through the library's
 `extra_callbacks` and is otherwise exactly train.py's command. With TRACE_BATCHES, every batch
-the training streams make is also logged to FILE, one line each: "PIPELINE BATCH ID,ID,...",
+the training streams make (a traced source given as `training_batches`) is also logged to FILE, one line each: "PIPELINE BATCH ID,ID,...",
 BATCH counted from the stream's beginning (so a resumed stream's first line is its start step).
 """
 
@@ -35,14 +35,16 @@ def _append_to(path):
     return record
 
 
+extra_options = {}
 if os.environ.get("TRACE_BATCHES"):
-    from model.input_pipeline import data_folder  # noqa: E402
+    from model.training import inputs  # noqa: E402
     from tests.trace_batches import traced  # noqa: E402
 
-    data_folder.split_dataset = traced(data_folder.split_dataset, _append_to(os.environ["TRACE_BATCHES"]))
+    extra_options["training_batches"] = traced(inputs.folder_batches, _append_to(os.environ["TRACE_BATCHES"]))
 
 _train = loop.train
-loop.train = lambda config, extra_callbacks=(), **kwargs: _train(config, (*extra_callbacks, SlowSteps()), **kwargs)
+loop.train = lambda config, extra_callbacks=(), **kwargs: _train(config, (*extra_callbacks, SlowSteps()),
+                                                                 **extra_options, **kwargs)
 
 if __name__ == "__main__":
     app.run(train.main)

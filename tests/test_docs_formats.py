@@ -17,13 +17,16 @@ import pytest
 import tensorflow as tf
 
 import record_schema
-from model.input_pipeline import create_dataset
+from model.config import ImageSpec
+from model.input_pipeline import StreamStart, create_dataset
 from tests import record_helpers
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 FORMATS = REPO / "docs" / "FORMATS.md"
 SECTION = "## 3. "
 
+# Defaults the doc spells as a call: the value types of the signature.
+VALUE_TYPES = {"ImageSpec": ImageSpec, "StreamStart": StreamStart}
 KINDS = {"positional": inspect.Parameter.POSITIONAL_OR_KEYWORD, "keyword-only": inspect.Parameter.KEYWORD_ONLY}
 
 
@@ -55,13 +58,21 @@ def documented_parameters() -> list[tuple[str, str, object, str]]:
     args = documented_def().args
     assert not args.posonlyargs and not args.vararg and not args.kwarg, "unexpected parameter kinds in the doc"
     positional_defaults = [inspect.Parameter.empty] * (len(args.args) - len(args.defaults)) + [
-        ast.literal_eval(d) for d in args.defaults]
+        _default(d) for d in args.defaults]
     rows = [(a.arg, "positional", d, ast.unparse(a.annotation) if a.annotation else "")
             for a, d in zip(args.args, positional_defaults)]
     for a, d in zip(args.kwonlyargs, args.kw_defaults):
-        rows.append((a.arg, "keyword-only", inspect.Parameter.empty if d is None else ast.literal_eval(d),
+        rows.append((a.arg, "keyword-only", inspect.Parameter.empty if d is None else _default(d),
                      ast.unparse(a.annotation) if a.annotation else ""))
     return rows
+
+
+def _default(node: ast.expr):
+    """A documented default: a literal, or a call of one of VALUE_TYPES with literal arguments."""
+    if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id in VALUE_TYPES:
+        return VALUE_TYPES[node.func.id](*map(ast.literal_eval, node.args),
+                                         **{k.arg: ast.literal_eval(k.value) for k in node.keywords})
+    return ast.literal_eval(node)
 
 
 def _annotation(text) -> str:
@@ -113,7 +124,7 @@ def documented_outputs() -> dict[str, tuple[str, int]]:
 def test_the_documented_output_is_what_the_dataset_yields(tmp_path, crop_size):
     data_dir = record_helpers.write_data_dir(str(tmp_path / "data"))
     dataset = create_dataset(str(pathlib.Path(data_dir) / record_schema.shard_pattern("train")), batch_size=4,
-                             training=True, image_size=32, crop_size=crop_size, seed=0)
+                             training=True, image=ImageSpec(32, crop_size), seed=0)
     features, label = dataset.element_spec
     actual = {name: (spec.dtype.name, spec.shape.rank) for name, spec in features.items()}
     actual["label"] = (label.dtype.name, label.shape.rank)

@@ -24,7 +24,9 @@ import pytest
 
 import record_schema
 from model import input_pipeline
-from model.data_service import probe, splits, stream
+from model.config import ImageSpec
+from model.data_service import probe, stream
+from model.input_pipeline import sources
 from tests.launchers import COMMAND as LAUNCHER, REPO, Launched, Service, free_port, process_cpu
 from tests.record_helpers import write_data_dir
 
@@ -74,7 +76,7 @@ def training_stream(data_dir, *, repeat, batch_size=5, seed=None):
     """The training pipeline as train.py distributes it (the dynamic-sharding structure)."""
     return input_pipeline.create_dataset(
         os.path.join(data_dir, record_schema.shard_pattern("train")), batch_size=batch_size, training=True,
-        image_size=32, crop_size=24, shuffle_buffer=16, seed=seed, repeat=repeat, dynamic_sharding=True)
+        image=ImageSpec(32, 24), shuffle_buffer=16, seed=seed, repeat=repeat, dynamic_sharding=True)
 
 
 def read_ids(dataset, batches=None, timeout=120) -> list[int]:
@@ -235,38 +237,38 @@ def test_service_addresses_and_arguments_are_checked():
 
 def test_file_splits_visit_every_file_once_a_pass_in_a_new_order():
     files = [f"f{i:02d}" for i in range(7)]
-    passes = [x.decode() for x in splits.file_splits(files, seed=3, repeat=True).take(21).as_numpy_iterator()]
+    passes = [x.decode() for x in sources.file_splits(files, seed=3, repeat=True).take(21).as_numpy_iterator()]
     orders = [passes[i:i + 7] for i in (0, 7, 14)]
     assert all(sorted(order) == files for order in orders)
     assert len({tuple(order) for order in orders}) == 3  # a new permutation every pass
-    again = [x.decode() for x in splits.file_splits(files, seed=3, repeat=True).take(21).as_numpy_iterator()]
+    again = [x.decode() for x in sources.file_splits(files, seed=3, repeat=True).take(21).as_numpy_iterator()]
     assert again == passes  # the seed fixes the order
-    once = [x.decode() for x in splits.file_splits(files, seed=3, repeat=False).as_numpy_iterator()]
+    once = [x.decode() for x in sources.file_splits(files, seed=3, repeat=False).as_numpy_iterator()]
     assert once == orders[0]
-    assert [x.decode() for x in splits.file_splits(["a"], seed=None, repeat=False).as_numpy_iterator()] == ["a"]
+    assert [x.decode() for x in sources.file_splits(["a"], seed=None, repeat=False).as_numpy_iterator()] == ["a"]
     # A resumed run starts at a pass: the passes before it are not handed out, the rest unchanged.
-    later = [x.decode() for x in splits.file_splits(files, seed=3, repeat=True, first_pass=2).take(7).as_numpy_iterator()]
+    later = [x.decode() for x in sources.file_splits(files, seed=3, repeat=True, first_pass=2).take(7).as_numpy_iterator()]
     assert later == orders[2]
-    assert [x.decode() for x in splits.file_splits(files, seed=3, repeat=False, first_pass=1).as_numpy_iterator()] \
+    assert [x.decode() for x in sources.file_splits(files, seed=3, repeat=False, first_pass=1).as_numpy_iterator()] \
         == orders[1]
 
 
 def test_a_resumed_service_stream_starts_at_the_pass_its_step_falls_in(data_dir, monkeypatch):
-    """start_batch under dynamic sharding counts the whole job's batches: 20 of 5 records are 100
+    """A start under dynamic sharding counts the whole job's batches: 20 of 5 records are 100
     records, in the second pass over the 82 (pass 1); file_splits is asked for that pass."""
     import tensorflow as tf
 
     from model.input_pipeline import dataset
 
     asked = []
-    file_splits = splits.file_splits
-    monkeypatch.setattr(splits, "file_splits", lambda files, **options: asked.append(options) or file_splits(files, **options))
+    file_splits = sources.file_splits
+    monkeypatch.setattr(sources, "file_splits", lambda files, **options: asked.append(options) or file_splits(files, **options))
     pattern = os.path.join(data_dir, record_schema.shard_pattern("train"))
     files = sorted(tf.io.gfile.glob(pattern))
     counts = dict(zip(files, [len(list(tf.data.TFRecordDataset(path))) for path in files]))
     for start, first_pass in ((0, 0), (16, 0), (17, 1), (33, 2)):  # (batch, pass): 65 records a pass
         dataset.create_dataset(pattern, batch_size=4, training=True, seed=3, repeat=True, dynamic_sharding=True,
-                               start_batch=start, record_counts=counts)
+                               start=sources.StreamStart(start, counts))
         assert asked[-1]["first_pass"] == first_pass, (start, asked[-1])
     assert sum(counts.values()) == 65
 
@@ -293,7 +295,7 @@ def test_the_service_delivers_the_local_pixels(shared_service, data_dir, pack):
     import tensorflow as tf
 
     local_ds = input_pipeline.create_dataset(os.path.join(data_dir, record_schema.shard_pattern("train")),
-                                             batch_size=8, training=False, image_size=32, crop_size=24)
+                                             batch_size=8, training=False, image=ImageSpec(32, 24))
     remote = stream.distribute(local_ds, shared_service.target, job_name=f"pixels-{pack}", pack=pack)
     assert remote.element_spec == local_ds.element_spec
     local = {}

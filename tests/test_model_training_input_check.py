@@ -11,8 +11,7 @@ import tensorflow as tf
 from tensorflow.core.util import event_pb2
 
 from model import config
-from model.input_pipeline import data_folder
-from model.training import input_check, loop
+from model.training import input_check, inputs, loop
 
 pytestmark = pytest.mark.slow
 SLOW_SECONDS = 0.5  # per training batch of 16 products: ~30 products/s, far below the tiny model's rate
@@ -29,26 +28,22 @@ def input_waits(model_dir):
     return waits
 
 
-def train(data_dir, model_dir, capsys):
+def train(data_dir, model_dir, capsys, training_batches):
     cfg = config.TrainConfig(data_dir=data_dir, model_dir=model_dir, backbone="tiny", image_size=64, batch_size=16,
                              epochs=1, steps_per_epoch=16, log_every_steps=4, sample_products=0,
                              bn_recalibration_steps=1, fusion="mean")
-    loop.train(cfg)
+    loop.train(cfg, training_batches=training_batches)
     return capsys.readouterr().out
 
 
-def test_a_run_whose_input_keeps_up_says_so_and_reads_low(data_dir, tmp_path, capsys, monkeypatch):
+def test_a_run_whose_input_keeps_up_says_so_and_reads_low(data_dir, tmp_path, capsys):
     """The starved run's mirror: the training batches come from memory, so the input outruns the
     model whatever else the two cores run (reading JPEGs for real, a run measured 0.51-0.63 with
     the other pytest worker busy: on a CPU the pipeline and the model share the cores)."""
-    split_dataset = data_folder.split_dataset
+    def from_memory(cfg, pipeline):
+        return inputs.folder_batches(cfg, pipeline).take(2).cache().repeat()
 
-    def from_memory(cfg, split, *, training, **options):
-        ds = split_dataset(cfg, split, training=training, **options)
-        return ds.take(2).cache().repeat() if training and options.get("repeat") else ds
-
-    monkeypatch.setattr(data_folder, "split_dataset", from_memory)
-    out = train(data_dir, str(tmp_path / "m"), capsys)
+    out = train(data_dir, str(tmp_path / "m"), capsys, from_memory)
     verdict = next(line for line in out.splitlines() if line.startswith("Input check"))
     assert verdict.endswith(": the input keeps up"), verdict
     waits = input_waits(str(tmp_path / "m"))
@@ -56,22 +51,15 @@ def test_a_run_whose_input_keeps_up_says_so_and_reads_low(data_dir, tmp_path, ca
     assert np.median(list(waits.values())) < 0.5, waits
 
 
-def test_a_starved_run_says_so_and_reads_high(data_dir, tmp_path, capsys, monkeypatch):
-    split_dataset = data_folder.split_dataset
+def test_a_starved_run_says_so_and_reads_high(data_dir, tmp_path, capsys):
+    def pause(features, label):
+        tf.py_function(lambda: time.sleep(SLOW_SECONDS), [], [])
+        return features, label
 
-    def slowed(cfg, split, *, training, **options):
-        ds = split_dataset(cfg, split, training=training, **options)
-        if not (training and options.get("repeat")):
-            return ds
+    def slowed(cfg, pipeline):
+        return inputs.folder_batches(cfg, pipeline).map(pause)
 
-        def pause(features, label):
-            tf.py_function(lambda: time.sleep(SLOW_SECONDS), [], [])
-            return features, label
-
-        return ds.map(pause)
-
-    monkeypatch.setattr(data_folder, "split_dataset", slowed)
-    out = train(data_dir, str(tmp_path / "m"), capsys)
+    out = train(data_dir, str(tmp_path / "m"), capsys, slowed)
     verdict = next(line for line in out.splitlines() if line.startswith("Input check"))
     assert ": the input falls short, the devices would wait ~" in verdict and "tf.data service workers" in verdict
     waits = input_waits(str(tmp_path / "m"))

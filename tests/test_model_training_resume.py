@@ -13,8 +13,7 @@ import numpy as np
 import pytest
 
 from model import config as config_lib
-from model.input_pipeline import data_folder
-from model.training import loop
+from model.training import inputs, loop
 from tests import trace_batches
 from tests.record_helpers import write_data_dir
 
@@ -36,17 +35,7 @@ class CutAfter(keras.callbacks.Callback):
             raise Cut(self.step)
 
 
-@pytest.fixture
-def traced(monkeypatch):
-    """Every batch the training streams make: (pipeline, batch index from the stream's start,
-    product ids), the same test aid as tests/slow_train.py's, in-process."""
-    made = []
-    monkeypatch.setattr(data_folder, "split_dataset",
-                        trace_batches.traced(data_folder.split_dataset, lambda *batch: made.append(batch)))
-    return made
-
-
-def test_two_replicas_resumed_inside_epoch_2_read_and_end_as_an_uninterrupted_run(tmp_path, traced, capsys):
+def test_two_replicas_resumed_inside_epoch_2_read_and_end_as_an_uninterrupted_run(tmp_path, capsys):
     """Also what a run on 2 replicas without val leaves: no best model, no level1 head for a tree
     of one level1 class; and under mixed_bfloat16 and late fusion, the same exactness."""
     data = write_data_dir(str(tmp_path / "noval"), with_val=False, one_level1=True)
@@ -56,14 +45,18 @@ def test_two_replicas_resumed_inside_epoch_2_read_and_end_as_an_uninterrupted_ru
                     fusion="late", precision="mixed_bfloat16")
     uninterrupted = config_lib.TrainConfig(model_dir=str(tmp_path / "uninterrupted"), **settings)
     resumed = config_lib.TrainConfig(model_dir=str(tmp_path / "resumed"), **settings)
+    # Every batch the training streams make: (pipeline, batch index from the stream's start,
+    # product ids), the same test aid as tests/slow_train.py's, in-process.
+    traced = []
+    batches = trace_batches.traced(inputs.folder_batches, lambda *batch: traced.append(batch))
     try:
-        state = loop.train(uninterrupted)
+        state = loop.train(uninterrupted, training_batches=batches)
         made = {(pipeline, batch): ids for pipeline, batch, ids in traced}
-        again = loop.train(uninterrupted)  # a finished run is never started over
+        again = loop.train(uninterrupted, training_batches=batches)  # a finished run is never started over
         traced.clear()
         with pytest.raises(Cut):
-            loop.train(resumed, extra_callbacks=(CutAfter(6),))  # inside epoch 2 (steps 5..8)
-        loop.train(resumed)
+            loop.train(resumed, extra_callbacks=(CutAfter(6),), training_batches=batches)  # inside epoch 2 (steps 5..8)
+        loop.train(resumed, training_batches=batches)
     finally:
         keras.config.set_dtype_policy("float32")  # the policy is global: leave it as found
     out = capsys.readouterr().out

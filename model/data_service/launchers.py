@@ -107,20 +107,9 @@ def run_worker(dispatcher: str, port: int = 0, worker_address: str = "", connect
         return fail(f"--dispatcher: {error}", 2)
     if _port_taken(port):
         return fail(f"port {port} is taken: choose another --port (0 picks a free one)")
-    # Is the dispatcher there? TensorFlow's worker would otherwise retry silently for an hour.
-    # A refused connection fails at once, so ask again until connect_timeout: a worker may be
-    # started together with its dispatcher, which takes a few seconds to come up.
-    deadline = time.monotonic() + connect_timeout
-    while True:
-        try:
-            registered_workers(address, timeout=max(1.0, min(5.0, deadline - time.monotonic())))
-            break
-        except ServiceError as error:
-            if time.monotonic() >= deadline:
-                return fail(f"{error} for {connect_timeout:g} s: start it first (python -m model.data_service "
-                             f"dispatcher --port={address.rpartition(':')[2]}), fix --dispatcher, or wait "
-                             f"longer (--connect_timeout)")
-            time.sleep(1.0)
+    unreachable = _wait_for_dispatcher(address, connect_timeout)
+    if unreachable is not None:
+        return fail(unreachable)
     dispatcher_host = address.rpartition(":")[0]
     if not worker_address:
         # The address trainers will be told to read from: this host's name, unless the whole
@@ -139,8 +128,38 @@ def run_worker(dispatcher: str, port: int = 0, worker_address: str = "", connect
             failure = error
     if failure is not None:
         return fail(f"worker could not be created ({str(failure).strip().splitlines()[0]})")
-    # start() binds the port, then registers with the dispatcher, retrying for as long as it is
-    # gone: bounded here, so that a dispatcher that vanished since the check is one line too.
+    failed = _start_worker(server, address, port, connect_timeout)
+    if failed is not None:
+        return failed
+    bound = server._server.bound_port()
+    shown = worker_address.replace("%port%", str(bound))
+    print(f"{PREFIX} worker ready at {shown} (port {bound}), registered with dispatcher {address}", flush=True)
+    return _serve_until_signalled(server, "worker")
+
+
+def _wait_for_dispatcher(address: str, connect_timeout: float) -> str | None:
+    """None once the dispatcher answers, else the error line. TensorFlow's worker would otherwise
+    retry silently for an hour. A refused connection fails at once, so ask again until
+    connect_timeout: a worker may be started together with its dispatcher, which takes a few
+    seconds to come up."""
+    deadline = time.monotonic() + connect_timeout
+    while True:
+        try:
+            registered_workers(address, timeout=max(1.0, min(5.0, deadline - time.monotonic())))
+            return None
+        except ServiceError as error:
+            if time.monotonic() >= deadline:
+                return (f"{error} for {connect_timeout:g} s: start it first (python -m model.data_service "
+                        f"dispatcher --port={address.rpartition(':')[2]}), fix --dispatcher, or wait "
+                        f"longer (--connect_timeout)")
+            time.sleep(1.0)
+
+
+def _start_worker(server, address: str, port: int, connect_timeout: float) -> int | None:
+    """None once the worker is started and registered (its log lines passed on), else the exit code.
+
+    start() binds the port, then registers with the dispatcher, retrying for as long as it is
+    gone: bounded here, so that a dispatcher that vanished since the check is one line too."""
     outcome = {}
 
     def start():
@@ -162,7 +181,4 @@ def run_worker(dispatcher: str, port: int = 0, worker_address: str = "", connect
               f"{connect_timeout + 20:g} s", file=sys.stderr, flush=True)
         os._exit(1)  # the registering thread cannot be cancelled
     sys.stderr.write(log["text"])
-    bound = server._server.bound_port()
-    shown = worker_address.replace("%port%", str(bound))
-    print(f"{PREFIX} worker ready at {shown} (port {bound}), registered with dispatcher {address}", flush=True)
-    return _serve_until_signalled(server, "worker")
+    return None

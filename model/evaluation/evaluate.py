@@ -14,13 +14,13 @@ import tensorflow as tf
 
 import record_schema
 from model import atomic, signals
-from model import model_dir as model_dir_lib
-from model.config import DUP_LOOKUP_LEVELS, EvalConfig, ImageSpec, TrainConfig
+from model.model_dir import METRICS_FILE, EvalFolder, RunFolder
+from model.config import DUP_LOOKUP_LEVELS, EvalConfig
 from model.errors import UserError
 from model.evaluation import duplicates, ensemble, metrics as metrics_lib, predict, report, submission as submission_lib
 from model.evaluation import top_k_file
 from model.input_pipeline import data_folder, shards
-from model.input_pipeline import labels as labels_lib
+from model.input_pipeline.labels import Labels, read_labels
 
 
 def evaluate(cfg: EvalConfig, log=print) -> dict:
@@ -47,7 +47,7 @@ def evaluate(cfg: EvalConfig, log=print) -> dict:
                         f"got {cfg.dup_lookup_level!r}")
     output_dir = cfg.output_dir or default_output_dir(model_dirs, checkpoints, cfg.split)
     try:
-        with atomic.written_whole(output_dir, last=model_dir_lib.METRICS_FILE) as partial:
+        with atomic.written_whole(output_dir, last=METRICS_FILE) as partial:
             tf.io.gfile.makedirs(partial)
             summary = _evaluate_into(_Run(cfg, partial, log), model_dirs, checkpoints, weights)
             signals.raise_if_requested()  # the last safe point: from here the folder is moved into place
@@ -62,7 +62,7 @@ def evaluate(cfg: EvalConfig, log=print) -> dict:
 def default_output_dir(model_dirs: list[str], checkpoints: list[str], split: str) -> str:
     """MODEL_DIR/eval_SPLIT; eval_SPLIT_best for best.keras; the first model's eval_SPLIT_ensemble
     for an ensemble (so that neither overwrites the final model's own evaluation)."""
-    folder = model_dir_lib.eval_dir(model_dirs[0], split)
+    folder = RunFolder(model_dirs[0]).eval_dir(split)
     if len(model_dirs) > 1:
         return folder + "_ensemble"
     return folder + ("_best" if checkpoints[0] == "best" else "")
@@ -76,7 +76,7 @@ class _Run:
     output_dir: str  # the temporary folder, moved into place when complete
     log: Callable[[str], None]
     members: list = dataclasses.field(default_factory=list)
-    labels: labels_lib.Labels | None = None
+    labels: Labels | None = None
 
 
 def _evaluate_into(run: _Run, model_dirs: list[str], checkpoints: list[str], weights) -> dict:
@@ -100,18 +100,18 @@ def _evaluate_into(run: _Run, model_dirs: list[str], checkpoints: list[str], wei
         _metrics_and_report(run, predictions, top_classes, lookup, class_counts, summary)
     if run.cfg.split == "test" or not labelled:
         summary["submission"] = _submission(run, predictions, top_classes, class_counts)
-    with tf.io.gfile.GFile(os.path.join(run.output_dir, model_dir_lib.METRICS_FILE), "w") as f:
+    with tf.io.gfile.GFile(EvalFolder(run.output_dir).metrics_file, "w") as f:
         json.dump(summary, f, indent=1)
     return summary
 
 
-def _load_members(model_dirs, checkpoints, weights) -> tuple[list, labels_lib.Labels]:
+def _load_members(model_dirs, checkpoints, weights) -> tuple[list, Labels]:
     members, label_sets = [], []
     for model_dir, checkpoint, weight in zip(model_dirs, checkpoints, weights):
         model, config = predict.load_model(model_dir, checkpoint)
         members.append(predict.Member(model_dir, checkpoint, model, config, float(weight)))
         # Class index <-> category id as the model learnt it (a test folder has its own labels.csv).
-        label_sets.append(labels_lib.read_labels(os.path.join(model_dir, record_schema.LABELS_FILE)))
+        label_sets.append(read_labels(RunFolder(model_dir).labels_file))
     ensemble.check_same_classes(model_dirs, label_sets)
     return members, label_sets[0]
 
@@ -161,16 +161,9 @@ def _member_datasets(members, data_dir: str, split: str, batch_size: int, skip: 
     by_image = {}
     for member in members:
         if member.image not in by_image:
-            by_image[member.image] = _split_dataset(data_dir, split, member.image, batch_size, skip)
+            by_image[member.image] = data_folder.split_dataset(data_dir, split, member.image, training=False,
+                                                                batch_size=batch_size, skip_corrupt_records=skip)
     return [by_image[m.image] for m in members]
-
-
-def _split_dataset(data_dir: str, split: str, image: ImageSpec, batch_size: int, skip: bool):
-    """The evaluation stream of one split at one image spec. data_folder.split_dataset reads a
-    TrainConfig's data_dir, image and skip fields: only those are set."""
-    cfg = TrainConfig(data_dir=data_dir, model_dir="", image_size=image.size, crop_size=image.crop,
-                      skip_corrupt_records=skip)
-    return data_folder.split_dataset(cfg, split, training=False, batch_size=batch_size)
 
 
 def _model_dir(run: _Run) -> str:
@@ -227,7 +220,7 @@ def _metrics_and_report(run: _Run, predictions: dict, top_classes, lookup, class
         metrics["dup_lookup"] = _lookup_metrics(run, predictions, lookup, metrics)
     summary.update(metrics)
     name = members[0].model.name if len(members) == 1 else f"ensemble of {len(members)}"
-    report.write_report(metrics, os.path.join(run.output_dir, model_dir_lib.REPORT_FILE), model_name=name,
+    report.write_report(metrics, EvalFolder(run.output_dir).report_file, model_name=name,
                         fusion="+".join(m.fusion for m in members), split=cfg.split)
     run.log(f"{cfg.split}: top-1 {metrics['top1']:.4f}  top-5 {metrics['top5']:.4f}  ({metrics['products']} "
             f"products); by image count: "
@@ -258,7 +251,7 @@ def _submission(run: _Run, predictions: dict, top_classes, class_counts) -> dict
     cfg, labels = run.cfg, run.labels
     fallback = submission_lib.most_frequent_category(labels, class_counts)
     submission = submission_lib.write_submission(
-        os.path.join(run.output_dir, model_dir_lib.SUBMISSION_FILE), predictions["product_id"],
+        EvalFolder(run.output_dir).submission_file, predictions["product_id"],
         labels.category_ids[top_classes[:, 0]] if len(top_classes) else [],
         data_folder.read_rejected(cfg.data_dir), fallback,
         all_product_ids=data_folder.read_product_ids(cfg.data_dir, cfg.split))
@@ -268,6 +261,6 @@ def _submission(run: _Run, predictions: dict, top_classes, class_counts) -> dict
     return submission
 
 
-def _check_same_classes(data_dir: str, model_dir: str, labels: labels_lib.Labels) -> None:
-    if not np.array_equal(labels_lib.read_labels(data_dir).category_ids, labels.category_ids):
+def _check_same_classes(data_dir: str, model_dir: str, labels: Labels) -> None:
+    if not np.array_equal(read_labels(data_dir).category_ids, labels.category_ids):
         raise UserError(f"{data_dir}/labels.csv differs from the model's classes ({model_dir}/labels.csv)")

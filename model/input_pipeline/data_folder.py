@@ -13,6 +13,7 @@ import numpy as np
 import tensorflow as tf
 
 import record_schema
+from model.config import ImageSpec
 from model.input_pipeline import dataset
 
 
@@ -53,11 +54,8 @@ def has_split(data_dir: str, metadata: dict, split: str) -> bool:
     return split_products(metadata, split) > 0 and bool(tf.io.gfile.glob(split_pattern(data_dir, split)))
 
 
-def split_dataset(cfg, split: str, *, training: bool, batch_size: int, **options) -> tf.data.Dataset:
-    """create_dataset over one split of cfg.data_dir, with a TrainConfig's image settings."""
-    if cfg.skip_corrupt_records:
-        options.setdefault("skip_corrupt_records", True)
-    return dataset.create_dataset(
-        split_pattern(cfg.data_dir, split), batch_size=batch_size, training=training,
-        image_size=cfg.image_size, crop_size=cfg.crop_size or None, **options,
-    )
+def split_dataset(data_dir: str, split: str, image: ImageSpec, *, training: bool, batch_size: int,
+                  skip_corrupt_records: bool = False, **options) -> tf.data.Dataset:
+    """create_dataset over one split of data_dir (options: create_dataset's others)."""
+    return dataset.create_dataset(split_pattern(data_dir, split), batch_size=batch_size, training=training,
+                                  image=image, skip_corrupt_records=skip_corrupt_records, **options)

@@ -191,65 +191,86 @@ def decode_images(images: tf.Tensor, mask: tf.Tensor, image_size: int = record_s
         return decode_images(images[tf.newaxis], mask[tf.newaxis], image_size, crop_size=crop_size,
                              offset=one, parallel_decodes=parallel_decodes)[0]
     side = crop_size or image_size
-    ratio, scaled = _scaling(image_size)
-    resize = scaled != image_size
     real = tf.reshape(mask > 0, [-1])
-    jpegs = tf.boolean_mask(tf.reshape(images, [-1]), real)
-    count = tf.size(jpegs)
     offsets = None  # int32 [N, 2], the real images' windows; None: the centre window
     if crop_size and offset is not None:
         offsets = tf.boolean_mask(tf.reshape(offset, [-1, 2]), real)
-        corners = tf.pad(offsets, [[0, 0], [0, 1]])
-        corner_of = lambda i: corners[i]
-    else:  # the centre window, or no crop at all: a constant
-        centre = tf.constant([(image_size - crop_size) // 2 if crop_size else 0] * 2 + [0])
-        corner_of = lambda i: centre
+    batch = _RealImages(tf.boolean_mask(tf.reshape(images, [-1]), real), offsets, image_size, crop_size,
+                        parallel_decodes)
     place = tf.where(real, tf.cumsum(tf.cast(real, tf.int32)), 0)  # a slot's element in the pool
     out_shape = tf.concat([tf.shape(mask), [side, side, 3]], 0)
+    pool, all_standard = batch.decode_at_scale()
+    stacked = tf.reshape(tf.cond(all_standard, lambda: batch.finish(pool, place), lambda: batch.slow(place)),
+                         out_shape)
+    return tf.ensure_shape(stacked, mask.shape.concatenate([side, side, 3]))
 
-    # Fast path. With a resize still to come the pool holds the decodes at the scaled side and
-    # the crop waits for the resize; without one, the crop is taken here. The pool's element
-    # shape is left open so that an odd picture can go in; the batch then takes the slow path.
-    pool_side = scaled if resize else side
-    zeros = tf.constant(0, tf.uint8, shape=[pool_side, pool_side, 3])  # a Const: no per-call fill
-    pool = tf.TensorArray(tf.uint8, size=count + 1, infer_shape=False).write(0, zeros)
 
-    def decode_next(i, smallest, largest, pool):
-        image = decode_jpeg(jpegs[i], ratio)
-        shape = tf.shape(image)
-        if not resize:
-            image = _crop(image, corner_of(i), crop_size)
-        return i + 1, tf.minimum(smallest, shape), tf.maximum(largest, shape), pool.write(i + 1, image)
+class _RealImages:
+    """The real images of a batch (`decode_images`): decoded into a pool whose element 0 is a
+    block of zeros, then gathered into the padded stack."""
 
-    standard = tf.constant([scaled, scaled, 3])
-    _, smallest, largest, pool = tf.while_loop(
-        lambda i, *_: i < count, decode_next, (0, standard, standard, pool),
-        parallel_iterations=parallel_decodes)
-    # Every decode had the standard shape iff the smallest and the largest of them had.
-    all_standard = tf.reduce_all(tf.equal(smallest, standard) & tf.equal(largest, standard))
-
-    def finish():
-        if not resize:
-            return pool.gather(place)
-        done = _finish(tf.ensure_shape(pool.stack(), [None, scaled, scaled, 3]), image_size)
+    def __init__(self, jpegs: tf.Tensor, offsets: tf.Tensor | None, image_size: int, crop_size: int | None,
+                 parallel_decodes: int):
+        self.jpegs, self.offsets = jpegs, offsets
+        self.image_size, self.crop_size, self.parallel_decodes = image_size, crop_size, parallel_decodes
+        self.side = crop_size or image_size
+        self.ratio, self.scaled = _scaling(image_size)
+        self.resize = self.scaled != image_size
+        self.count = tf.size(jpegs)
         if crop_size and offsets is not None:
-            done = _crop_batch(done, tf.concat([[[0, 0]], offsets], 0), crop_size)
+            corners = tf.pad(offsets, [[0, 0], [0, 1]])
+            self.corner_of = lambda i: corners[i]
+        else:  # the centre window, or no crop at all: a constant
+            centre = tf.constant([(image_size - crop_size) // 2 if crop_size else 0] * 2 + [0])
+            self.corner_of = lambda i: centre
+
+    def decode_at_scale(self) -> tuple[tf.TensorArray, tf.Tensor]:
+        """(the pool of every image decoded at the DCT ratio, whether all came out at the standard side).
+
+        With a resize still to come the pool holds the decodes at the scaled side and the crop
+        waits for the resize; without one, the crop is taken here. The pool's element shape is
+        left open so that an odd picture can go in; the batch then takes the slow path."""
+        pool_side = self.scaled if self.resize else self.side
+        zeros = tf.constant(0, tf.uint8, shape=[pool_side, pool_side, 3])  # a Const: no per-call fill
+        pool = tf.TensorArray(tf.uint8, size=self.count + 1, infer_shape=False).write(0, zeros)
+
+        def decode_next(i, smallest, largest, pool):
+            image = decode_jpeg(self.jpegs[i], self.ratio)
+            shape = tf.shape(image)
+            if not self.resize:
+                image = _crop(image, self.corner_of(i), self.crop_size)
+            return i + 1, tf.minimum(smallest, shape), tf.maximum(largest, shape), pool.write(i + 1, image)
+
+        standard = tf.constant([self.scaled, self.scaled, 3])
+        _, smallest, largest, pool = tf.while_loop(
+            lambda i, *_: i < self.count, decode_next, (0, standard, standard, pool),
+            parallel_iterations=self.parallel_decodes)
+        # Every decode had the standard shape iff the smallest and the largest of them had.
+        return pool, tf.reduce_all(tf.equal(smallest, standard) & tf.equal(largest, standard))
+
+    def finish(self, pool: tf.TensorArray, place: tf.Tensor) -> tf.Tensor:
+        """The fast path's stack: the pool resized (when image_size is not the scaled side) and cropped."""
+        if not self.resize:
+            return pool.gather(place)
+        crop_size, image_size = self.crop_size, self.image_size
+        done = _finish(tf.ensure_shape(pool.stack(), [None, self.scaled, self.scaled, 3]), image_size)
+        if crop_size and self.offsets is not None:
+            done = _crop_batch(done, tf.concat([[[0, 0]], self.offsets], 0), crop_size)
         elif crop_size:
             top = (image_size - crop_size) // 2
             done = done[:, top:top + crop_size, top:top + crop_size]
         return tf.gather(done, place)
 
-    def slow():
+    def slow(self, place: tf.Tensor) -> tf.Tensor:
+        """A batch holding a picture of another size: every image again through `decode_image`."""
+        side = self.side
         zeros = tf.constant(0, tf.uint8, shape=[side, side, 3])
-        pool = tf.TensorArray(tf.uint8, size=count + 1, element_shape=[side, side, 3]).write(0, zeros)
+        pool = tf.TensorArray(tf.uint8, size=self.count + 1, element_shape=[side, side, 3]).write(0, zeros)
 
         def decode_one(i, pool):
-            image = _crop(decode_image(jpegs[i], image_size), corner_of(i), crop_size)
+            image = _crop(decode_image(self.jpegs[i], self.image_size), self.corner_of(i), self.crop_size)
             return i + 1, pool.write(i + 1, image)
 
-        _, pool = tf.while_loop(lambda i, _: i < count, decode_one, (0, pool),
-                                parallel_iterations=parallel_decodes)
+        _, pool = tf.while_loop(lambda i, _: i < self.count, decode_one, (0, pool),
+                                parallel_iterations=self.parallel_decodes)
         return pool.gather(place)
-
-    stacked = tf.reshape(tf.cond(all_standard, finish, slow), out_shape)
-    return tf.ensure_shape(stacked, mask.shape.concatenate([side, side, 3]))

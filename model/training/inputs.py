@@ -1,7 +1,11 @@
-"""What the train loop feeds Keras: per-replica training streams, the validation stream, and the
-targets of every head (the category and, where the tree has them, its upper levels)."""
+"""What the train loop feeds Keras: per-replica training streams (from a source of batches, the
+data folder's by default), the validation stream, and the targets of every head (the category
+and, where the tree has them, its upper levels)."""
 
 from __future__ import annotations
+
+import dataclasses
+from typing import Callable
 
 import tensorflow as tf
 
@@ -9,6 +13,7 @@ from model.config import TrainConfig
 from model.data_service import stream
 from model.input_pipeline import data_folder
 from model.input_pipeline import labels as labels_lib
+from model.input_pipeline.sources import StreamStart
 
 
 def auxiliary_heads(labels: labels_lib.Labels, weight: float) -> dict:
@@ -34,14 +39,39 @@ def make_targets(labels: labels_lib.Labels, aux_heads: dict):
     return targets
 
 
+@dataclasses.dataclass(frozen=True)
+class Pipeline:
+    """One input pipeline of a run's training stream: its share (input_context), its per-replica
+    batch and where it starts."""
+
+    input_context: tf.distribute.InputContext
+    batch_size: int
+    start: StreamStart
+
+
+# A run's source of training batches: (cfg, pipeline) -> the pipeline's (features, label) batches.
+TrainingBatches = Callable[[TrainConfig, Pipeline], tf.data.Dataset]
+
+
+def folder_batches(cfg: TrainConfig, pipeline: Pipeline) -> tf.data.Dataset:
+    """The default source of training batches: the train split of cfg.data_dir, seeded by
+    cfg.seed, endless (fit counts steps_per_epoch; the stream never ends mid-epoch), in the
+    dynamic-sharding structure with cfg.data_service."""
+    return data_folder.split_dataset(
+        cfg.data_dir, "train", cfg.image, training=True, batch_size=pipeline.batch_size,
+        skip_corrupt_records=cfg.skip_corrupt_records, shuffle_buffer=cfg.shuffle_buffer, seed=cfg.seed,
+        input_context=pipeline.input_context, repeat=True, start=pipeline.start,
+        dynamic_sharding=bool(cfg.data_service))
+
+
 def train_dataset(cfg: TrainConfig, strategy, targets, service_job: str = "", *, start_step: int = 0,
-                  record_counts: dict | None = None):
+                  records_per_file: dict | None = None, batches: TrainingBatches = folder_batches):
     """Per-replica pipelines: each replica reads its own batch (global batch / replicas), from
     optimizer step `start_step` on.
 
     Each replica's stream is a pure function of cfg.seed and its share of the files
     (create_dataset): started at start_step, it gives exactly the batches an uninterrupted run
-    gives there, the earlier ones skipped before decode (record_counts: readable records per
+    gives there, the earlier ones skipped before decode (records_per_file: readable records per
     file, from shards.check_split). With cfg.data_service the pipeline runs on the service's
     workers under dynamic sharding, every replica of every trainer reads one shared job
     (`service_job`, see data_service), and a start inside a pass restarts that pass."""
@@ -52,13 +82,7 @@ def train_dataset(cfg: TrainConfig, strategy, targets, service_job: str = "", *,
         # MirroredStrategy); a service's job is shared: start_step global batches were taken from it.
         replicas_fed = input_context.num_replicas_in_sync // input_context.num_input_pipelines
         start_batch = start_step * (input_context.num_replicas_in_sync if cfg.data_service else replicas_fed)
-        ds = data_folder.split_dataset(
-            cfg, "train", training=True, batch_size=batch_size,
-            shuffle_buffer=cfg.shuffle_buffer, seed=cfg.seed, input_context=input_context,
-            repeat=True,  # fit counts steps_per_epoch; the stream never ends mid-epoch
-            start_batch=start_batch, record_counts=record_counts,
-            **({"dynamic_sharding": True} if cfg.data_service else {}),
-        )
+        ds = batches(cfg, Pipeline(input_context, batch_size, StreamStart(start_batch, records_per_file)))
         if cfg.data_service:
             ds = stream.distribute(ds, cfg.data_service, job_name=f"{service_job}-b{batch_size}-s{start_step}")
         return ds.map(targets, num_parallel_calls=tf.data.AUTOTUNE).prefetch(tf.data.AUTOTUNE)
@@ -68,7 +92,8 @@ def train_dataset(cfg: TrainConfig, strategy, targets, service_job: str = "", *,
 
 def eval_dataset(cfg: TrainConfig, split: str, targets):
     # A plain dataset of global batches: Keras distributes it, and handles the short last batch.
-    ds = data_folder.split_dataset(cfg, split, training=False, batch_size=cfg.batch_size)
+    ds = data_folder.split_dataset(cfg.data_dir, split, cfg.image, training=False, batch_size=cfg.batch_size,
+                                   skip_corrupt_records=cfg.skip_corrupt_records)
     # Multi-worker: every worker evaluates the same batches. Redundant, but exact, and valid for
     # a val split of one file (AUTO sharding would demand a file per worker).
     options = tf.data.Options()

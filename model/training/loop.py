@@ -51,18 +51,21 @@ class RunData:
     val_ds: tf.data.Dataset | None
 
 
-def train(cfg: TrainConfig, extra_callbacks: tuple = (), flags_text: str = "") -> dict:
+def train(cfg: TrainConfig, extra_callbacks: tuple = (), flags_text: str = "",
+          training_batches: inputs.TrainingBatches = inputs.folder_batches) -> dict:
     """Trains (or resumes) into cfg.model_dir; returns the final state written to train_state.json.
 
     extra_callbacks: Keras callbacks to run besides the built-in ones (after them).
     flags_text: the command's flags, kept in model_dir/flags.txt beside train_config.json.
+    training_batches: the source of each input pipeline's training batches (inputs.Pipeline), the
+    train split of cfg.data_dir by default; a test passes its own (e.g. one that wraps the default).
     A damaged shard met while training stops it with a UserError naming the file (the backup
     keeps what was trained); with cfg.skip_corrupt_records it is read past instead, and counted.
     SIGINT or SIGTERM finishes the step in flight, backs it up and raises errors.Interrupted.
     """
     try:
         with atomic.write_errors_named(cfg.model_dir), signals.stop_requests() as stop_requests:
-            return _train(cfg, extra_callbacks, flags_text, stop_requests)
+            return _train(cfg, extra_callbacks, flags_text, stop_requests, training_batches)
     except tf.errors.DataLossError as error:
         # TensorFlow's message names no file: find it, which raises the one-line error.
         for split in ("train", "val"):
@@ -71,7 +74,8 @@ def train(cfg: TrainConfig, extra_callbacks: tuple = (), flags_text: str = "") -
         raise UserError(f"{cfg.data_dir}: damaged record ({error.message.strip()})") from None
 
 
-def _train(cfg: TrainConfig, extra_callbacks: tuple, flags_text: str, stop_requests) -> dict:
+def _train(cfg: TrainConfig, extra_callbacks: tuple, flags_text: str, stop_requests,
+           training_batches: inputs.TrainingBatches) -> dict:
     if cfg.init_from:
         init_from.source_file(cfg.init_from)  # a wrong path stops before any data is read
     tf.io.gfile.makedirs(cfg.model_dir)
@@ -91,12 +95,12 @@ def _train(cfg: TrainConfig, extra_callbacks: tuple, flags_text: str, stop_reque
         # Every worker resumes from the chief's backup (model_dir as given): the workers' own are
         # written at their own moments, and a kill can leave them a step apart.
         backup_dir = RunFolder(given_model_dir).backup
-        return _train_held(cfg, strategy, service_job, extra_callbacks, flags_text, stop_requests, backup_dir)
+        data, cfg = _read_data(cfg, strategy, service_job, training_batches)
+        return _train_held(cfg, strategy, data, extra_callbacks, flags_text, stop_requests, backup_dir)
 
 
-def _train_held(cfg: TrainConfig, strategy, service_job: str, extra_callbacks: tuple, flags_text: str,
+def _train_held(cfg: TrainConfig, strategy, data: RunData, extra_callbacks: tuple, flags_text: str,
                 stop_requests, backup_dir: str) -> dict:
-    data, cfg = _read_data(cfg, strategy, service_job)
     stop_requests.raise_if_requested()
     _describe(cfg, strategy, data)
     mconfig = model_config(cfg, data.labels, data.aux_heads)
@@ -173,9 +177,11 @@ def _seed(cfg: TrainConfig, model_dir: str, strategy) -> TrainConfig:
     return cfg
 
 
-def _read_data(cfg: TrainConfig, strategy, service_job: str) -> tuple[RunData, TrainConfig]:
-    """Sizes from metadata.json, classes and tree from labels.csv, then the training and
-    validation streams; the config comes back with steps_per_execution fitted to the epoch."""
+def _read_data(cfg: TrainConfig, strategy, service_job: str,
+               training_batches: inputs.TrainingBatches) -> tuple[RunData, TrainConfig]:
+    """Sizes from metadata.json, classes and tree from labels.csv, then the training stream (its
+    batches from training_batches) and the validation stream; the config comes back with
+    steps_per_execution fitted to the epoch."""
     metadata = data_folder.read_metadata(cfg.data_dir)
     labels = labels_lib.read_labels(cfg.data_dir)
     aux_heads = inputs.auxiliary_heads(labels, cfg.aux_loss_weight)
@@ -186,13 +192,13 @@ def _read_data(cfg: TrainConfig, strategy, service_job: str) -> tuple[RunData, T
     has_val = data_folder.split_products(metadata, "val") > 0  # its shards, if gone, stop the check below
     # Every split read is checked first, as evaluate.py does: a missing, damaged or short shard
     # stops here with one line (damage is read past with --skip_corrupt_records, and counted).
-    skipped, train_records = {}, {}
+    skipped, records_per_file = {}, {}
     for split in ("train", "val") if has_val else ("train",):
         check = shards.check_split(cfg.data_dir, split, skip_corrupt_records=cfg.skip_corrupt_records)
         if cfg.skip_corrupt_records:
             skipped[split] = check.unreadable
         if split == "train":
-            train_records = check.records_per_file
+            records_per_file = check.records_per_file
     train_products -= skipped.get("train", 0)
     steps_per_epoch, steps_per_execution = run_state.align_to_executions(
         cfg.steps_per_epoch or max(1, train_products // cfg.batch_size), cfg.steps_per_execution)
@@ -206,7 +212,7 @@ def _read_data(cfg: TrainConfig, strategy, service_job: str) -> tuple[RunData, T
 
     def train_stream(start_step: int):
         return inputs.train_dataset(cfg, strategy, targets, service_job, start_step=start_step,
-                                    record_counts=train_records)
+                                    records_per_file=records_per_file, batches=training_batches)
 
     # Validation is a finite dataset and fit is NOT told its length: with a step count, Keras
     # 3.15 evaluate() pulls a batch from its cached iterator before resetting it, and under a
@@ -292,7 +298,8 @@ def _build_and_restore(cfg: TrainConfig, strategy, mconfig, data: RunData, backu
 
 
 def _write_samples(cfg: TrainConfig, labels: labels_lib.Labels) -> None:
-    samples = data_folder.split_dataset(cfg, "train", training=True, batch_size=cfg.sample_products,
+    samples = data_folder.split_dataset(cfg.data_dir, "train", cfg.image, training=True,
+                                        batch_size=cfg.sample_products, skip_corrupt_records=cfg.skip_corrupt_records,
                                         shuffle_buffer=64, seed=cfg.seed)
     features, label = next(iter(samples))
     sample_grid.write_sample_grid(features, label, sample_grid.class_names(labels),
@@ -362,8 +369,9 @@ def _final_model(model: keras.Model, cfg: TrainConfig, mconfig, data: RunData) -
 def _recalibrated(weights: list, name: str, cfg: TrainConfig, mconfig, data: RunData) -> tuple[keras.Model, int, dict]:
     plain = multi_image.build_model(mconfig)
     plain.set_weights(weights)
-    calibration = data_folder.split_dataset(cfg, "train", training=True, batch_size=cfg.batch_size, seed=cfg.seed,
-                                            repeat=True)
+    calibration = data_folder.split_dataset(cfg.data_dir, "train", cfg.image, training=True,
+                                            batch_size=cfg.batch_size, skip_corrupt_records=cfg.skip_corrupt_records,
+                                            seed=cfg.seed, repeat=True)
     recalibrated = batchnorm.recalibrate_batchnorm(plain, calibration, cfg.bn_recalibration_steps)
     val = {}
     if data.has_val:
