@@ -16,9 +16,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SECONDS_PER_STEP = float(sys.argv.pop(1))
 
 import keras  # noqa: E402
-from absl import app  # noqa: E402
 
-import train  # noqa: E402  (defines the flags)
+from model.commands import launch, train  # noqa: E402
 from model.training import loop  # noqa: E402
 
 
@@ -47,4 +46,4 @@ loop.train = lambda config, extra_callbacks=(), **kwargs: _train(config, (*extra
                                                                  **extra_options, **kwargs)
 
 if __name__ == "__main__":
-    app.run(train.main)
+    launch(train)

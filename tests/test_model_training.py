@@ -48,11 +48,11 @@ def test_config_flagfiles_parse(flagfile, data_dir, tmp_path):
     """Every line of the shipped configurations is a valid flag of train.py (parsed in-process)."""
     from absl import flags
 
-    import train
+    from model import cli, config
+    from model.commands import train
 
-    values = flags.FlagValues()
-    for flag in train.FLAGS.get_flags_for_module(train):
-        values[flag.name] = flag  # the same Flag objects, in a registry of their own
+    values = flags.FlagValues()  # train.py's flags, in a registry of their own
+    cli.define_flags(config.TrainConfig, train, flag_values=values)
     values(["train.py", f"--flagfile={os.path.join(REPO, flagfile)}", f"--data_dir={data_dir}",
             f"--model_dir={tmp_path}", "--epochs=2"])
     assert values.epochs == 2  # flags after --flagfile override it

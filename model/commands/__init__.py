@@ -3,6 +3,7 @@ preamble), `define_flags()` and `main(argv)`, the body absl's app.run calls. Wha
 runs one of them through `launch`, from an entry point of a few lines:
 
 evaluate       python evaluate.py: one model or an ensemble on a split; metrics, report, submission
+train          python train.py: trains (or resumes) into a model_dir
 predict        python -m model.predict (model/predict.py): products from JPEG files through the SavedModel
 data_service   python -m model.data_service dispatcher|worker (model/data_service/__main__.py)
 """
