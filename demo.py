@@ -28,7 +28,7 @@ import bson
 
 import record_schema
 from sample_data import synthetic
-from model import model_dir as model_dir_lib
+from model.model_dir import METRICS_FILE, eval_dir
 
 REPO = os.path.dirname(os.path.abspath(__file__))
 OUT = os.path.join(os.getcwd(), "demo_output")
@@ -130,7 +130,7 @@ def beyond_one_run(times: dict) -> dict:
     metrics = {}
     for key, folder in (("parent", "mean_max/eval_val"), ("fine-tuned", "mean_max_64/eval_val"),
                         ("best", "mean_max/eval_val_best"), ("ensemble", "mean_max/eval_val_ensemble")):
-        with open(os.path.join(models, folder, model_dir_lib.METRICS_FILE)) as f:
+        with open(os.path.join(models, folder, METRICS_FILE)) as f:
             metrics[key] = json.load(f)
     return metrics
 
@@ -155,7 +155,7 @@ def main() -> None:
                                        f"--data_dir={data}", f"--model_dir={model_dir}", f"--fusion={fusion}")
         times[f"evaluate {fusion}"] = run(f"evaluate {fusion} on val", "evaluate.py", f"--data_dir={data}",
                                           f"--model_dir={model_dir}", "--split=val")
-        with open(os.path.join(model_dir_lib.eval_dir(model_dir, "val"), model_dir_lib.METRICS_FILE)) as f:
+        with open(os.path.join(eval_dir(model_dir, "val"), METRICS_FILE)) as f:
             results[fusion] = json.load(f)
     fusion_dir = os.path.join(models, FUSION_MODELS[0])
     times["submission"] = run("test submission", "evaluate.py", f"--data_dir={test_data}",
@@ -164,7 +164,7 @@ def main() -> None:
 
     with open(os.path.join(data, record_schema.LABELS_FILE)) as f:
         num_classes = sum(1 for _ in f) - 1
-    with open(os.path.join(model_dir_lib.eval_dir(fusion_dir, "test"), model_dir_lib.METRICS_FILE)) as f:
+    with open(os.path.join(eval_dir(fusion_dir, "test"), METRICS_FILE)) as f:
         submission = json.load(f)["submission"]
     print("\n=== results (val split)")
     print(f"{'model':<28}{'top-1':>8}{'top-5':>8}{'split classes top-1':>22}")

@@ -24,7 +24,7 @@ import apache_beam as beam
 import numpy as np
 
 import record_schema
-from beam_convert import categories as categories_lib
+from beam_convert.categories import categories_from_ids, labels_csv
 from beam_convert import files, mix, products
 from beam_convert.errors import NothingConverted
 from beam_convert.job import (
@@ -270,9 +270,9 @@ def _split_totals(results: list[RangeResult], output_dir: str) -> dict:
 
 def write_metadata(task_outputs: list[Optional[SplitOverlap]], results: list[RangeResult], index: DatasetIndex,
                    config: ConvertConfig, inputs: list[str]) -> dict:
-    categories = list(config.categories or categories_lib.categories_from_ids(index.category_ids_seen))
+    categories = list(config.categories or categories_from_ids(index.category_ids_seen))
     files.write_bytes(files.join(config.output_dir, record_schema.LABELS_FILE),
-                      categories_lib.labels_csv(categories).encode())
+                      labels_csv(categories).encode())
     images_per_product = collections.Counter()
     rejected = collections.Counter()
     for result in results:

@@ -21,7 +21,7 @@ import numpy as np
 from apache_beam.metrics import Metrics
 
 import record_schema
-from beam_convert import categories as categories_lib
+from beam_convert.categories import Category
 from beam_convert import files
 
 METRICS_NAMESPACE = "beam_convert"
@@ -42,7 +42,7 @@ class ConvertConfig:
     num_shards: Optional[int] = None  # per split; None: one shard per index range
     skip_corrupt: bool = False
     range_size: int = 10_000  # products per index range
-    categories: Optional[tuple[categories_lib.Category, ...]] = None  # from --categories
+    categories: Optional[tuple[Category, ...]] = None  # from --categories
 
 
 @dataclasses.dataclass(frozen=True)

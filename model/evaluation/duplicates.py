@@ -13,7 +13,7 @@ import numpy as np
 import tensorflow as tf
 
 import record_schema
-from model.input_pipeline import labels as labels_lib
+from model.input_pipeline.labels import Labels
 
 
 def read_record_digests(file_pattern: str, *, skip_corrupt_records: bool = False) -> dict:
@@ -47,7 +47,7 @@ class DigestTable:
             self.category_id = table["category_id"][order]
             self.count = table["count"][order]
 
-    def class_counts(self, labels: labels_lib.Labels) -> np.ndarray:
+    def class_counts(self, labels: Labels) -> np.ndarray:
         """Training images per class index."""
         index = labels.class_of_category()
         counts = np.zeros(labels.num_classes, np.int64)
@@ -68,7 +68,7 @@ class DigestTable:
 
 
 def apply_duplicate_lookup(predictions: dict, product_digests: dict, table: DigestTable,
-                           labels: labels_lib.Labels) -> tuple[np.ndarray, int]:
+                           labels: Labels) -> tuple[np.ndarray, int]:
     """New top-k classes where a product's image was seen in training: the categories of those
     training images, most votes first (ties broken by the model's ranking), then the model's own.
 
@@ -104,7 +104,7 @@ class ImageMatches:
     distribution: dict  # class index -> summed over those slots, the share of that picture's training labels
 
 
-def image_matches(product_digests: dict, table: DigestTable, labels: labels_lib.Labels) -> dict:
+def image_matches(product_digests: dict, table: DigestTable, labels: Labels) -> dict:
     """product_id -> ImageMatches, for the products with at least one picture seen in training
     under a category the model knows. A picture seen under two categories (3 and 1 times) gives
     them 0.75 and 0.25."""

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from model import config, model_dir as model_dir_lib
+from model import config
+from model.model_dir import CHECKPOINTS
 from model.errors import UserError
 
 MEANS = config.ENSEMBLE_MEANS
@@ -30,8 +31,8 @@ def member_checkpoints(text: str, model_dirs: list[str]) -> list[str]:
         raise UserError(f"--checkpoint has {len(values)} values for {len(model_dirs)} models "
                         f"({', '.join(model_dirs)}): give one, or one per model")
     for value in values:
-        if value not in model_dir_lib.CHECKPOINTS:
-            raise UserError(f"--checkpoint must be {' or '.join(model_dir_lib.CHECKPOINTS)}, got {value!r}")
+        if value not in CHECKPOINTS:
+            raise UserError(f"--checkpoint must be {' or '.join(CHECKPOINTS)}, got {value!r}")
     return values
 
 

@@ -7,7 +7,7 @@ import collections
 
 import numpy as np
 
-from model.input_pipeline import labels as labels_lib
+from model.input_pipeline.labels import Labels
 
 FREQUENCY_BINS = (0, 10, 100, 1_000, 10_000, None)  # training images per class: [lo, hi)
 
@@ -16,7 +16,7 @@ def _accuracy(hits: np.ndarray) -> float:
     return float(hits.mean()) if len(hits) else 0.0
 
 
-def compute_metrics(true_classes, top_classes, num_images, labels: labels_lib.Labels,
+def compute_metrics(true_classes, top_classes, num_images, labels: Labels,
                     train_class_counts=None, confused_pairs: int = 20) -> dict:
     """Product-level accuracy and its breakdowns.
 

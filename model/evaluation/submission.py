@@ -8,10 +8,10 @@ import csv
 import numpy as np
 import tensorflow as tf
 
-from model.input_pipeline import labels as labels_lib
+from model.input_pipeline.labels import Labels
 
 
-def most_frequent_category(labels: labels_lib.Labels, train_class_counts=None) -> int:
+def most_frequent_category(labels: Labels, train_class_counts=None) -> int:
     """The fallback prediction for products the model never saw: the commonest training category.
 
     From train_image_digests.npz counts (training images) when present, else the first class.

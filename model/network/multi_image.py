@@ -16,7 +16,7 @@ import tensorflow as tf
 import record_schema
 
 from model.network import backbone as backbone_lib
-from model.network import fusion as fusion_lib
+from model.network.fusion import FUSIONS, GatedPooling, LateFusion, MaskedPooling
 
 
 @dataclasses.dataclass
@@ -44,8 +44,8 @@ class ModelConfig:
     seed: Optional[int] = None
 
     def __post_init__(self):
-        if self.fusion not in fusion_lib.FUSIONS:
-            allowed = ", ".join(fusion_lib.FUSIONS)
+        if self.fusion not in FUSIONS:
+            allowed = ", ".join(FUSIONS)
             raise ValueError(f"unknown fusion {self.fusion!r}; allowed: {allowed}")
         if self.backbone not in backbone_lib.SPECS:
             allowed = ", ".join(backbone_lib.SPECS)
@@ -215,12 +215,12 @@ def build_model(config: ModelConfig) -> keras.Model:
         for name, classes in config.heads().items():
             per_image = keras.layers.Dense(classes, dtype="float32", name=f"{name}_per_image")
             logits = per_image(features)
-            outputs[name] = fusion_lib.LateFusion(name=name)(logits, mask)
+            outputs[name] = LateFusion(name=name)(logits, mask)
     else:
         if config.fusion == "gated":
-            pooled = fusion_lib.GatedPooling(name="fusion")(features, mask)
+            pooled = GatedPooling(name="fusion")(features, mask)
         else:
-            pooled = fusion_lib.MaskedPooling(config.fusion, name="fusion")(features, mask)
+            pooled = MaskedPooling(config.fusion, name="fusion")(features, mask)
         pooled = keras.layers.Dropout(config.dropout, name="dropout")(pooled)
         for name, classes in config.heads().items():
             outputs[name] = keras.layers.Dense(classes, dtype="float32", name=name)(pooled)

@@ -10,7 +10,7 @@ import os
 
 import tensorflow as tf
 
-from model import model_dir as model_dir_lib
+from model.model_dir import worker_dir
 
 
 def configure_cpu_devices(count: int) -> None:
@@ -112,7 +112,7 @@ def worker_model_dir(model_dir: str, strategy: tf.distribute.Strategy) -> str:
     chief = ("chief", 0) if "chief" in cluster else ("worker", 0)
     if (resolver.task_type, resolver.task_id) == chief:
         return model_dir
-    return model_dir_lib.worker_dir(model_dir, resolver.task_type, resolver.task_id)
+    return worker_dir(model_dir, resolver.task_type, resolver.task_id)
 
 
 def num_replicas_for(cpu_devices: int) -> int:

@@ -12,11 +12,11 @@ import tensorflow as tf
 from model.config import TrainConfig
 from model.data_service import stream
 from model.input_pipeline import data_folder
-from model.input_pipeline import labels as labels_lib
+from model.input_pipeline.labels import Labels
 from model.input_pipeline.sources import StreamStart
 
 
-def auxiliary_heads(labels: labels_lib.Labels, weight: float) -> dict:
+def auxiliary_heads(labels: Labels, weight: float) -> dict:
     """{"level1": classes, "level2": classes} of the category tree's levels worth a head: a level
     with one class has nothing to learn (its loss is 0) and gets none."""
     if weight <= 0:
@@ -25,7 +25,7 @@ def auxiliary_heads(labels: labels_lib.Labels, weight: float) -> dict:
     return {name: size for name, size in sizes.items() if size > 1}
 
 
-def make_targets(labels: labels_lib.Labels, aux_heads: dict):
+def make_targets(labels: Labels, aux_heads: dict):
     """Class index -> one-hot targets per head (CategoricalCrossentropy is the one with smoothing)."""
     level_index = {"level1": tf.constant(labels.level1_index), "level2": tf.constant(labels.level2_index)}
 

@@ -22,26 +22,23 @@ import tensorflow as tf
 
 import record_schema
 from model import atomic, export, signals
-from model import model_dir as model_dir_lib
 from model.config import TrainConfig
 from model.data_service import probe, stream
 from model.errors import Interrupted, UserError
 from model.input_pipeline import data_folder, shards
-from model.input_pipeline import labels as labels_lib
-from model.model_dir import RunFolder
+from model.input_pipeline.labels import Labels, read_labels
+from model.model_dir import BACKUP_DIR, RunFolder
 from model.network import multi_image
 from model.training import (batchnorm, distribution, init_from, input_check, inputs, optimization, run_lock, run_state,
                             sample_grid)
-from model.training import callbacks as callbacks_lib
-
-TOP1 = callbacks_lib.TOP1
+from model.training.callbacks import TOP1, make_callbacks, restore_backup
 
 
 @dataclasses.dataclass
 class RunData:
     """What the data folder gives a run: its streams, their sizes and the classes."""
 
-    labels: labels_lib.Labels
+    labels: Labels
     aux_heads: dict
     train_products: int
     has_val: bool
@@ -121,7 +118,7 @@ def _train_held(cfg: TrainConfig, strategy, data: RunData, extra_callbacks: tupl
                                     measure_input=not cfg.data_service)
         print(rates.verdict(distribution.describe(strategy)), flush=True)
         _stop_if_requested(stop_requests, model, cfg)
-    callbacks = callbacks_lib.make_callbacks(
+    callbacks = make_callbacks(
         cfg.model_dir, epochs=cfg.epochs, steps_per_epoch=data.steps_per_epoch, global_batch=cfg.batch_size,
         backup_every_steps=cfg.backup_every_steps, log_every_steps=cfg.log_every_steps,
         profile_steps=cfg.profile_batches, has_val=data.has_val, stop_requests=stop_requests,
@@ -147,7 +144,7 @@ def _stop_if_requested(stop_requests, model: keras.Model, cfg: TrainConfig) -> N
         raise Interrupted(stop_requests.signum, f"stopped by {name} before the first optimizer step; nothing "
                           "was trained yet")
     raise Interrupted(stop_requests.signum, f"stopped by {name} at optimizer step {step}; the backup in "
-                      f"{cfg.model_dir}/{model_dir_lib.BACKUP_DIR} holds it. Run the same command to resume.")
+                      f"{cfg.model_dir}/{BACKUP_DIR} holds it. Run the same command to resume.")
 
 
 def _place(cfg: TrainConfig) -> tuple[tf.distribute.Strategy, TrainConfig]:
@@ -183,7 +180,7 @@ def _read_data(cfg: TrainConfig, strategy, service_job: str,
     batches from training_batches) and the validation stream; the config comes back with
     steps_per_execution fitted to the epoch."""
     metadata = data_folder.read_metadata(cfg.data_dir)
-    labels = labels_lib.read_labels(cfg.data_dir)
+    labels = read_labels(cfg.data_dir)
     aux_heads = inputs.auxiliary_heads(labels, cfg.aux_loss_weight)
     train_products = data_folder.split_products(metadata, "train")
     if train_products < 1 or not data_folder.has_split(cfg.data_dir, metadata, "train"):
@@ -251,7 +248,7 @@ def _describe(cfg: TrainConfig, strategy, data: RunData) -> None:
         print(f"No val split in {cfg.data_dir}: training without validation.", flush=True)
 
 
-def model_config(cfg: TrainConfig, labels: labels_lib.Labels, aux_heads: dict) -> multi_image.ModelConfig:
+def model_config(cfg: TrainConfig, labels: Labels, aux_heads: dict) -> multi_image.ModelConfig:
     """The network's config: every ModelConfig field that TrainConfig has by name, the image side
     the network sees (after any crop), the weights (None for random), and the data's classes."""
     train_fields = {field.name for field in dataclasses.fields(TrainConfig)}
@@ -284,7 +281,7 @@ def _build_and_restore(cfg: TrainConfig, strategy, mconfig, data: RunData, backu
         schedule = optimization.learning_rate_schedule(cfg, data.steps_per_epoch)
         optimizer = optimization.make_optimizer(cfg, schedule)
         optimization.compile_model(model, cfg, optimizer, data.aux_heads)
-        resumed_step = callbacks_lib.restore_backup(model, backup_dir)
+        resumed_step = restore_backup(model, backup_dir)
     if cfg.init_from and not resumed_step:  # a resumed run has its own weights, from the backup
         init_from.initialise(model, cfg.init_from, data.labels)
     trainable = sum(int(keras.ops.size(v)) for v in model.trainable_variables)
@@ -297,7 +294,7 @@ def _build_and_restore(cfg: TrainConfig, strategy, mconfig, data: RunData, backu
     return model, resumed_step
 
 
-def _write_samples(cfg: TrainConfig, labels: labels_lib.Labels) -> None:
+def _write_samples(cfg: TrainConfig, labels: Labels) -> None:
     samples = data_folder.split_dataset(cfg.data_dir, "train", cfg.image, training=True,
                                         batch_size=cfg.sample_products, skip_corrupt_records=cfg.skip_corrupt_records,
                                         shuffle_buffer=64, seed=cfg.seed)
