@@ -59,7 +59,7 @@ def pytest_runtest_logreport(report):
 def pytest_sessionfinish(session, exitstatus):
     if hasattr(session.config, "workerinput") or not session.config.getoption("--store-durations"):
         return
-    if exitstatus == 0 and _file_seconds:
+    if exitstatus in (pytest.ExitCode.OK, pytest.ExitCode.TESTS_FAILED) and _file_seconds:  # a failure times too
         DURATIONS_FILE.write_text(json.dumps({name: round(value, 1) for name, value in
                                               sorted(_file_seconds.items(), key=lambda kv: -kv[1])}, indent=1) + "\n")
 
