@@ -128,7 +128,6 @@ def write_sorted_bson(path: str, products: int, categories: int) -> np.ndarray:
 def measure(args) -> dict:
     import tensorflow as tf
 
-    from model.config import ImageSpec
     from model.input_pipeline.dataset import create_dataset
 
     os.makedirs(args.work_dir, exist_ok=True)
@@ -149,7 +148,7 @@ def measure(args) -> dict:
         pattern = os.path.join(out, "train-*-of-*.tfrecord")
         distinct = []
         for seed in range(3):
-            ds = create_dataset(pattern, batch_size=64, training=True, image=ImageSpec(90), shuffle_buffer=2048, seed=seed)
+            ds = create_dataset(pattern, batch_size=64, training=True, image_size=90, shuffle_buffer=2048, seed=seed)
             distinct += [len(np.unique(label.numpy())) for _, label in ds]
         mix_ratios.append(float(np.mean(distinct)) / uniform)
         ds = create_dataset(pattern, batch_size=64, training=True, shuffle_buffer=2048, seed=0, repeat=True)

@@ -106,11 +106,10 @@ def dynamic_sharding() -> bool:
 
 def training_stream(pattern: str, args, service: bool):
     from model import input_pipeline
-    from model.config import ImageSpec
 
     extra = {"dynamic_sharding": True} if service and dynamic_sharding() else {}
     return input_pipeline.create_dataset(pattern, batch_size=args.batch, training=True,
-                                         image=ImageSpec.from_flags(args.image_size, args.crop_size), repeat=True,
+                                         image_size=args.image_size, crop_size=args.crop_size or None, repeat=True,
                                          seed=None, **extra)
 
 

@@ -159,9 +159,8 @@ def ceiling_loader(pattern: str, images_per_product: float):
 def pipeline_loader(pattern: str, training: bool, settings: dict):
     """create_dataset as train.py calls it (training) or as evaluation does (training=False)."""
     from model import input_pipeline
-    from model.config import ImageSpec
 
-    image = {"image": ImageSpec.from_flags(settings["image_size"], settings["crop_size"])}
+    image = {"image_size": settings["image_size"], "crop_size": settings["crop_size"] or None}
     if not training:
         return input_pipeline.create_dataset(pattern, batch_size=BATCH, training=False, repeat=True, **image), BATCH
     return input_pipeline.create_dataset(pattern, batch_size=BATCH, training=True, repeat=True,

@@ -173,7 +173,6 @@ def sample_latencies(work: str, rounds: int) -> dict:
     """First-batch latency on the 82-product sample: start 0, the last batch of the pass, far in."""
     sys.path.insert(0, str(ROOT))
     from model import input_pipeline
-    from model.config import ImageSpec
     from tests.record_helpers import write_data_dir
 
     import record_schema
@@ -193,7 +192,7 @@ def sample_latencies(work: str, rounds: int) -> dict:
         for name, start_batch in starts.items():
             ds = input_pipeline.create_dataset(os.path.join(folder, record_schema.shard_pattern("train")),
                                                batch_size=batch, training=True, repeat=True,
-                                               image=ImageSpec(48), shuffle_buffer=2048, seed=SEED,
+                                               image_size=48, shuffle_buffer=2048, seed=SEED,
                                                start=input_pipeline.StreamStart(start_batch, counts))
             times[name].append(first(ds))
     return {"records": per_pass, "times": times}

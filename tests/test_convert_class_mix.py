@@ -11,7 +11,6 @@ import numpy as np
 import pytest
 
 import record_schema
-from model.config import ImageSpec
 from model.input_pipeline.dataset import create_dataset
 from tests.convert_helpers import convert, product, sample_jpegs, write_bson
 
@@ -55,7 +54,7 @@ def test_a_category_sorted_input_gives_class_mixed_batches(tmp_path):
     batches = []
     for seed in range(3):  # three epochs of different file orders and shuffles
         dataset = create_dataset(str(out / record_schema.shard_pattern("train")), batch_size=BATCH, training=True,
-                                 image=ImageSpec(16), shuffle_buffer=SHUFFLE_BUFFER, seed=seed)
+                                 image_size=16, shuffle_buffer=SHUFFLE_BUFFER, seed=seed)
         batches += [label.numpy() for _, label in dataset]
     assert len(batches) == 3 * (len(labels) // BATCH)
     mixed, uniform = _distinct_per_batch(batches), _uniform_distinct(labels)

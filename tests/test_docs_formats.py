@@ -17,7 +17,6 @@ import pytest
 import tensorflow as tf
 
 import record_schema
-from model.config import ImageSpec
 from model.input_pipeline import StreamStart, create_dataset
 from tests import record_helpers
 
@@ -26,7 +25,7 @@ FORMATS = REPO / "docs" / "FORMATS.md"
 SECTION = "## 3. "
 
 # Defaults the doc spells as a call: the value types of the signature.
-VALUE_TYPES = {"ImageSpec": ImageSpec, "StreamStart": StreamStart}
+VALUE_TYPES = {"StreamStart": StreamStart}
 KINDS = {"positional": inspect.Parameter.POSITIONAL_OR_KEYWORD, "keyword-only": inspect.Parameter.KEYWORD_ONLY}
 
 
@@ -124,7 +123,7 @@ def documented_outputs() -> dict[str, tuple[str, int]]:
 def test_the_documented_output_is_what_the_dataset_yields(tmp_path, crop_size):
     data_dir = record_helpers.write_data_dir(str(tmp_path / "data"))
     dataset = create_dataset(str(pathlib.Path(data_dir) / record_schema.shard_pattern("train")), batch_size=4,
-                             training=True, image=ImageSpec(32, crop_size), seed=0)
+                             training=True, image_size=32, crop_size=crop_size, seed=0)
     features, label = dataset.element_spec
     actual = {name: (spec.dtype.name, spec.shape.rank) for name, spec in features.items()}
     actual["label"] = (label.dtype.name, label.shape.rank)

@@ -24,7 +24,6 @@ import pytest
 
 import record_schema
 from model import input_pipeline
-from model.config import ImageSpec
 from model.data_service import probe, stream
 from model.input_pipeline import sources
 from tests.launchers import COMMAND as LAUNCHER, REPO, Launched, Service, free_port, process_cpu
@@ -76,7 +75,7 @@ def training_stream(data_dir, *, repeat, batch_size=5, seed=None):
     """The training pipeline as train.py distributes it (the dynamic-sharding structure)."""
     return input_pipeline.create_dataset(
         os.path.join(data_dir, record_schema.shard_pattern("train")), batch_size=batch_size, training=True,
-        image=ImageSpec(32, 24), shuffle_buffer=16, seed=seed, repeat=repeat, dynamic_sharding=True)
+        image_size=32, crop_size=24, shuffle_buffer=16, seed=seed, repeat=repeat, dynamic_sharding=True)
 
 
 def read_ids(dataset, batches=None, timeout=120) -> list[int]:
@@ -295,7 +294,7 @@ def test_the_service_delivers_the_local_pixels(shared_service, data_dir, pack):
     import tensorflow as tf
 
     local_ds = input_pipeline.create_dataset(os.path.join(data_dir, record_schema.shard_pattern("train")),
-                                             batch_size=8, training=False, image=ImageSpec(32, 24))
+                                             batch_size=8, training=False, image_size=32, crop_size=24)
     remote = stream.distribute(local_ds, shared_service.target, job_name=f"pixels-{pack}", pack=pack)
     assert remote.element_spec == local_ds.element_spec
     local = {}

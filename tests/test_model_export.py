@@ -17,7 +17,6 @@ import tensorflow as tf
 import record_schema
 from model import export
 from model.evaluation.predict import Member, predict_top_k
-from model.config import ImageSpec
 from model.input_pipeline import create_dataset, decode
 from model.input_pipeline.labels import Labels, read_labels
 from model.network.multi_image import ModelConfig, build_model
@@ -198,7 +197,7 @@ def flip_exports(tmp_path_factory):
     data_dir = write_data_dir(str(tmp_path_factory.mktemp("flip_data")), with_val=False)
     labels = read_labels(data_dir)
     dataset = create_dataset(os.path.join(data_dir, record_schema.shard_pattern("train")), batch_size=8,
-                             training=False, image=ImageSpec(IMAGE_SIZE, CROP_SIZE)).take(FLIP_PRODUCTS // 8)
+                             training=False, image_size=IMAGE_SIZE, crop_size=CROP_SIZE).take(FLIP_PRODUCTS // 8)
     keras.utils.set_random_seed(1)
     model = build_model(ModelConfig(num_classes=labels.num_classes, image_size=CROP_SIZE, backbone="tiny"))
     features, _ = next(iter(dataset))

@@ -16,7 +16,6 @@ import tensorflow as tf
 from PIL import Image
 
 import record_schema
-from model.config import ImageSpec
 from model.input_pipeline import dataset as ip
 from model.input_pipeline import decode
 from model.input_pipeline.sources import StreamStart
@@ -122,7 +121,7 @@ def test_a_pipeline_whose_share_is_only_empty_files_reads_the_others(tmp_path, p
     pattern = str(tmp_path / record_schema.shard_pattern("train"))
     for pipeline_id in (0, 1):
         context = tf.distribute.InputContext(num_input_pipelines=2, input_pipeline_id=pipeline_id)
-        ds = ip.create_dataset(pattern, batch_size=4, training=True, image=ImageSpec(32), seed=1, repeat=True,
+        ds = ip.create_dataset(pattern, batch_size=4, training=True, image_size=32, seed=1, repeat=True,
                                input_context=context)
         ids = np.concatenate([features["product_id"].numpy() for features, _ in ds.take(10)])
         assert len(ids) == 40 and set(ids) <= {pid for pid, *_ in products[:20]}
@@ -134,7 +133,7 @@ def test_a_pipeline_whose_share_is_only_empty_files_reads_the_others(tmp_path, p
 
 def test_bad_arguments(data):
     with pytest.raises(ValueError, match="crop must be in 1..size"):
-        ip.create_dataset(data["train"], batch_size=4, training=True, image=ImageSpec(crop=200))
+        ip.create_dataset(data["train"], batch_size=4, training=True, crop_size=200)
     with pytest.raises(ValueError, match="batch_size"):
         ip.create_dataset(data["train"], batch_size=0, training=False)
 
@@ -311,7 +310,7 @@ def test_training_evaluation_and_serving_see_the_same_pixels(data, products, siz
     pictures too (without a crop), or upright windows of them."""
     side = crop or size
     evaluation = _collect(ip.create_dataset(data["single"], batch_size=16, training=False,
-                                            image=ImageSpec(size, crop)))
+                                            image_size=size, crop_size=crop))
     serve = tf.function(lambda i, m: decode.decode_images(i, m, size, crop_size=crop), input_signature=[
         tf.TensorSpec([None, 4], tf.string), tf.TensorSpec([None, 4], tf.float32)])
     np.testing.assert_array_equal(serve(*_slots(products)).numpy(), evaluation["images"])
@@ -323,7 +322,7 @@ def test_training_evaluation_and_serving_see_the_same_pixels(data, products, siz
             np.testing.assert_array_equal(evaluation["images"][i, m], pictures[pid][m][top:top + side, top:top + side])
 
     training = _collect(ip.create_dataset(data["train"], batch_size=8, training=True,
-                                          image=ImageSpec(size, crop), shuffle_buffer=64))
+                                          image_size=size, crop_size=crop, shuffle_buffer=64))
     _assert_padded_zero(training["images"], training["mask"])
     for images, mask, pid in zip(training["images"], training["mask"], training["product_id"]):
         for m in range(int(mask.sum())):
@@ -382,7 +381,7 @@ def test_pictures_of_other_sizes_come_out_right(products, size, crop):
 
 def test_training_batches_crop_real_images_only_and_never_mirror(data, products):
     full = {pid: [decode.decode_image(j, SIZE).numpy() for j in jpegs] for pid, _, _, jpegs in products}
-    ds = ip.create_dataset(data["train"], batch_size=8, training=True, image=ImageSpec(crop=160), shuffle_buffer=64)
+    ds = ip.create_dataset(data["train"], batch_size=8, training=True, crop_size=160, shuffle_buffer=64)
     assert ds.element_spec[0]["images"].shape.as_list() == [8, 4, 160, 160, 3]  # static batch
     got = _collect(ds)
     assert len(got["product_id"]) == 80  # 82 products, short last batch dropped
@@ -428,7 +427,7 @@ def _counts(pattern):
 
 
 def _batches(pattern, start, count, **options):
-    ds = ip.create_dataset(pattern, batch_size=5, training=True, image=ImageSpec(40, 32), seed=7,
+    ds = ip.create_dataset(pattern, batch_size=5, training=True, image_size=40, crop_size=32, seed=7,
                            shuffle_buffer=16, repeat=True, start=StreamStart(start, _counts(pattern)), **options)
     return [(f["product_id"].numpy().tolist(), f["images"].numpy()) for f, _ in ds.take(count)]
 
@@ -457,7 +456,7 @@ def test_a_start_batch_shares_records_between_pipelines_as_the_reader_does(data)
         counts = {path: 82 for path in tf.io.gfile.glob(data["single"])}
 
         def stream(start):
-            ds = ip.create_dataset(data["single"], batch_size=4, training=True, image=ImageSpec(40), seed=5,
+            ds = ip.create_dataset(data["single"], batch_size=4, training=True, image_size=40, seed=5,
                                    shuffle_buffer=8, repeat=True, input_context=context,
                                    start=StreamStart(start, counts))
             return [f["product_id"].numpy().tolist() for f, _ in ds.take(30 - start)]
@@ -500,7 +499,7 @@ def test_mirrored_strategy(data):
     global_batch = 8
     dist = strategy.distribute_datasets_from_function(lambda ctx: ip.create_dataset(
         data["train"], batch_size=ctx.get_per_replica_batch_size(global_batch), training=True,
-        input_context=ctx, repeat=True, image=ImageSpec(crop=160)))
+        input_context=ctx, repeat=True, crop_size=160))
 
     @tf.function
     def step(features, label):
@@ -518,3 +517,11 @@ def test_mirrored_strategy(data):
         assert [tuple(t.shape) for t in per_replica] == [(4, 4, 160, 160, 3)] * 2
         real, size, labelled = step(features, label)
         assert int(size) == global_batch == int(labelled) and global_batch <= float(real) <= 4 * global_batch
+
+
+def test_the_contract_s_image_size_and_crop_size_give_the_side(data):
+    """../shared/CONTRACT.md section 3 spells the side `image_size` (docs/FORMATS.md section 3)."""
+    features, _ = next(iter(ip.create_dataset(data["single"], batch_size=2, training=False, image_size=40)))
+    assert features["images"].shape[2:] == (40, 40, 3)
+    features, _ = next(iter(ip.create_dataset(data["single"], batch_size=2, training=False, image_size=40, crop_size=24)))
+    assert features["images"].shape[2:] == (24, 24, 3)

@@ -58,4 +58,5 @@ def split_dataset(data_dir: str, split: str, image: ImageSpec, *, training: bool
                   skip_corrupt_records: bool = False, **options) -> tf.data.Dataset:
     """create_dataset over one split of data_dir (options: create_dataset's others)."""
     return dataset.create_dataset(split_pattern(data_dir, split), batch_size=batch_size, training=training,
-                                  image=image, skip_corrupt_records=skip_corrupt_records, **options)
+                                  image_size=image.size, crop_size=image.crop,
+                                  skip_corrupt_records=skip_corrupt_records, **options)

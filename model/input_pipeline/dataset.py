@@ -46,7 +46,8 @@ def create_dataset(
     *,
     batch_size: int,
     training: bool,
-    image: ImageSpec = ImageSpec(),
+    image_size: int = record_schema.IMAGE_SIZE,
+    crop_size: int | None = None,
     shuffle_buffer: int = 2048,
     seed: int | None = None,
     input_context: tf.distribute.InputContext | None = None,
@@ -67,7 +68,8 @@ def create_dataset(
     dynamic_sharding (the pipeline of tf.data service workers: docs/DATA_SERVICE.md; `seed` orders
     the files only, `start` counts the whole job's batches and restarts the pass it falls in).
 
-    image: decoded at image.size by `decode_image`, then image.crop's window (<= size), so the
+    image_size, crop_size (the contract's spelling of an ImageSpec, as split_dataset passes one):
+    decoded at image_size by `decode_image`, then the crop_size window (<= image_size), so the
     side is the crop in both modes (the Kaggle top teams' recipe was random 160 px crops of the
     180 px pictures). No mirror here: the model mirrors in training (multi_image.ModelConfig.flip).
     input_context: this pipeline reads its share only (sources.Share); batch_size is then the
@@ -75,6 +77,7 @@ def create_dataset(
     (model/input_pipeline/shards.py names and counts what that loses).
     """
     _check_arguments(batch_size, training, seed, dynamic_sharding, start)
+    image = ImageSpec(image_size, crop_size)
     files = sources.list_files(file_pattern, repeat=repeat)
     share = sources.Share.of(files, None if dynamic_sharding else input_context)
     read = share.reader(skip_corrupt_records)
