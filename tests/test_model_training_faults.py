@@ -5,6 +5,7 @@ The signal and lock tests run real train.py processes (tests/slow_train.py, a pa
 step); the disk-full test trains in a small tmpfs of its own.
 """
 
+import contextlib
 import json
 import os
 import signal
@@ -130,6 +131,33 @@ def test_a_dead_holder_is_told_from_a_live_one(tmp_path):
     other_host = {**me, "host": "elsewhere"}
     assert run_lock.holder_alive(other_host)  # heartbeat fresh
     assert not run_lock.holder_alive(other_host, now=me["heartbeat"] + run_lock.STALE_SECONDS + 1)
+
+
+@pytest.mark.parametrize("content", [b"", b"{\"pid\": 12", b"\xff\x00garbage", b"[]"])
+def test_an_unreadable_lock_is_taken_over_in_one_line(tmp_path, content):
+    """Issue 28 item 2: an empty or damaged run.lock used to block its model_dir for good
+    ("another trainer is starting on it at the same time")."""
+    lock = tmp_path / "run.lock"
+    lock.write_bytes(content)
+    lines = []
+    with run_lock.hold(str(tmp_path), log=lambda line, flush=False: lines.append(line)):
+        assert json.loads(lock.read_text())["pid"] == os.getpid()
+    assert lines == [f"Taking over {lock}: it cannot be read (empty or damaged), so no live trainer holds it"]
+    assert not lock.exists() and os.listdir(tmp_path) == []
+
+
+def test_a_full_disk_at_start_leaves_no_lock(small_disk):
+    """The exclusive create used to succeed and its write fail, leaving an empty run.lock."""
+    model_dir = os.path.join(small_disk, "m")
+    os.mkdir(model_dir)
+    with contextlib.suppress(OSError), open(os.path.join(small_disk, "filler"), "wb") as f:
+        f.write(b"\0" * 4 * 1024 * 1024)  # fill the 3 MB disk to the last byte
+        f.flush()
+    with pytest.raises(errors.UserError) as failure:
+        with run_lock.hold(model_dir):
+            pass
+    assert "No space left on device" in str(failure.value)
+    assert os.listdir(model_dir) == []
 
 
 @pytest.mark.parametrize("split,shards,message", [

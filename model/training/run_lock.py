@@ -10,13 +10,17 @@ next run:
     VM therefore blocks its model_dir for at most STALE_SECONDS.
 Object stores have no exclusive create: two trainers started within the same second on gs://
 can both read "free"; each reads its lock back after writing it and the one that finds the
-other's stops. On local disks O_EXCL decides.
+other's stops. On local disks an exclusive hard link decides (as O_EXCL would).
+A lock is only ever written whole (a temporary file linked or renamed into place), so a lock file
+that cannot be read (empty, cut short, garbage: a full disk under an older version, a bad copy)
+is no live trainer's: it is taken over with one line naming it, like a dead holder's.
 """
 
 from __future__ import annotations
 
 import contextlib
 import datetime
+import errno
 import json
 import os
 import socket
@@ -75,28 +79,66 @@ def describe(holder: dict) -> str:
     return f"pid {holder.get('pid')} on {holder.get('host')}, started {holder.get('started')}"
 
 
+UNREADABLE: dict = {}  # (compared by identity) a lock file that exists but holds no holder (empty, cut short, garbage)
+
+
 def _read(path: str) -> dict | None:
+    """The holder the lock names; None if there is no lock; UNREADABLE if it cannot be parsed.
+    Locks are written whole (_create), so an unreadable one is no live trainer's: a full disk at
+    an older version's start, a cut copy, a hand edit."""
     try:
         with tf.io.gfile.GFile(path) as f:
-            return json.load(f)
-    except (tf.errors.NotFoundError, json.JSONDecodeError, ValueError):
+            holder = json.loads(f.read())
+    except tf.errors.NotFoundError:
         return None
+    except (json.JSONDecodeError, UnicodeDecodeError, ValueError, tf.errors.OpError):
+        return UNREADABLE
+    return holder if isinstance(holder, dict) and "pid" in holder else UNREADABLE
 
 
 def _create(path: str, me: dict) -> bool:
-    """Writes the lock; False if another trainer's lock stands there now."""
+    """Writes the lock whole; False if another trainer's lock stands there now. Locally the
+    content goes to a temporary file first, which is then hard-linked to the lock's name (link
+    fails if the name exists: as exclusive as O_EXCL), so a full disk fails before any lock exists
+    and leaves none; the temporary file is always removed."""
     text = json.dumps(me)
     if "://" not in path:
+        partial = f"{atomic.partial_path(path)}.{me['pid']}"
         try:
-            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            with open(partial, "w") as f:
+                f.write(text)
+            try:
+                os.link(partial, path)
+            except OSError as error:
+                if error.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV):
+                    raise
+                _create_exclusive(path, text)  # a filesystem without hard links
         except FileExistsError:
             return False
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
+        finally:
+            with contextlib.suppress(OSError):
+                os.remove(partial)
         return True
     atomic.write_text(path, text)
     holder = _read(path) or {}
     return holder.get("pid") == me["pid"] and holder.get("host") == me["host"]
+
+
+def _create_exclusive(path: str, text: str) -> None:
+    """O_EXCL, and the lock removed again if its content cannot be written."""
+    fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+    except BaseException:
+        os.remove(path)
+        raise
+
+
+def _take_over_line(path: str, holder: dict) -> str:
+    if holder is UNREADABLE:
+        return f"Taking over {path}: it cannot be read (empty or damaged), so no live trainer holds it"
+    return f"Taking over {path}: its holder ({describe(holder)}) is no longer running"
 
 
 @contextlib.contextmanager
@@ -107,11 +149,11 @@ def hold(model_dir: str, log=print):
     with atomic.write_errors_named(path):
         for _ in range(3):  # a stale lock removed, then a race with another starter: bounded
             holder = _read(path)
-            if holder is not None and holder_alive(holder):
+            if holder and holder_alive(holder):
                 raise UserError(f"{model_dir} is in use by another trainer ({describe(holder)}); wait for it "
                                 f"to finish or stop it, or use another --model_dir")
             if holder is not None:
-                log(f"Taking over {path}: its holder ({describe(holder)}) is no longer running", flush=True)
+                log(_take_over_line(path, holder), flush=True)
                 tf.io.gfile.remove(path)
             if _create(path, me):
                 break
