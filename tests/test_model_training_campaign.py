@@ -146,3 +146,29 @@ def test_init_from_another_backbone_is_refused(labels, tmp_path):
     _model(labels, image_size=71, backbone="xception").save(other / model_dir_lib.MODEL_FILE)
     with pytest.raises(UserError, match="its image encoder does not fit this one"):
         init_from.initialise(_model(labels), str(other), labels, log=lambda line: None)
+
+
+@pytest.mark.parametrize("keep", [0, 3000, -100])  # bytes kept: none, the first 3000, all but the last 100
+def test_a_keras_file_cut_short_is_named_damaged_wherever_it_is_loaded(source_dir, labels, tmp_path, keep):
+    """Issue 28 item 3: Keras called a truncated or 0-byte .keras "File not found" (a 30-line
+    traceback). --init_from, evaluate.py's models (ensemble members) and best.keras at the end of a
+    (resumed) run all load through keras_file.load."""
+    from model.evaluation import predict
+    from model.network import keras_file
+
+    cut = tmp_path / "cut"
+    shutil.copytree(source_dir, cut)
+    (cut / model_dir_lib.CONFIG_FILE).write_text("{}")
+    whole = (source_dir / model_dir_lib.MODEL_FILE).read_bytes()
+    (cut / model_dir_lib.MODEL_FILE).write_bytes(whole[:keep])
+    path = str(cut / model_dir_lib.MODEL_FILE)
+    expected = f"{path} is damaged: not a whole .keras file (cut short, or empty?); copy it again or train it again"
+    target = _model(labels)
+    for load in (lambda: init_from.initialise(target, path, labels, log=lambda line: None),
+                 lambda: init_from.initialise(target, str(cut), labels, log=lambda line: None),
+                 lambda: predict.load_model(str(cut)),
+                 lambda: keras_file.load(path)):
+        with pytest.raises(UserError) as error:
+            load()
+        assert str(error.value) == expected
+    assert keras_file.is_whole(str(source_dir / model_dir_lib.MODEL_FILE))

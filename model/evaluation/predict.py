@@ -49,9 +49,7 @@ class Member:
 def load_model(model_dir: str, checkpoint: str = "final"):
     """model.keras (final) or best.keras (best) plus the train config (image size, model config)
     that train.py wrote beside it."""
-    import keras
-
-    from model.network import multi_image  # noqa: F401  (registers the custom layers for deserialisation)
+    from model.network import keras_file
 
     path = RunFolder(model_dir).model(checkpoint)
     if not tf.io.gfile.exists(path):
@@ -61,7 +59,7 @@ def load_model(model_dir: str, checkpoint: str = "final"):
         raise UserError(f"{path} is absent: train first (python train.py ...)")
     with tf.io.gfile.GFile(RunFolder(model_dir).config_file) as f:
         config = json.load(f)
-    model = keras.models.load_model(path, compile=False)
+    model = keras_file.load(path)
     return model, config
 
 

@@ -18,6 +18,7 @@ import tensorflow as tf
 from model.errors import UserError
 from model.input_pipeline.labels import Labels, read_labels
 from model.model_dir import RunFolder
+from model.network import keras_file
 
 HEADS = ("category", "level1", "level2", "category_per_image", "level1_per_image", "level2_per_image")
 
@@ -44,7 +45,7 @@ def initialise(model: keras.Model, init_from: str, labels: Labels, log=print) ->
     """Copies the weights of the model --init_from names into `model`; returns
     {"copied": [layer names], "initialised": [layer names]}."""
     path = source_file(init_from)
-    source = keras.models.load_model(path, compile=False)
+    source = keras_file.load(path)
     by_name = {layer.name: layer for layer in source.layers}
     heads_fit = same_classes(path, labels)
     copied, initialised = [], []

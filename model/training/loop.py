@@ -28,7 +28,7 @@ from model.errors import Interrupted, UserError
 from model.input_pipeline import data_folder, shards
 from model.input_pipeline.labels import Labels, read_labels
 from model.model_dir import BACKUP_DIR, RunFolder
-from model.network import multi_image
+from model.network import keras_file, multi_image
 from model.training import (batchnorm, distribution, init_from, input_check, inputs, optimization, run_lock, run_state,
                             sample_grid)
 from model.training.callbacks import TOP1, make_callbacks, restore_backup
@@ -391,7 +391,7 @@ def _best_model(final: keras.Model, final_val: dict, cfg: TrainConfig, mconfig, 
     if epoch == cfg.epochs:
         print("Best model: the last epoch's, the final model", flush=True)
         return final, epoch, final_val
-    weights = keras.models.load_model(best_path, compile=False).get_weights()
+    weights = keras_file.load(best_path).get_weights()
     best, _, best_val = _recalibrated(weights, f"Best model (epoch {epoch})", cfg, mconfig, data)
     return best, epoch, best_val
 
