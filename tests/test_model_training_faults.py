@@ -188,6 +188,40 @@ def test_paths_are_compared_normalised(saved, now, differs):
     assert bool(run_state.settings_differences(saved_config, cfg)) == differs
 
 
+@pytest.mark.parametrize("saved,now,differs", [
+    ("data", "{cwd}/data", False),  # an older run folder's relative record, resumed from its own cwd
+    ("{cwd}/data", "data", False),
+    ("{cwd}/data", "../{name}/data/", False),
+    ("{cwd}/data", "other", True),
+    ("file:///data/run", "file:///data/run", False),  # URIs as given
+    ("gs://b/data", "gs://b/other", True),
+])
+def test_relative_and_absolute_spellings_are_one_data_dir(tmp_path, monkeypatch, saved, now, differs):
+    """Issue 28 item 4: --data_dir=DIR and --data_dir=/abs/DIR counted as other settings."""
+    monkeypatch.chdir(tmp_path)
+    saved, now = (p.format(cwd=tmp_path, name=tmp_path.name) for p in (saved, now))
+    cfg = config.TrainConfig(data_dir=now, model_dir="m", init_from="runs/a")
+    saved_config = {**config.dataclasses.asdict(cfg), "data_dir": saved, "init_from": str(tmp_path / "runs/a")}
+    assert bool(run_state.settings_differences(saved_config, cfg)) == differs
+
+
+def test_paths_are_recorded_resolved(tmp_path, monkeypatch):
+    """train_config.json names the run's folders from any working directory (evaluate.py reads
+    its data_dir); URIs are recorded as given."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "labels.csv").write_text("label,category_id\n")
+    (tmp_path / "m").mkdir()
+    cfg = config.TrainConfig(data_dir="data/", model_dir="./m", init_from="gs://b/runs/a")
+    loop._write_run_files(cfg, loop.multi_image.ModelConfig(num_classes=2), "", replicas=1)
+    with open(tmp_path / "m" / "train_config.json") as f:
+        train = json.load(f)["train"]
+    assert (train["data_dir"], train["model_dir"], train["init_from"]) == (
+        str(tmp_path / "data"), str(tmp_path / "m"), "gs://b/runs/a")
+    monkeypatch.chdir(tmp_path / "data")  # resumed from elsewhere, the folders spelt from there
+    assert run_state.settings_differences(train, config.dataclasses.replace(cfg, data_dir=".", model_dir="../m")) == []
+
+
 class _Model:
     def __init__(self):
         self.saved = []

@@ -267,7 +267,7 @@ def _write_run_files(cfg: TrainConfig, mconfig: multi_image.ModelConfig, flags_t
     with atomic.written_whole(RunFolder(cfg.model_dir).labels_file) as partial:
         tf.io.gfile.copy(os.path.join(cfg.data_dir, record_schema.LABELS_FILE), partial, overwrite=True)
     atomic.write_text(RunFolder(cfg.model_dir).config_file,
-                      json.dumps({"model": dataclasses.asdict(mconfig), "train": dataclasses.asdict(cfg),
+                      json.dumps({"model": dataclasses.asdict(mconfig), "train": run_state.recorded_train_config(cfg),
                                   "replicas": replicas}, indent=1))
     if flags_text:
         atomic.write_text(RunFolder(cfg.model_dir).flags_file, flags_text)

@@ -27,7 +27,10 @@ RUN_INDEPENDENT = frozenset({"model_dir", "verbose", "profile_batches", "sample_
 STREAM_SETTINGS = ("shuffle_buffer", "data_service", "replicas")
 
 
-PATH_SETTINGS = frozenset({"data_dir", "weights"})
+PATH_SETTINGS = frozenset({"data_dir", "weights", "init_from"})
+# Recorded in train_config.json resolved (resolved_path), so that the record names the same folders
+# from any working directory; compared resolved, so DIR and /abs/DIR are one setting.
+RESOLVED_SETTINGS = ("data_dir", "model_dir", "init_from")
 
 
 def normalised_path(path: str) -> str:
@@ -35,6 +38,20 @@ def normalised_path(path: str) -> str:
     if not path or "://" in path:
         return path.rstrip("/") if path else path
     return os.path.normpath(path)
+
+
+def resolved_path(path: str) -> str:
+    """A local path made absolute (against the working directory), normalised; a URI (gs://,
+    file://, ...) and "" as given. A relative path recorded by an older version resolves, as
+    it did then, against the directory the run is resumed from."""
+    if not path or "://" in path:
+        return path
+    return os.path.abspath(path)
+
+
+def recorded_train_config(cfg: TrainConfig) -> dict:
+    """train_config.json["train"]: every field of cfg, its paths resolved."""
+    return {**dataclasses.asdict(cfg), **{name: resolved_path(getattr(cfg, name)) for name in RESOLVED_SETTINGS}}
 
 
 def resolve_seed(model_dir: str, cfg: TrainConfig, *, multi_worker: bool = False) -> tuple[TrainConfig, str]:
@@ -60,8 +77,10 @@ def resolve_seed(model_dir: str, cfg: TrainConfig, *, multi_worker: bool = False
 
 def settings_differences(saved: dict, cfg: TrainConfig) -> list[str]:
     """The settings of a saved train_config.json["train"] that differ from cfg, as flags (paths
-    compared once normalised)."""
+    compared once resolved and normalised)."""
     def same(name, a, b):
+        if name in PATH_SETTINGS and name in RESOLVED_SETTINGS:
+            return normalised_path(resolved_path(a)) == normalised_path(resolved_path(b))
         return normalised_path(a) == normalised_path(b) if name in PATH_SETTINGS else a == b
 
     known = dataclasses.asdict(config_from_json(saved))  # as this version spells them (crop_size 0: None)
