@@ -103,7 +103,7 @@ def drive(callback, model, executions: list[int], epochs: int):
         for batch, steps in enumerate(executions):
             model.optimizer.iterations.assign(model.optimizer.iterations + steps)
             callback.on_train_batch_end(batch, {})
-        callback.on_epoch_end(epoch, {})
+        callback.on_epoch_end(epoch, {"loss": float(iterations(model))})
     callback.on_train_end()
 
 
@@ -129,7 +129,12 @@ def test_backup_saves_every_n_steps_and_at_each_epoch_end(tmp_path, every, steps
     # Written whole: the files under their names, nothing partial beside them, and the random
     # states of the last step only.
     assert sorted(os.listdir(tmp_path / "backup")) == sorted(
-        [callbacks.BACKUP_PROGRESS, callbacks.BACKUP_WEIGHTS, f"random_states-{saved[-1]}.json"])
+        [callbacks.BACKUP_PROGRESS, callbacks.BACKUP_WEIGHTS, f"random_states-{saved[-1]}.json",
+         callbacks.BACKUP_EPOCH_LOGS])
+    # The last epoch end's logs, for a rerun with no epoch left (issue 28 item 5); none at another step.
+    last = saved[-1]
+    assert callbacks.last_epoch_logs(str(tmp_path / "backup"), last) == {"loss": float(last)}
+    assert callbacks.last_epoch_logs(str(tmp_path / "backup"), last + 1) == {}
 
 
 def test_restore_backup_loads_weights_and_optimizer_and_returns_the_step(tmp_path):
@@ -394,8 +399,8 @@ def kinds(callback_list):
 
 
 @pytest.mark.parametrize("has_val, log_every_steps, profile_steps, stop, expected", [
-    (False, 0, "", False, ["TerminateOnNaN", "Backup", "Throughput", "TensorBoard", "EpochProgress"]),
-    (True, 10, "3,7", True, ["TerminateOnNaN", "Backup", "StopOnSignal", "Throughput", "BestModel", "StepScalars",
+    (False, 0, "", False, ["TerminateOnNaN", "Throughput", "Backup", "TensorBoard", "EpochProgress"]),
+    (True, 10, "3,7", True, ["TerminateOnNaN", "Throughput", "Backup", "StopOnSignal", "BestModel", "StepScalars",
                              "ProfileSteps", "TensorBoard", "EpochProgress"]),
 ])
 def test_make_callbacks_list_and_order(has_val, log_every_steps, profile_steps, stop, expected):

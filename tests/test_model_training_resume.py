@@ -35,6 +35,18 @@ class CutAfter(keras.callbacks.Callback):
             raise Cut(self.step)
 
 
+class CutAtEnd(CutAfter):
+    """Ends the run once fit is done (the last epoch's backup written), as a kill during the final
+    BatchNorm recalibration or export would."""
+
+    def on_train_batch_end(self, batch, logs=None):
+        pass
+
+    def on_train_end(self, logs=None):
+        if int(self.model.optimizer.iterations.numpy()) == self.step:
+            raise Cut(self.step)
+
+
 def test_two_replicas_resumed_inside_epoch_2_read_and_end_as_an_uninterrupted_run(tmp_path, capsys):
     """Also what a run on 2 replicas without val leaves: no best model, no level1 head for a tree
     of one level1 class; and under mixed_bfloat16 and late fusion, the same exactness."""
@@ -56,7 +68,9 @@ def test_two_replicas_resumed_inside_epoch_2_read_and_end_as_an_uninterrupted_ru
         traced.clear()
         with pytest.raises(Cut):
             loop.train(resumed, extra_callbacks=(CutAfter(6),), training_batches=batches)  # inside epoch 2 (steps 5..8)
-        loop.train(resumed, training_batches=batches)
+        with pytest.raises(Cut):
+            loop.train(resumed, extra_callbacks=(CutAtEnd(12),), training_batches=batches)
+        resumed_state = loop.train(resumed, training_batches=batches)  # no epoch left: the final steps only
     finally:
         keras.config.set_dtype_policy("float32")  # the policy is global: leave it as found
     out = capsys.readouterr().out
@@ -65,6 +79,12 @@ def test_two_replicas_resumed_inside_epoch_2_read_and_end_as_an_uninterrupted_ru
     assert state["optimizer_iterations"] == 12 and again == state and "already holds a finished run" in out
     assert "No level1 head: labels.csv has one level1 class." in out
     assert f"Resuming from {resumed.model_dir}/backup: epoch 2/3, optimizer step 6" in out
+    # Issue 28 item 5: the rerun after a kill in the final steps kept the last epoch's figures
+    # (they were "final": {}, printed as nan).
+    assert f"Resuming from {resumed.model_dir}/backup: epoch 3/3, optimizer step 12" in out
+    assert resumed_state["resumed_step"] == 12 and resumed_state["final"]["products_per_second"] > 0
+    assert {k: v for k, v in resumed_state["final"].items() if k != "products_per_second"} == \
+        {k: v for k, v in state["final"].items() if k != "products_per_second"}
 
     # One pipeline feeds both replicas, one batch each a step: step 6 starts at batch 12, and the
     # fit call of epoch 3 (step 8) at batch 16. (Each fit call also makes a stream it peeks one

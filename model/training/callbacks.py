@@ -207,6 +207,7 @@ class ProfileSteps(keras.callbacks.Callback):
 
 BACKUP_WEIGHTS = "latest.weights.h5"  # weights and optimizer state (its step count included)
 BACKUP_PROGRESS = "progress.json"  # where the backup stands, for people and tests: no code reads it
+BACKUP_EPOCH_LOGS = "epoch_logs.json"  # the last finished epoch's logs, for a rerun that has no epoch left
 
 
 class Backup(keras.callbacks.Callback):
@@ -232,7 +233,14 @@ class Backup(keras.callbacks.Callback):
             self.save(step)
 
     def on_epoch_end(self, epoch, logs=None):
-        self.save(_optimizer_step(self.model))
+        step = _optimizer_step(self.model)
+        tf.io.gfile.makedirs(self.backup_dir)
+        # Before the weights of that step: a backup whose weights are the run's last step always
+        # has that epoch's figures beside it (a kill during the final recalibration or export
+        # then still reports them). Throughput runs before Backup: products_per_second included.
+        atomic.write_text(os.path.join(self.backup_dir, BACKUP_EPOCH_LOGS), json.dumps(
+            {"optimizer_step": step, "logs": {name: float(value) for name, value in (logs or {}).items()}}))
+        self.save(step)
 
     def save(self, step: int) -> None:
         tf.io.gfile.makedirs(self.backup_dir)
@@ -305,6 +313,17 @@ def restore_backup(model: keras.Model, backup_dir: str) -> int:
     return step
 
 
+def last_epoch_logs(backup_dir: str, step: int) -> dict:
+    """The logs of the epoch that ended at optimizer step `step`, as Backup recorded them; {} if
+    the backup holds none of that step (a backup of an older version, a kill between the two files)."""
+    path = os.path.join(backup_dir, BACKUP_EPOCH_LOGS)
+    if not tf.io.gfile.exists(path):
+        return {}
+    with tf.io.gfile.GFile(path) as f:
+        recorded = json.load(f)
+    return recorded["logs"] if recorded.get("optimizer_step") == step else {}
+
+
 def make_callbacks(model_dir: str, *, epochs: int, steps_per_epoch: int, global_batch: int,
                    backup_every_steps: int, log_every_steps: int, profile_steps: str, has_val: bool,
                    stop_requests=None, compute_seconds_per_product: float | None = None) -> list:
@@ -312,10 +331,10 @@ def make_callbacks(model_dir: str, *, epochs: int, steps_per_epoch: int, global_
     # Kept after fit and removed only once model.keras and export/ exist, so a kill at any
     # moment leaves something to resume from.
     backup = Backup(run.backup, max(1, backup_every_steps), steps_per_epoch)
-    callbacks = [keras.callbacks.TerminateOnNaN(), backup]
+    # Throughput before Backup: it adds products_per_second to the epoch logs Backup records.
+    callbacks = [keras.callbacks.TerminateOnNaN(), Throughput(global_batch), backup]
     if stop_requests is not None:
         callbacks.append(StopOnSignal(stop_requests, backup))
-    callbacks.append(Throughput(global_batch))
     if has_val:
         callbacks.append(BestModel(run.best_file, run.best_score_file, f"val_{TOP1}"))
     if log_every_steps > 0:

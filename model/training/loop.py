@@ -31,7 +31,7 @@ from model.model_dir import BACKUP_DIR, RunFolder
 from model.network import keras_file, multi_image
 from model.training import (batchnorm, distribution, init_from, input_check, inputs, optimization, run_lock, run_state,
                             sample_grid)
-from model.training.callbacks import TOP1, make_callbacks, restore_backup
+from model.training.callbacks import TOP1, last_epoch_logs, make_callbacks, restore_backup
 
 
 @dataclasses.dataclass
@@ -125,6 +125,8 @@ def _train_held(cfg: TrainConfig, strategy, data: RunData, extra_callbacks: tupl
         compute_seconds_per_product=rates.step_seconds if rates else None,
     ) + list(extra_callbacks)
     history = _fit(model, cfg, strategy, data, callbacks, resumed_step)
+    if not history:  # resumed after its last epoch (a kill in the final steps): that epoch's figures
+        history = {name: [value] for name, value in last_epoch_logs(backup_dir, resumed_step).items()}
     _stop_if_requested(stop_requests, model, cfg)
     final, recalibrated, final_val = _final_model(model, cfg, mconfig, data)
     _stop_if_requested(stop_requests, model, cfg)
