@@ -268,6 +268,14 @@ def _split_totals(results: list[RangeResult], output_dir: str) -> dict:
     return dict(sorted(splits.items()))
 
 
+def _unframed(index: DatasetIndex) -> Optional[dict]:
+    """What --skip_corrupt skipped where no document could be framed (null: nothing)."""
+    if index.unframed is None:
+        return None
+    return {"bytes": index.unframed.lost_bytes, "spans": index.unframed.spans,
+            "estimated_documents": index.unframed.estimated_documents(index.documents)}
+
+
 def write_metadata(task_outputs: list[Optional[SplitOverlap]], results: list[RangeResult], index: DatasetIndex,
                    config: ConvertConfig, inputs: list[str]) -> dict:
     categories = list(config.categories or categories_from_ids(index.category_ids_seen))
@@ -291,6 +299,7 @@ def write_metadata(task_outputs: list[Optional[SplitOverlap]], results: list[Ran
         "rejected_total": sum(rejected.values()),
         TOO_MANY_IMAGES: sum(result.too_many_images for result in results),
         "documents": index.documents,
+        "unframed_bson": _unframed(index),
         "inputs": inputs,
         "labelled_inputs": sorted(index.labelled_files),
         "categories": "file" if config.categories else "seen in the data",

@@ -14,10 +14,10 @@ import apache_beam as beam
 import numpy as np
 
 from beam_convert import files, products
-from beam_convert.bson_reader import CorruptBsonError, iter_documents, peek_keys
+from beam_convert.bson_reader import CorruptBsonError, iter_documents, peek_keys, resync
 from beam_convert.job import (
-    INDEX_MARKER, ConvertConfig, DatasetIndex, FileSummary, IndexRange, increment, progress_marker, rejection_line,
-    rejection_report)
+    INDEX_MARKER, ConvertConfig, DatasetIndex, FileSummary, IndexRange, UnframedBson, increment, progress_marker,
+    rejection_line, rejection_report)
 
 
 class IndexFiles(beam.PTransform):
@@ -54,24 +54,12 @@ class IndexFile(beam.DoFn):
         file_index, path = element
         summary = FileSummary(path, file_index)
         ids, offsets = [], []
-        boundaries = []  # (start, documents) of each range
-        end = 0
+        ranges = []  # [start, end, documents] of each range: range_size documents, cut at a skipped span
         with files.open_read(path) as stream:
-            documents = iter_documents(stream, path)
-            while True:
-                try:
-                    offset, document = next(documents)
-                except StopIteration:
-                    break
-                except CorruptBsonError as error:
-                    if not self.config.skip_corrupt:
-                        raise
-                    # No sync markers: nothing after a broken length prefix can be framed.
-                    self._reject_rest_of_file(error, file_index)
-                    summary.corrupt_rejections += 1
-                    break
-                if summary.documents % self.config.range_size == 0:
-                    boundaries.append(offset)
+            for offset, document, after_gap in self._documents(stream, summary):
+                if after_gap or not ranges or ranges[-1][2] == self.config.range_size:
+                    ranges.append([offset, offset, 0])
+                ranges[-1][1:] = offset + len(document), ranges[-1][2] + 1
                 keys = peek_keys(document)
                 if keys.product_id is not None:
                     ids.append(keys.product_id)
@@ -80,26 +68,52 @@ class IndexFile(beam.DoFn):
                     summary.labelled_documents += 1
                     summary.category_ids.add(keys.category_id)
                 summary.documents += 1
-                end = offset + len(document)
+                summary.framed_bytes += len(document)
         summary.product_ids = np.asarray(ids, dtype=np.int64)
         summary.offsets = np.asarray(offsets, dtype=np.int64)
-        labelled = summary.labelled
-        for number, start in enumerate(boundaries):
-            range_end = boundaries[number + 1] if number + 1 < len(boundaries) else end
-            count = min(self.config.range_size, summary.documents - number * self.config.range_size)
-            yield IndexRange(path, file_index, start, range_end, count, labelled)
+        for start, end, count in ranges:
+            yield IndexRange(path, file_index, start, end, count, summary.labelled)
         files.write_bytes(
             progress_marker(self.config.tmp_dir, INDEX_MARKER, f"{file_index:05d}"),
             json.dumps({"path": path, "documents": summary.documents}).encode(),
         )
         yield beam.pvalue.TaggedOutput(self.SUMMARY, summary)
 
-    def _reject_rest_of_file(self, error: CorruptBsonError, file_index: int) -> None:
+    def _documents(self, stream, summary: FileSummary):
+        """(offset, document, whether bytes were skipped just before it) of each framed document.
+        A document that cannot be framed raises, or with --skip_corrupt is reported and read past
+        (bson_reader.resync): one line a skipped span, in the file's own rejection report."""
+        start, after_gap, report = 0, False, []
+        try:
+            while True:
+                try:
+                    for offset, document in iter_documents(stream, summary.path, start):
+                        yield offset, document, after_gap
+                        after_gap = False
+                    return
+                except CorruptBsonError as error:
+                    if not self.config.skip_corrupt:
+                        raise
+                    span = resync(stream, error.offset)
+                    report.append(self._rejected(error, span, summary))
+                    if span.rest_of_file:
+                        return
+                    stream.seek(span.end)
+                    start, after_gap = span.end, True
+        finally:
+            if report:
+                files.write_bytes(rejection_report(self.config.tmp_dir, f"{summary.file_index:05d}-index"),
+                                  b"".join(report))
+
+    @staticmethod
+    def _rejected(error: CorruptBsonError, span, summary: FileSummary) -> bytes:
         increment(products.CORRUPT_BSON)
-        files.write_bytes(
-            rejection_report(self.config.tmp_dir, f"{file_index:05d}-index"),
-            rejection_line(None, error.path, error.offset, products.CORRUPT_BSON, error.reason + "; rest of file skipped"),
-        )
+        summary.corrupt_rejections += 1
+        if not span.one_document:
+            summary.unframed_bytes += span.end - span.start
+            summary.unframed_spans += 1
+        return rejection_line(span.product_id, error.path, error.offset, products.CORRUPT_BSON,
+                              span.describe(error.reason))
 
 
 def build_dataset_index(summaries: list[FileSummary]) -> DatasetIndex:
@@ -123,5 +137,8 @@ def build_dataset_index(summaries: list[FileSummary]) -> DatasetIndex:
             keeper = first_of[keeper]
         first_of[position] = keeper
     keepers = {int(ids[k]): (int(file_indices[k]), int(offsets[k])) for k in set(first_of.values())}
+    lost = sum(s.unframed_bytes for s in summaries)
+    unframed = UnframedBson(lost, sum(s.unframed_spans for s in summaries),
+                            sum(s.framed_bytes for s in summaries)) if lost else None
     return DatasetIndex(labelled, tuple(sorted(seen)), keepers, sum(s.documents for s in summaries),
-                        sum(s.corrupt_rejections for s in summaries))
+                        sum(s.corrupt_rejections for s in summaries), unframed)

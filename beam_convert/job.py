@@ -3,7 +3,7 @@
   ConvertConfig   the options of one conversion (defaults: those of `python -m beam_convert`)
   IndexRange      a run of documents of one input file: the unit of parallel work
   FileSummary     what indexing one file found; DatasetIndex: all of them, the side input of the
-                  conversion and of finalize
+                  conversion and of finalize; UnframedBson: the input bytes it had to skip
   SplitFile, RangeResult   what converting one range wrote (also kept in its progress marker)
 
 Every range writes its own temporary files under `output_dir/_tmp-JOB/`, and a progress marker
@@ -69,6 +69,9 @@ class FileSummary:
     product_ids: np.ndarray = None
     offsets: np.ndarray = None
     corrupt_rejections: int = 0
+    framed_bytes: int = 0  # the documents' bytes
+    unframed_bytes: int = 0  # skipped with --skip_corrupt where no document could be framed
+    unframed_spans: int = 0
 
     @property
     def labelled(self) -> bool:
@@ -86,7 +89,22 @@ class DatasetIndex:
     category_ids_seen: tuple  # in labelled files, sorted
     duplicate_keepers: dict  # product_id -> (file_index, offset) of the occurrence that is kept
     documents: int
-    corrupt_rejections: int  # documents the index scan could not frame (--skip_corrupt)
+    corrupt_rejections: int  # rejection lines of the index scan (--skip_corrupt): a document or span it could not frame
+    unframed: Optional["UnframedBson"] = None  # None: no byte skipped unframed
+
+
+@dataclasses.dataclass(frozen=True)
+class UnframedBson:
+    """The input bytes the index scan skipped with --skip_corrupt because no document could be
+    framed in them: their documents are lost and cannot be counted, only estimated from the
+    input's mean document size (framed_bytes over the documents framed)."""
+
+    lost_bytes: int
+    spans: int
+    framed_bytes: int
+
+    def estimated_documents(self, documents: int) -> int:
+        return round(self.lost_bytes * documents / self.framed_bytes) if self.framed_bytes else 0
 
 
 @dataclasses.dataclass(frozen=True)

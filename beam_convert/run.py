@@ -163,6 +163,11 @@ def convert(argv: list[str]) -> dict:
         say(f"{unexpected:,} document{'s' if unexpected > 1 else ''} with a category_id in unlabelled input "
             f"{'were' if unexpected > 1 else 'was'} rejected ({products.UNEXPECTED_CATEGORY}), see "
             f"{files.join(output_dir, record_schema.rejected_name())}")
+    if unframed := metadata.get("unframed_bson"):
+        say(f"{unframed['bytes']:,} bytes of the input could not be framed as BSON documents and were skipped "
+            f"(~{unframed['estimated_documents']:,} document{'' if unframed['estimated_documents'] == 1 else 's'} at "
+            f"the input's mean size, lost; not in the rejected "
+            f"count), see {files.join(output_dir, record_schema.rejected_name())}")
     documents = metadata["documents"]
     splits = ", ".join(f"{split} {counts['products']:,}" for split, counts in metadata["splits"].items())
     say(f"done in {elapsed:.1f} s ({documents / max(elapsed, 1e-9):,.0f} products/s): {splits}; "

@@ -112,6 +112,30 @@ def test_corrupt_bson_stops_the_job_naming_file_and_offset(tmp_path, capsys, cor
     assert not list(out.glob("*.tfrecord"))
 
 
+def test_skip_corrupt_reads_past_an_oversized_document_and_says_what_nothing_frames(tmp_path, capsys):
+    """Issue 28 item 9: a document over 16 MiB dropped the rest of the file (296 products) while
+    the summary said "rejected 2". Now it is one rejection, the garbage after it one line with its
+    byte range and a line of the summary, and every other product is converted."""
+    documents = [bson.encode(_valid(i)) for i in range(1, 9)]
+    oversized = bson.encode(product(77, [JPEGS[0] + b"\0" * (16 * 1024 * 1024)]))
+    garbage = b"\xff\xff\xff\x7f" + bytes(3000)
+    path, out = tmp_path / "big.bson", tmp_path / "out"
+    offsets = write_bson(path, documents[:2] + [oversized] + documents[2:5] + [garbage] + documents[5:])
+    status, lines = convert_and_read_stderr(capsys, f"--input={path}", f"--output_dir={out}", "--skip_corrupt",
+                                            "--val_fraction=0", "--range_size=3")
+    assert status == 0, lines
+    metadata = read_metadata(out)
+    assert metadata["splits"]["train"]["products"] == 8 and metadata["rejected"] == {"corrupt_bson": 2}
+    assert metadata["unframed_bson"] == {"bytes": len(garbage), "spans": 1, "estimated_documents": 1}
+    assert lines[-2] == (f"beam_convert: {len(garbage):,} bytes of the input could not be framed as BSON documents "
+                         "and were skipped (~1 document at the input's mean size, lost; not in the rejected count), "
+                         f"see {out / 'rejected-00000-of-00001.jsonl'}")
+    assert "train 8; rejected 2;" in lines[-1]
+    rows = {row["offset"]: row for row in read_rejected_file(out / "rejected-00000-of-00001.jsonl")}
+    assert rows[offsets[2]]["_id"] == 77 and "over BSON's 16 MiB limit" in rows[offsets[2]]["detail"]
+    assert f"bytes {offsets[6]}-{offsets[7]} ({len(garbage):,} bytes) could not be framed" in rows[offsets[6]]["detail"]
+
+
 # --- a conversion that writes no product is an error (issue 9, item 4) ---------------------------
 
 def read_rejected_file(path) -> list[dict]:

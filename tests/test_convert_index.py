@@ -9,7 +9,7 @@ import pytest
 from apache_beam.testing.util import assert_that, equal_to
 
 from beam_convert.index import IndexFiles
-from beam_convert.job import DatasetIndex, IndexRange, progress_marker, rejection_report
+from beam_convert.job import DatasetIndex, IndexRange, UnframedBson, progress_marker, rejection_report
 from tests.convert_helpers import counters, product, sample_jpegs, stage_config, stage_pipeline, write_bson
 
 JPEGS = sample_jpegs()
@@ -85,13 +85,61 @@ def test_skip_corrupt_indexes_up_to_the_break_and_reports_the_rest_of_the_file(t
     offsets = _truncated_file(path)
     ranges = [IndexRange(str(path), 0, offsets[0], offsets[3], 3, True),
               IndexRange(str(path), 0, offsets[3], offsets[4], 1, True)]
-    index = DatasetIndex(frozenset({str(path)}), (1000010653,), {}, documents=4, corrupt_rejections=1)
+    lost = path.stat().st_size - offsets[-1]  # the half document nothing frames
+    index = DatasetIndex(frozenset({str(path)}), (1000010653,), {}, documents=4, corrupt_rejections=1,
+                         unframed=UnframedBson(lost, 1, offsets[-1]))
     counted = _index(tmp_path, [path], ranges, index, skip_corrupt=True, range_size=3)
     assert counted == {"corrupt_bson": 1}
     with open(rejection_report(stage_config(tmp_path).tmp_dir, "00000-index")) as f:
         (row,) = [json.loads(line) for line in f]
     assert (row["_id"], row["source"], row["offset"], row["reason"]) == (None, str(path), offsets[-1], "corrupt_bson")
     assert row["detail"].endswith("rest of file skipped")
+
+
+def _oversized(product_id):
+    """A whole document over BSON's 16 MiB limit (mongod refuses them; a dump may not)."""
+    return bson.encode(product(product_id, [JPEGS[0] + b"\0" * (16 * 1024 * 1024)]))
+
+
+def _rejections(tmp_path) -> list[dict]:
+    with open(rejection_report(stage_config(tmp_path).tmp_dir, "00000-index")) as f:
+        return [json.loads(line) for line in f]
+
+
+def test_skip_corrupt_reads_past_a_document_over_16_mib_as_one_product(tmp_path):
+    """Issue 28 item 9: the rest of the file was dropped ("rest of file skipped") and counted as
+    one rejection. The document is one rejection with its _id; every range after it converts."""
+    path = tmp_path / "big.bson"
+    documents = [bson.encode(product(n, [JPEGS[n]])) for n in range(5)]
+    offsets = write_bson(path, documents[:2] + [_oversized(99)] + documents[2:])
+    ranges = [IndexRange(str(path), 0, offsets[0], offsets[2], 2, True),
+              IndexRange(str(path), 0, offsets[3], offsets[5], 2, True),  # a range starts after the skipped span
+              IndexRange(str(path), 0, offsets[5], path.stat().st_size, 1, True)]
+    index = DatasetIndex(frozenset({str(path)}), (1000010653,), {}, documents=5, corrupt_rejections=1)
+    assert _index(tmp_path, [path], ranges, index, skip_corrupt=True, range_size=2) == {"corrupt_bson": 1}
+    (row,) = _rejections(tmp_path)
+    assert (row["_id"], row["offset"], row["reason"]) == (99, offsets[2], "corrupt_bson")
+    assert f"one whole document of {offsets[3] - offsets[2]:,} bytes, over BSON's 16 MiB limit" in row["detail"]
+
+
+def test_skip_corrupt_resyncs_at_the_next_document_after_bytes_nothing_frames(tmp_path):
+    """A broken length prefix, then bytes that are no document: skipped in one line naming their
+    byte range, counted in DatasetIndex.unframed; the documents after them are indexed."""
+    path = tmp_path / "garbage.bson"
+    documents = [bson.encode(product(n, [JPEGS[n]])) for n in range(4)]
+    broken = b"\xff\xff\xff\x7f" + documents[1][4:] + bytes(5000)  # a document's body and zeros
+    offsets = write_bson(path, documents[:1] + [broken] + documents[2:])
+    ranges = [IndexRange(str(path), 0, offsets[0], offsets[1], 1, True),
+              IndexRange(str(path), 0, offsets[2], path.stat().st_size, 2, True)]
+    framed = path.stat().st_size - len(broken)
+    index = DatasetIndex(frozenset({str(path)}), (1000010653,), {}, documents=3, corrupt_rejections=1,
+                         unframed=UnframedBson(len(broken), 1, framed))
+    _index(tmp_path, [path], ranges, index, skip_corrupt=True, range_size=10)
+    (row,) = _rejections(tmp_path)
+    assert row["offset"] == offsets[1] and row["detail"] == (
+        f"impossible document length 2147483647; bytes {offsets[1]}-{offsets[2]} ({len(broken):,} bytes) could not "
+        f"be framed, the documents in them are lost; reading on from the next document, at byte {offsets[2]}")
+    assert index.unframed.estimated_documents(3) == round(len(broken) * 3 / framed)
 
 
 def test_an_empty_file_gives_no_range(tmp_path):
