@@ -96,7 +96,7 @@ PLANTS = (
           earlier=("evaluate.py", "        sys.exit(128 + stop.signum)", "        sys.exit(1)")),
     Plant("C4", "commands", "train.py exits 0 on SIGTERM",
           "model/commands/train.py", "        sys.exit(128 + stop.signum)", "        sys.exit(0)",
-          ("tests/test_model_training_faults.py::test_one_trainer_per_model_dir_and_signals_stop_with_a_backup",),
+          ("tests/test_model_training_run.py::test_sigterm_stops_at_a_step_with_its_own_backup_in_one_line",),
           earlier=("train.py", "        sys.exit(128 + stop.signum)", "        sys.exit(0)")),
     Plant("D1", "data faults", "a damaged shard read past without --skip_corrupt_records",
           "model/input_pipeline/shards.py", "            if not skip_corrupt_records:\n",

@@ -6,8 +6,8 @@ products, exported as export/ (plain, top 5) and export_best/ (flip TTA, top 3),
 of a data folder of the 82 real products. Its answers are checked against the Keras model on the
 evaluation decoding; each error case of the issue (a non-JPEG file, a missing file, more than 4
 files, a model_dir without the export, --top_k above the export's k) in-process through `run`, and
-the command as a user types it in a subprocess. The last test trains with train.py and predicts
-with its export."""
+the command as a user types it in a subprocess. The command on what train.py exported is in
+test_model_training_run.py (the trainer's campaign)."""
 
 import io
 import json
@@ -27,12 +27,7 @@ from model.errors import UserError
 from model.input_pipeline import decode
 from model.input_pipeline.labels import read_labels
 from model.model_dir import RunFolder
-from tests.record_helpers import (
-    REPO,
-    TINY_TRAIN_FLAGS,
-    sample_documents,
-    write_data_dir,
-)
+from tests.record_helpers import REPO, sample_documents
 from tests.serving_helpers import spread_tiny_model
 
 IMAGE_SIZE, CROP_SIZE = 36, 32
@@ -231,34 +226,3 @@ def test_a_command_error_is_one_line_and_help_says_the_exit_status(trained, pict
     result = _command("--help")  # absl's --help exits 1, as train.py's and evaluate.py's do
     assert "Exit status: 0 when every product was answered; 1 when any was" in result.stdout
     assert "--product" in result.stdout and "--checkpoint" in result.stdout
-
-
-@pytest.mark.slow
-def test_predict_with_what_train_py_exported(tmp_path, pictures):
-    """The real thing: train.py's model_dir, its export/ asked by the command; the answer is
-    model.keras's on the evaluation decoding."""
-    data_dir = write_data_dir(str(tmp_path / "data"), with_val=False)
-    model_dir = str(tmp_path / "model")
-    train = subprocess.run([sys.executable, "train.py", f"--data_dir={data_dir}", f"--model_dir={model_dir}",
-                            *TINY_TRAIN_FLAGS, "--epochs=1", "--steps_per_epoch=3", "--image_size=36", "--crop_size=32"],
-                           capture_output=True, text=True, cwd=REPO, timeout=600)
-    assert train.returncode == 0, train.stderr[-3000:]
-    files = pictures["products"][3]
-    result = _command(f"--model_dir={model_dir}", f"--product={','.join(files)}", "--json")
-    assert result.returncode == 0, result.stderr
-    (answer,) = [json.loads(line) for line in result.stdout.splitlines()]
-
-    from model.evaluation.predict import load_model
-
-    model, _ = load_model(model_dir)
-    labels = read_labels(RunFolder(model_dir).labels_file)
-    images, mask = _batch([files])
-    mask = tf.constant(mask)
-    logits = model({"images": decode.decode_images(images, mask, 36, crop_size=32), "mask": mask}, training=False)
-    probabilities = tf.nn.softmax(logits["category"]).numpy()[0]
-    # Each answered category with the model's probability for it, and those are its 5 highest (a
-    # model trained 3 steps may have near-ties, whose order float round-off can swap).
-    class_of = labels.class_of_category()
-    answered = [(class_of[row["category_id"]], row["probability"]) for row in answer["top"]]
-    np.testing.assert_allclose([p for _, p in answered], [probabilities[c] for c, _ in answered], rtol=1e-5)
-    np.testing.assert_allclose([p for _, p in answered], np.sort(probabilities)[::-1][:5], rtol=1e-5)

@@ -1,17 +1,15 @@
 """Issue 20, the trainer's side: one run per model_dir, real signals, a full disk, unchecked
 shards, paths that differ only in spelling, and the best score across a resume.
 
-The signal and lock tests run real train.py processes (tests/slow_train.py, a pause after each
-step); the disk-full test trains in a small tmpfs of its own.
+The real processes (a second trainer refused, SIGKILL, SIGTERM, resume) are one campaign in
+test_model_training_run.py; here the lock, the checks and a full disk (a small tmpfs) in-process.
 """
 
 import contextlib
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
@@ -19,106 +17,9 @@ import pytest
 from model import config, errors
 from model.training import callbacks as callbacks_lib
 from model.training import loop, run_lock, run_state
-from tests.record_helpers import REPO, TINY_TRAIN_FLAGS as TINY, write_data_dir
+from tests.record_helpers import write_data_dir
 
 pytestmark = pytest.mark.slow
-ENV = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
-
-
-def slow_train(data_dir, model_dir, *extra):
-    return [sys.executable, "tests/slow_train.py", "0.5", f"--data_dir={data_dir}", f"--model_dir={model_dir}",
-            *TINY, "--epochs=2", "--steps_per_epoch=6", "--backup_every_steps=100", *extra]
-
-
-class Trainer:
-    """A train.py process whose output goes to files, so that it can be read while it runs."""
-
-    def __init__(self, args, folder, name):
-        self.out_path, self.err_path = os.path.join(folder, name + ".out"), os.path.join(folder, name + ".err")
-        with open(self.out_path, "w") as out, open(self.err_path, "w") as err:
-            self.process = subprocess.Popen(args, cwd=REPO, stdout=out, stderr=err, text=True, env=ENV)
-        self.pid = self.process.pid
-
-    def output(self):
-        with open(self.out_path) as out, open(self.err_path) as err:
-            return out.read(), err.read()
-
-    def wait_for_training(self, seconds_after=0.0, timeout=180):
-        """Until the first epoch has begun (its line is printed as fit starts), then seconds_after."""
-        deadline = time.time() + timeout
-        while time.time() < deadline and self.process.poll() is None and "Epoch " not in self.output()[0]:
-            time.sleep(0.2)
-        assert self.process.poll() is None and "Epoch " in self.output()[0], self.output()[1][-3000:]
-        time.sleep(seconds_after)
-        assert self.process.poll() is None, self.output()[1][-3000:]
-
-    def stop(self, signum, timeout=120):
-        self.process.send_signal(signum)
-        self.process.wait(timeout=timeout)
-        return self.output()
-
-
-def last_line(stderr: str) -> str:
-    lines = [line for line in stderr.splitlines() if line.strip() and not line.startswith(("I0000", "W0000", "WARNING"))]
-    return lines[-1] if lines else ""
-
-
-def test_one_trainer_per_model_dir_and_signals_stop_with_a_backup(data_dir, tmp_path):
-    model_dir = str(tmp_path / "m")
-    first = Trainer(slow_train(data_dir, model_dir), str(tmp_path), "first")
-    first.wait_for_training()
-
-    # A second trainer on the same folder: one line naming the holder, nothing changed (the lock
-    # still the first's: its heartbeat rewrites it every 30 s, so its content is compared).
-    written = {name: os.stat(os.path.join(model_dir, name)).st_mtime_ns
-               for name in ("train_config.json", "flags.txt", "labels.csv")}
-
-    def holder():
-        with open(os.path.join(model_dir, "run.lock")) as f:
-            lock = json.load(f)
-        return {key: lock[key] for key in lock if key != "heartbeat"}
-
-    held = holder()
-    second = subprocess.run(slow_train(data_dir, model_dir), cwd=REPO, capture_output=True, text=True,
-                            timeout=120, env=ENV)
-    assert second.returncode == 1
-    line = last_line(second.stderr)
-    assert f"is in use by another trainer (pid {first.pid} on " in line and "started " in line, second.stderr[-2000:]
-    assert "Traceback" not in second.stderr
-    assert {name: os.stat(os.path.join(model_dir, name)).st_mtime_ns for name in written} == written
-    assert holder() == held and held["pid"] == first.pid
-
-    # SIGTERM: the step in flight finishes, a backup at that step, one line, exit 128 + 15.
-    out, err = first.stop(signal.SIGTERM)
-    assert first.process.returncode == 128 + signal.SIGTERM, err[-3000:]
-    assert "Traceback" not in err
-    with open(os.path.join(model_dir, "backup", "progress.json")) as f:
-        stopped_at = json.load(f)["optimizer_step"]
-    assert 1 <= stopped_at < 12  # backups every 100 steps: this one is the signal's
-    assert last_line(err) == (f"train.py: stopped by SIGTERM at optimizer step {stopped_at}; the backup in "
-                              f"{model_dir}/backup holds it. Run the same command to resume.")
-    assert not os.path.exists(os.path.join(model_dir, "run.lock"))
-
-    # SIGINT (Ctrl-C) on the resumed run: the same, from where it stood.
-    third = Trainer(slow_train(data_dir, model_dir), str(tmp_path), "third")
-    third.wait_for_training(seconds_after=1.0)
-    out, err = third.stop(signal.SIGINT)
-    assert third.process.returncode == 128 + signal.SIGINT, err[-3000:]
-    assert f"Resuming from {model_dir}/backup" in out and "Traceback" not in err
-    assert last_line(err).startswith("train.py: stopped by SIGINT at optimizer step ")
-
-    # A holder killed outright leaves its lock behind; it does not block the next run.
-    fourth = Trainer(slow_train(data_dir, model_dir), str(tmp_path), "fourth")
-    fourth.wait_for_training()
-    fourth.stop(signal.SIGKILL)
-    assert os.path.exists(os.path.join(model_dir, "run.lock"))
-    last = subprocess.run(slow_train(data_dir, model_dir), cwd=REPO, capture_output=True, text=True, timeout=240,
-                          env=ENV)
-    assert last.returncode == 0, last.stderr[-3000:]
-    assert "is no longer running" in last.stdout
-    with open(os.path.join(model_dir, "train_state.json")) as f:
-        assert json.load(f)["optimizer_iterations"] == 12  # no step lost or repeated across four stops
-    assert not os.path.exists(os.path.join(model_dir, "run.lock"))
 
 
 def test_a_dead_holder_is_told_from_a_live_one(tmp_path):

@@ -1,10 +1,11 @@
-"""One train.py run, killed and resumed, and what it leaves: artefacts, the SavedModel, a submission.
+"""One train.py run, killed, stopped and resumed (the trainer's process campaign), and what it leaves: artefacts, the SavedModel, a submission.
 
 The data is the real sample BSON written as records with record_schema in a plain loop, so these
 tests do not depend on the converter. Everything runs the tiny backbone on 32x32 images. A file of
 their own because pytest-xdist gives each worker whole files: this one runs beside test_model_training.py.
 """
 
+import concurrent.futures
 import glob
 import json
 import os
@@ -24,62 +25,103 @@ from tests.record_helpers import REPO, TINY_TRAIN_FLAGS as TINY, sample_document
 pytestmark = pytest.mark.slow
 
 
-def run_killed_and_resumed(data_dir, model_dir, extra_args, kills, trace=None):
-    """Runs 3 epochs of 6 steps. For each condition in kills, starts the command and SIGKILLs it
-    once backup/progress.json satisfies the condition; then runs the same command to the end.
-    trace: a file where every run logs the batches its training streams make (slow_train.py)."""
-    args = [sys.executable, "tests/slow_train.py", "0.4" if kills else "0", f"--data_dir={data_dir}",
+def run_killed_and_resumed(data_dir, model_dir, extra_args, stops, trace=None, while_first_runs=None):
+    """Runs 3 epochs of 6 steps. For each (signal, condition) in stops, starts the command and
+    sends it the signal once backup/progress.json satisfies the condition; then runs the same
+    command to the end. SIGKILL is a kill; SIGTERM and SIGINT are asked to stop (exit 128 + n).
+    trace: a file where every run logs the batches its training streams make (slow_train.py).
+    while_first_runs(args): called once the first run trains (a second trainer on its folder)."""
+    args = [sys.executable, "tests/slow_train.py", "0.25" if stops else "0", f"--data_dir={data_dir}",
             f"--model_dir={model_dir}", *TINY, "--epochs=3", "--steps_per_epoch=6", *extra_args]
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", **({"TRACE_BATCHES": trace} if trace else {})}
     progress = os.path.join(model_dir, "backup", "progress.json")
-    outputs, killed_at = [], []
-    for kill_when in kills:
-        run = subprocess.Popen(args, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
-        deadline = time.time() + 180
+    runs, stopped_at, aside = [], [], None
+    for index, (signum, stop_when) in enumerate(stops):
+        out_path = os.path.join(os.path.dirname(model_dir), f"run{index}.out")
+        with open(out_path, "w") as out:
+            run = subprocess.Popen(args, cwd=REPO, stdout=out, stderr=subprocess.PIPE, text=True, env=env)
+        deadline, state = time.time() + 180, None
         while time.time() < deadline and run.poll() is None:
-            try:
-                with open(progress) as f:
-                    state = json.load(f)
-            except (OSError, ValueError):
-                state = None
-            if state and kill_when(state):
-                run.send_signal(signal.SIGKILL)
-                killed_at.append(state)
+            if index == 0 and while_first_runs and aside is None and "Epoch 1/3" in open(out_path).read():
+                # In a thread: the first run is still polled and stopped on time meanwhile.
+                aside = concurrent.futures.ThreadPoolExecutor(1).submit(while_first_runs, args, env)
+            state = read_progress(progress)
+            if state and stop_when(state):
+                run.send_signal(signum)
                 break
             time.sleep(0.05)
-        outputs.append(run.communicate(timeout=30)[0])
-        assert len(killed_at) == len(outputs), f"no backup to kill after:\n{outputs[-1][-3000:]}"
-        assert run.returncode == -signal.SIGKILL
+        err = run.communicate(timeout=60)[1]
+        with open(out_path) as f:
+            runs.append({"out": f.read(), "err": err, "returncode": run.returncode})
+        assert state and stop_when(state), f"no backup to stop after:\n{runs[-1]['out'][-3000:]}{err[-3000:]}"
+        stopped_at.append(read_progress(progress))  # a signal's own backup, or the one killed after
+        assert run.returncode == (-signum if signum == signal.SIGKILL else 128 + signum), err[-3000:]
         assert not os.path.exists(os.path.join(model_dir, "model.keras"))
 
     last = subprocess.run(args, cwd=REPO, capture_output=True, text=True, timeout=240, env=env)
     assert last.returncode == 0, last.stderr[-3000:]
     with open(os.path.join(model_dir, "train_state.json")) as f:
         state = json.load(f)
-    return {"model_dir": model_dir, "outputs": [*outputs, last.stdout], "state": state, "killed_at": killed_at}
+    runs.append({"out": last.stdout, "err": last.stderr, "returncode": 0})
+    return {"model_dir": model_dir, "runs": runs, "outputs": [r["out"] for r in runs], "state": state,
+            "killed_at": stopped_at, "aside": aside.result(timeout=120) if aside else None}
+
+
+def read_progress(path):
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+def last_line(stderr: str) -> str:
+    lines = [line for line in stderr.splitlines() if line.strip() and not line.startswith(("I0000", "W0000", "WARNING"))]
+    return lines[-1] if lines else ""
 
 
 # Seeded and with deterministic ops, so that the resumed run can be compared with an uninterrupted one.
 EXACT = ["--seed=7", "--deterministic"]
 
 
+def second_trainer(args, env):
+    """A second trainer on the first's folder while it trains: what it says, and whether it
+    touched anything (the lock is compared without its heartbeat, rewritten every 30 s)."""
+    model_dir = next(a for a in args if a.startswith("--model_dir=")).split("=", 1)[1]
+    written = {name: os.stat(os.path.join(model_dir, name)).st_mtime_ns
+               for name in ("train_config.json", "flags.txt", "labels.csv")}
+
+    def holder():
+        with open(os.path.join(model_dir, "run.lock")) as f:
+            return {key: value for key, value in json.load(f).items() if key != "heartbeat"}
+
+    held = holder()
+    second = subprocess.run(args, cwd=REPO, capture_output=True, text=True, timeout=120, env=env)
+    unchanged = ({name: os.stat(os.path.join(model_dir, name)).st_mtime_ns for name in written} == written
+                 and holder() == held)
+    return {"returncode": second.returncode, "err": second.stderr, "holder": held, "unchanged": unchanged}
+
+
 @pytest.fixture(scope="module")
 def resumed_run(data_dir, tmp_path_factory):
-    """Killed right after epoch 1 (at its end-of-epoch backup: step 6, not a multiple of the
-    4-step backups), resumed, killed again inside epoch 2 after a step backup, resumed to the
-    end. One replica: tracing for two costs ~20 s more, and the 2-device strategy has its own test."""
+    """The campaign of one run: killed (SIGKILL) right after epoch 1 (at its end-of-epoch backup:
+    step 6, not a multiple of the 4-step backups) while a second trainer is refused its folder;
+    resumed, killed again inside epoch 2 after a step backup; resumed, stopped by SIGTERM inside
+    epoch 3 (a backup at that step); resumed to the end. One replica: tracing for two costs ~20 s
+    more, and the 2-device strategy has its own test."""
     folder = tmp_path_factory.mktemp("resumed")
     return run_killed_and_resumed(
         data_dir, str(folder / "model"),
         ["--backup_every_steps=4", "--fusion=mean_max", "--profile_batches=2,3", *EXACT],
-        [lambda backup: backup["epoch"] == 1 and backup["step_in_epoch"] == 0,
-         lambda backup: backup["epoch"] == 1 and backup["step_in_epoch"] >= 1],
-        trace=str(folder / "batches.txt"))
+        [(signal.SIGKILL, lambda backup: backup["epoch"] == 1 and backup["step_in_epoch"] == 0),
+         (signal.SIGKILL, lambda backup: backup["epoch"] == 1 and backup["step_in_epoch"] >= 1),
+         (signal.SIGTERM, lambda backup: backup["epoch"] == 2 and backup["step_in_epoch"] == 0)],
+        trace=str(folder / "batches.txt"), while_first_runs=second_trainer)
 
 
 @pytest.fixture(scope="module")
 def uninterrupted_run(data_dir, tmp_path_factory):
-    """The same command as resumed_run's, never killed (and exporting with flip TTA, which
+    """The same command as resumed_run's, never stopped (and exporting with flip TTA, which
     changes nothing else)."""
     folder = tmp_path_factory.mktemp("uninterrupted")
     return run_killed_and_resumed(data_dir, str(folder / "model"),
@@ -117,7 +159,7 @@ def final_weights(model_dir):
 
 def test_a_resumed_run_trains_on_the_batches_and_ends_with_the_weights_of_an_uninterrupted_one(
         resumed_run, uninterrupted_run):
-    steps = [kill["optimizer_step"] for kill in resumed_run["killed_at"]]  # 6, then 7..11
+    steps = [kill["optimizer_step"] for kill in resumed_run["killed_at"]]  # 6, then 8, then 12..17
     check_same_stream(os.path.join(os.path.dirname(resumed_run["model_dir"]), "batches.txt"),
                       os.path.join(os.path.dirname(uninterrupted_run["model_dir"]), "batches.txt"), steps)
     for resumed, uninterrupted in zip(final_weights(resumed_run["model_dir"]),
@@ -133,15 +175,39 @@ def test_kill_after_an_epoch_resumes_in_the_next_with_no_step_lost_or_repeated(r
     assert "Epoch 1/3" not in second and "Epoch 2/3" in second
 
 
+def test_one_trainer_per_model_dir_and_a_dead_holder_does_not_block(resumed_run):
+    """The second trainer started while the first trained: one line naming the holder, nothing
+    of the first's changed. The first, killed outright, left its lock: the next run took it over."""
+    aside, first = resumed_run["aside"], resumed_run["runs"][0]
+    assert aside["returncode"] == 1 and "Traceback" not in aside["err"]
+    line = last_line(aside["err"])
+    assert f"is in use by another trainer (pid {aside['holder']['pid']} on " in line and "started " in line, line
+    assert aside["unchanged"]
+    assert "is no longer running" in resumed_run["outputs"][1]
+    assert not os.path.exists(os.path.join(resumed_run["model_dir"], "run.lock"))
+
+
+def test_sigterm_stops_at_a_step_with_its_own_backup_in_one_line(resumed_run):
+    """The step in flight finishes, a backup at that step (not one of the 4-step backups), one
+    line, exit 128 + 15 (asserted as the run ran); the same command resumes from that step."""
+    stopped, after = resumed_run["runs"][2], resumed_run["outputs"][3]
+    step = resumed_run["killed_at"][2]["optimizer_step"]
+    assert 12 <= step < 18 and "Traceback" not in stopped["err"]
+    assert last_line(stopped["err"]) == (f"train.py: stopped by SIGTERM at optimizer step {step}; the backup in "
+                                         f"{resumed_run['model_dir']}/backup holds it. Run the same command to resume.")
+    assert f"Resuming from {resumed_run['model_dir']}/backup: epoch 3/3, optimizer step {step}" in after
+
+
 def test_killed_run_resumes_mid_epoch(resumed_run):
-    last, state = resumed_run["outputs"][-1], resumed_run["state"]
-    assert "1 replica on CPU (MirroredStrategy)" in last
+    second_resume, state = resumed_run["outputs"][2], resumed_run["state"]
+    assert "1 replica on CPU (MirroredStrategy)" in second_resume
     # Resumed inside epoch 2 with the optimizer state of the backup, not from scratch.
     step = resumed_run["killed_at"][1]["optimizer_step"]
     assert 6 < step < 12
-    assert f"Resuming from {resumed_run['model_dir']}/backup: epoch 2/3, optimizer step {step}" in last
-    assert "Epoch 1/3" not in last and "Epoch 2/3" in last and "Epoch 3/3" in last
-    assert state["epochs"] == 3 and state["resumed_epoch"] == 1 and state["resumed_step"] == step
+    assert f"Resuming from {resumed_run['model_dir']}/backup: epoch 2/3, optimizer step {step}" in second_resume
+    assert "Epoch 1/3" not in second_resume and "Epoch 2/3" in second_resume
+    assert state["epochs"] == 3 and state["resumed_epoch"] == 2
+    assert state["resumed_step"] == resumed_run["killed_at"][2]["optimizer_step"]
     # Each resumed epoch runs only its remaining steps: exactly an uninterrupted run's 3 x 6.
     assert state["optimizer_iterations"] == 3 * 6
     assert not os.path.exists(os.path.join(resumed_run["model_dir"], "backup"))
@@ -184,23 +250,35 @@ SERVE = r"""
 import json, sys, bson, numpy as np, tensorflow as tf
 model_dir, bson_path = sys.argv[1:3]
 docs = list(bson.decode_file_iter(open(bson_path, "rb")))[:6]
-images = [[i["picture"] for i in d["imgs"]][:4] for d in docs]
-mask = np.array([[1.0] * len(p) + [0.0] * (4 - len(p)) for p in images], np.float32)
-images = np.array([p + [b""] * (4 - len(p)) for p in images], dtype=object)
 serve = tf.saved_model.load(model_dir + "/export").signatures["serving_default"]
-out = serve(images=tf.constant(images), mask=tf.constant(mask))
-print(json.dumps({k: v.numpy().tolist() for k, v in out.items()}, default=lambda b: b.decode()))
+def ask(rows):
+    images = np.array([r + [b""] * (4 - len(r)) for r in rows], dtype=object)
+    mask = np.array([[1.0] * len(r) + [0.0] * (4 - len(r)) for r in rows], np.float32)
+    return {k: v.numpy().tolist() for k, v in serve(images=tf.constant(images), mask=tf.constant(mask)).items()}
+products = ask([[i["picture"] for i in d["imgs"]][:4] for d in docs])
+good = [i["picture"] for i in docs[0]["imgs"]][:1]
+png = b"\x89PNG\r\n\x1a\n" + b"\0" * 100
+mixed = ask([[png], good, [good[0], good[0][: len(good[0]) // 2]]])
+alone = ask([good])
+print(json.dumps({"products": products, "mixed": mixed, "alone": alone}, default=lambda b: b.decode()))
 """
 
 
-def test_savedmodel_serves_jpeg_bytes_in_fresh_process(resumed_run):
-    model_dir = resumed_run["model_dir"]
-    result = subprocess.run([sys.executable, "-c", SERVE, model_dir, os.path.join(REPO, "data", "train_example.bson")],
+@pytest.fixture(scope="module")
+def served(resumed_run):
+    """The export's answers in a fresh process (no Python of this repo imported): 6 real products;
+    a batch of a PNG, a good product and one with a cut JPEG; and the good product alone."""
+    result = subprocess.run([sys.executable, "-c", SERVE, resumed_run["model_dir"],
+                             os.path.join(REPO, "data", "train_example.bson")],
                             cwd=REPO, capture_output=True, text=True, timeout=120,
                             env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"})
     assert result.returncode == 0, result.stderr[-3000:]
-    out = json.loads(result.stdout.strip().splitlines()[-1])
-    known = set(labels_lib.read_labels(os.path.join(model_dir, "labels.csv")).category_ids.tolist())
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def test_savedmodel_serves_jpeg_bytes_in_fresh_process(resumed_run, served):
+    out = served["products"]
+    known = set(labels_lib.read_labels(os.path.join(resumed_run["model_dir"], "labels.csv")).category_ids.tolist())
     assert len(out["category_ids"]) == 6 and all(len(row) == 5 for row in out["category_ids"])
     assert all(c in known for row in out["category_ids"] for c in row)
     for row in out["probabilities"]:
@@ -208,30 +286,8 @@ def test_savedmodel_serves_jpeg_bytes_in_fresh_process(resumed_run):
     assert out["valid"] == [True] * 6 and out["error"] == [""] * 6
 
 
-SERVE_BAD = r"""
-import json, sys, bson, numpy as np, tensorflow as tf
-model_dir, bson_path = sys.argv[1:3]
-good = [i["picture"] for i in next(bson.decode_file_iter(open(bson_path, "rb")))["imgs"]][:1]
-png = b"\x89PNG\r\n\x1a\n" + b"\0" * 100
-serve = tf.saved_model.load(model_dir + "/export").signatures["serving_default"]
-def ask(rows):
-    images = np.array([r + [b""] * (4 - len(r)) for r in rows], dtype=object)
-    mask = np.array([[1.0] * len(r) + [0.0] * (4 - len(r)) for r in rows], np.float32)
-    return {k: v.numpy().tolist() for k, v in serve(images=tf.constant(images), mask=tf.constant(mask)).items()}
-mixed = ask([[png], good, [good[0], good[0][: len(good[0]) // 2]]])
-alone = ask([good])
-print(json.dumps({"mixed": mixed, "alone": alone}, default=lambda b: b.decode()))
-"""
-
-
-def test_savedmodel_answers_the_valid_products_of_a_batch_and_names_the_bad_ones(resumed_run):
-    result = subprocess.run([sys.executable, "-c", SERVE_BAD, resumed_run["model_dir"],
-                             os.path.join(REPO, "data", "train_example.bson")],
-                            cwd=REPO, capture_output=True, text=True, timeout=120,
-                            env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"})
-    assert result.returncode == 0, result.stderr[-3000:]
-    out = json.loads(result.stdout.strip().splitlines()[-1])
-    mixed, alone = out["mixed"], out["alone"]
+def test_savedmodel_answers_the_valid_products_of_a_batch_and_names_the_bad_ones(served):
+    mixed, alone = served["mixed"], served["alone"]
     assert mixed["valid"] == [False, True, False]
     assert mixed["error"] == ["slot 0: not a JPEG (no FF D8 FF start)", "",
                               "slot 1: truncated JPEG (no FF D9 end marker)"]
@@ -240,6 +296,38 @@ def test_savedmodel_answers_the_valid_products_of_a_batch_and_names_the_bad_ones
     # The valid product's answer is the one it gets alone: the bad ones took nothing from it.
     assert mixed["category_ids"][1] == alone["category_ids"][0]
     np.testing.assert_allclose(mixed["probabilities"][1], alone["probabilities"][0], rtol=1e-5)
+
+
+def test_predict_answers_with_what_train_py_exported(resumed_run, tmp_path):
+    """python -m model.predict on train.py's model_dir: export/ asked by the command; the answer
+    is model.keras's on the evaluation decoding."""
+    from model.evaluation.predict import load_model
+    from model.input_pipeline import decode
+    from model.model_dir import RunFolder
+
+    model_dir, pictures = resumed_run["model_dir"], [i["picture"] for i in sample_documents()[12]["imgs"]]
+    files = [str(tmp_path / f"p{j}.jpg") for j in range(len(pictures))]
+    for name, picture in zip(files, pictures):
+        with open(name, "wb") as f:
+            f.write(picture)
+    result = subprocess.run([sys.executable, "-m", "model.predict", f"--model_dir={model_dir}",
+                             f"--product={','.join(files)}", "--json"], capture_output=True, text=True, cwd=REPO,
+                            timeout=300, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    (answer,) = [json.loads(line) for line in result.stdout.splitlines()]
+
+    model, _ = load_model(model_dir)
+    labels = labels_lib.read_labels(RunFolder(model_dir).labels_file)
+    mask = tf.constant([[1.0] * len(pictures) + [0.0] * (4 - len(pictures))])
+    images = tf.constant([pictures + [b""] * (4 - len(pictures))])
+    logits = model({"images": decode.decode_images(images, mask, 32), "mask": mask}, training=False)
+    probabilities = tf.nn.softmax(logits["category"]).numpy()[0]
+    # Each answered category with the model's probability for it, and those are its 5 highest (a
+    # model trained 18 steps may have near-ties, whose order float round-off can swap).
+    class_of = labels.class_of_category()
+    answered = [(class_of[row["category_id"]], row["probability"]) for row in answer["top"]]
+    np.testing.assert_allclose([p for _, p in answered], [probabilities[c] for c, _ in answered], rtol=1e-5)
+    np.testing.assert_allclose([p for _, p in answered], np.sort(probabilities)[::-1][:5], rtol=1e-5)
 
 
 def test_submission_from_an_unlabelled_bson_with_bad_products(resumed_run, tmp_path):
