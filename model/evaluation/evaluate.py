@@ -131,6 +131,9 @@ def _check_split(run: _Run) -> shards.SplitCheck:
     cfg = run.cfg
     if cfg.split != "test":
         _check_same_classes(cfg.data_dir, run.members[0].model_dir, run.labels)
+    data_slots = data_folder.max_images(cfg.data_dir)
+    for member in run.members:
+        predict.check_slot_count(member, cfg.data_dir, data_slots)
     return shards.check_split(cfg.data_dir, cfg.split, skip_corrupt_records=cfg.skip_corrupt_records, log=run.log)
 
 
@@ -141,7 +144,8 @@ def _predict(run: _Run, check: shards.SplitCheck, table) -> tuple[dict, dict | N
     datasets = _member_datasets(members, cfg.data_dir, cfg.split, cfg.batch_size, bool(check.damaged))
     digests = matches = None
     if cfg.dup_lookup:
-        digests = duplicates.read_record_digests(pattern, skip_corrupt_records=bool(check.damaged))
+        digests = duplicates.read_record_digests(pattern, max_images=data_folder.max_images(cfg.data_dir),
+                                                 skip_corrupt_records=bool(check.damaged))
         matches = duplicates.image_matches(digests, table, run.labels)
     checkpoints = [m.checkpoint for m in members]
     what = f"the ensemble of {len(members)} ({cfg.ensemble_mean} mean) " if len(members) > 1 else ""

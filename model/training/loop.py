@@ -257,7 +257,7 @@ def model_config(cfg: TrainConfig, labels: Labels, aux_heads: dict) -> multi_ima
     return multi_image.ModelConfig(**{
         **shared, "image_size": cfg.image.side, "weights": cfg.weights or None,
         "num_classes": labels.num_classes, "num_level1": aux_heads.get("level1", 0),
-        "num_level2": aux_heads.get("level2", 0), "max_images": record_schema.MAX_IMAGES,
+        "num_level2": aux_heads.get("level2", 0), "max_images": data_folder.max_images(cfg.data_dir),
     })
 
 
