@@ -9,7 +9,8 @@ category id, name). With --json, one JSON object a line and nothing else on stdo
     {"files": [...], "top": [{"category_id": ..., "name": ..., "probability": ...}, ...]}
 or, for a product that could not be answered, {"files": [...], "error": "FILE: why"}.
 
-A product that cannot be answered (a file missing or not a JPEG, more than 4 files) gets its error
+A product that cannot be answered (a file missing or not a JPEG, a picture over the converter's
+size limit, record_schema.MAX_IMAGE_PIXELS, more than 4 files) gets its error
 and the others are still answered. Exit status: 0 when every product was answered; 1 when any was
 not (the others are printed), or on an error of the command itself (no export in --model_dir,
 --top_k above what the export answers), which is one line `model.predict: error: ...`.
@@ -65,7 +66,23 @@ def read_product(flag_value: str) -> Product:
                 pictures.append(f.read())
         except (OSError, tf.errors.OpError) as error:
             return Product(files, error=f"{name}: cannot read ({getattr(error, 'message', error)})")
+        if _declared_pixels(pictures[-1]) > record_schema.MAX_IMAGE_PIXELS:
+            from model.export import TOO_LARGE  # serving's own words for it
+
+            return Product(files, error=f"{name}: {TOO_LARGE}")
     return Product(files, tuple(pictures))
+
+
+def _declared_pixels(picture: bytes) -> int:
+    """The pixels a JPEG's frame header declares (0 when it does not parse: the SavedModel names
+    that): a decompression bomb is refused here, before an export of any age decodes it."""
+    import tensorflow as tf
+
+    try:
+        height, width, _ = tf.io.extract_jpeg_shape(picture, tf.int64).numpy()
+    except tf.errors.OpError:
+        return 0
+    return int(height) * int(width)
 
 
 @dataclasses.dataclass(frozen=True)
