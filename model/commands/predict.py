@@ -3,7 +3,8 @@
     python -m model.predict --model_dir=DIR --product=a.jpg,b.jpg [--product=c.jpg ...]
         [--json] [--top_k=5] [--checkpoint=final|best]
 
-A product is 1 to 4 JPEG files, comma-separated; --product repeats, and the products are answered
+A product is 1 to 4 JPEG files, comma-separated (a comma of a file name is written `\\,`, and a
+value that names one existing file is that file); --product repeats, and the products are answered
 in the order given. Without --json, each product's files, then its top categories (probability,
 category id, name). With --json, one JSON object a line and nothing else on stdout:
     {"files": [...], "top": [{"category_id": ..., "name": ..., "probability": ...}, ...]}
@@ -41,24 +42,35 @@ class Product:
     error: str = ""
 
 
+def product_files(flag_value: str, exists=None) -> tuple[str, ...]:
+    """A --product value -> its file names: split at each comma, but `\\,` is a comma of a name,
+    and a value that names an existing file (`exists(value)`) is that one file, commas and all."""
+    if "," in flag_value and exists is not None and exists(flag_value):
+        return (flag_value,)
+    parts = re.split(r"(?<!\\),", flag_value)
+    return tuple(part.replace("\\,", ",") for part in parts)
+
+
 def read_product(flag_value: str) -> Product:
     """A --product value, "a.jpg,b.jpg", -> its files read, or the error that stops it (the file named).
 
     Only the count and the files' existence are checked here: whether they are JPEGs is the
     SavedModel's answer, as a server's would be.
     """
-    files = tuple(flag_value.split(","))
+    import tensorflow as tf  # its filesystems: gs://, s3://... as well as local files
+
+    files = product_files(flag_value, tf.io.gfile.exists)
     if not 1 <= len(files) <= record_schema.MAX_IMAGES or files == ("",):
         count = 0 if files == ("",) else len(files)
         return Product(files if count else (), error=f"{count} files; a product has 1 to {record_schema.MAX_IMAGES}")
     if "" in files:
         return Product(files, error=f"an empty file name in {flag_value!r}")
-    import tensorflow as tf  # its filesystems: gs://, s3://... as well as local files
-
     pictures = []
     for name in files:
         if not tf.io.gfile.exists(name):
-            return Product(files, error=f"{name}: no such file")
+            given = "" if name == flag_value else (f" (a file of --product={flag_value}; a comma in a file "
+                                                   "name is written \\,)")
+            return Product(files, error=f"{name}: no such file{given}")
         if tf.io.gfile.isdir(name):
             return Product(files, error=f"{name}: is a folder, not a file")
         try:
@@ -211,8 +223,9 @@ def define_flags():
     from absl import flags
 
     flags.DEFINE_string("model_dir", None, "train.py's model_dir: its export/ (or export_best/) and labels.csv.")
-    flags.DEFINE_multi_string("product", None, "One product: 1 to 4 JPEG files, comma-separated. Repeat the "
-                              "flag for more products; they are answered in the order given.")
+    flags.DEFINE_multi_string("product", None, "One product: 1 to 4 JPEG files, comma-separated (a comma of a "
+                              "file name is written \\,). Repeat the flag for more products; they are answered "
+                              "in the order given.")
     flags.DEFINE_bool("json", False, "One JSON line a product: {\"files\", \"top\": [{\"category_id\", \"name\", "
                       "\"probability\"}]} or {\"files\", \"error\"}.")
     flags.DEFINE_integer("top_k", None, f"Categories a product (default {DEFAULT_TOP_K}, or fewer when the export "
