@@ -39,6 +39,7 @@ def evaluate(cfg: EvalConfig, log=print) -> dict:
     if not model_dirs:
         raise UserError("--model_dir names no folder")
     checkpoints = ensemble.member_checkpoints(cfg.checkpoint, model_dirs)
+    ensemble.check_distinct(model_dirs, checkpoints)
     weights = ensemble.member_weights(cfg.ensemble_weights, model_dirs)
     if cfg.ensemble_mean not in ensemble.MEANS:
         raise UserError(f"--ensemble_mean must be one of {', '.join(ensemble.MEANS)}, got {cfg.ensemble_mean!r}")
