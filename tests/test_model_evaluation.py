@@ -164,3 +164,23 @@ def test_an_older_fixed_slot_model_evaluates_data_of_fewer_slots_and_names_more(
     predict.check_slot_count(member, "data/six", 4)
     with pytest.raises(UserError, match=r"^runs/old: its model takes 4 image slots .* data/six has 6 .*--max_images=4"):
         predict.check_slot_count(member, "data/six", 6)
+
+
+def test_two_evaluations_into_one_output_folder_do_not_race(tmp_path):
+    """Issue 28, item 10: the second stops in one line naming the first, before reading anything,
+    and the lock (OUT.lock, beside the folder) goes with the evaluation that held it."""
+    import os
+
+    from model.config import EvalConfig
+    from model.errors import UserError
+    from model.evaluation.evaluate import evaluate
+    from model.training import run_lock
+
+    out = str(tmp_path / "out")
+    with run_lock.hold_output(out):
+        assert os.path.exists(out + ".lock")
+        with pytest.raises(UserError, match=rf"^{out} is in use by another evaluation \(pid {os.getpid()} on .*\); "
+                                            r"wait for it to finish or stop it, or use another --output_dir$"):
+            evaluate(EvalConfig(data_dir="data", model_dir=str(tmp_path / "m"), output_dir=out),
+                     hold_output=run_lock.hold_output)
+    assert not os.path.exists(out + ".lock") and not os.path.exists(out)

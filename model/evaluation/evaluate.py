@@ -4,6 +4,7 @@ asked, moved into place only when complete."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -23,7 +24,8 @@ from model.input_pipeline import data_folder, shards
 from model.input_pipeline.labels import Labels, read_labels
 
 
-def evaluate(cfg: EvalConfig, log=print) -> dict:
+def evaluate(cfg: EvalConfig, log=print, *, trainer_of: Callable[[str], str | None] = lambda model_dir: None,
+             hold_output: Callable = lambda output_dir, log: contextlib.nullcontext()) -> dict:
     """Predicts one split of a beam_convert folder; writes metrics.json + report.png (labelled
     splits) and submission.csv (test), and top_k.npz with cfg.save_top_k > 0. Returns the summary
     that is written to metrics.json.
@@ -34,7 +36,30 @@ def evaluate(cfg: EvalConfig, log=print) -> dict:
 
     The output is written into a temporary folder beside output_dir and moved into place at the
     end: a failed evaluation leaves no half-written folder, and an earlier complete one unchanged.
+    The run locks come from the command (model/commands/evaluate.py passes model/training/run_lock's:
+    training and evaluation are peers): trainer_of(model_dir) describes the live trainer of a
+    member's folder, or None; hold_output(output_dir, log) holds the output folder against another
+    evaluation while it is written.
     """
+    model_dirs, checkpoints, weights = _members_asked(cfg)
+    _say_still_training(model_dirs, checkpoints, trainer_of, log)
+    output_dir = cfg.output_dir or default_output_dir(model_dirs, checkpoints, cfg.split)
+    try:
+        with (hold_output(output_dir, lambda text, **_: log(text)),
+              atomic.written_whole(output_dir, last=METRICS_FILE) as partial):
+            tf.io.gfile.makedirs(partial)
+            summary = _evaluate_into(_Run(cfg, partial, log), model_dirs, checkpoints, weights)
+            signals.raise_if_requested()  # the last safe point: from here the folder is moved into place
+    except BaseException:
+        if tf.io.gfile.exists(output_dir):
+            log(f"{output_dir} still holds the earlier evaluation (its metrics.json says which model and data).")
+        raise
+    log(f"Wrote {output_dir}")
+    return summary
+
+
+def _members_asked(cfg: EvalConfig) -> tuple[list[str], list[str], np.ndarray]:
+    """The members' folders, checkpoints and weights from the flags, each checked (one line when wrong)."""
     model_dirs = ensemble.split_list(cfg.model_dir) if isinstance(cfg.model_dir, str) else list(cfg.model_dir)
     if not model_dirs:
         raise UserError("--model_dir names no folder")
@@ -46,18 +71,22 @@ def evaluate(cfg: EvalConfig, log=print) -> dict:
     if cfg.dup_lookup_level not in DUP_LOOKUP_LEVELS:
         raise UserError(f"--dup_lookup_level must be one of {', '.join(DUP_LOOKUP_LEVELS)}, "
                         f"got {cfg.dup_lookup_level!r}")
-    output_dir = cfg.output_dir or default_output_dir(model_dirs, checkpoints, cfg.split)
-    try:
-        with atomic.written_whole(output_dir, last=METRICS_FILE) as partial:
-            tf.io.gfile.makedirs(partial)
-            summary = _evaluate_into(_Run(cfg, partial, log), model_dirs, checkpoints, weights)
-            signals.raise_if_requested()  # the last safe point: from here the folder is moved into place
-    except BaseException:
-        if tf.io.gfile.exists(output_dir):
-            log(f"{output_dir} still holds the earlier evaluation (its metrics.json says which model and data).")
-        raise
-    log(f"Wrote {output_dir}")
-    return summary
+    return model_dirs, checkpoints, weights
+
+
+def _say_still_training(model_dirs: list[str], checkpoints: list[str], trainer_of, log) -> None:
+    """A member whose folder a live trainer holds: one line; an error when the model asked for is
+    not written yet (model.keras comes at the end of training, best.keras with the first val epoch)."""
+    for model_dir, checkpoint in zip(model_dirs, checkpoints):
+        trainer = trainer_of(model_dir)
+        if trainer is None:
+            continue
+        path = RunFolder(model_dir).model(checkpoint)
+        if not tf.io.gfile.exists(path):
+            hint = ("; evaluate the best epoch so far with --checkpoint=best" if checkpoint == "final" else "")
+            raise UserError(f"{model_dir} is still being trained ({trainer}): {os.path.basename(path)} is not written "
+                            f"yet; wait for the run to finish{hint}")
+        log(f"{model_dir} is still being trained ({trainer}): evaluating its {os.path.basename(path)} as it is now")
 
 
 def default_output_dir(model_dirs: list[str], checkpoints: list[str], split: str) -> str:
@@ -84,6 +113,9 @@ def _evaluate_into(run: _Run, model_dirs: list[str], checkpoints: list[str], wei
     """The steps, in order: members, split check, prediction (with the duplicate lookup's digests),
     duplicate lookup, metrics and report, submission, metrics.json."""
     run.members, run.labels = _load_members(model_dirs, checkpoints, weights)
+    if run.cfg.save_top_k > run.labels.num_classes:
+        run.log(f"--save_top_k={run.cfg.save_top_k} is more than the model's {run.labels.num_classes} classes: "
+                f"top_k.npz keeps all {run.labels.num_classes} a product")
     table = _digest_table(run)
     class_counts = table.class_counts(run.labels) if table is not None else None
     check = _check_split(run)

@@ -11,6 +11,10 @@ next run:
 Object stores have no exclusive create: two trainers started within the same second on gs://
 can both read "free"; each reads its lock back after writing it and the one that finds the
 other's stops. On local disks O_EXCL decides.
+
+The same lock keeps two evaluations out of one output folder (hold_output: OUTPUT_DIR.lock beside
+it), and evaluate.py reads a model_dir's lock, without touching it, to say that a run it
+evaluates is still being trained (trainer_of).
 """
 
 from __future__ import annotations
@@ -100,23 +104,24 @@ def _create(path: str, me: dict) -> bool:
 
 
 @contextlib.contextmanager
-def hold(model_dir: str, log=print):
-    """Holds model_dir while the block runs; UserError (one line) if a live trainer holds it."""
-    path = RunFolder(model_dir).lock_file
+def hold(model_dir: str, log=print, *, lock_file: str = "", who: str = "trainer", flag: str = "--model_dir"):
+    """Holds model_dir while the block runs; UserError (one line) if a live trainer holds it.
+    lock_file, who, flag: the same lock for another folder and holder (hold_output)."""
+    path = lock_file or RunFolder(model_dir).lock_file
     me = _this_process()
     with atomic.write_errors_named(path):
         for _ in range(3):  # a stale lock removed, then a race with another starter: bounded
             holder = _read(path)
             if holder is not None and holder_alive(holder):
-                raise UserError(f"{model_dir} is in use by another trainer ({describe(holder)}); wait for it "
-                                f"to finish or stop it, or use another --model_dir")
+                raise UserError(f"{model_dir} is in use by another {who} ({describe(holder)}); wait for it "
+                                f"to finish or stop it, or use another {flag}")
             if holder is not None:
                 log(f"Taking over {path}: its holder ({describe(holder)}) is no longer running", flush=True)
                 tf.io.gfile.remove(path)
             if _create(path, me):
                 break
         else:
-            raise UserError(f"{model_dir}: another trainer is starting on it at the same time")
+            raise UserError(f"{model_dir}: another {who} is starting on it at the same time")
     stop = threading.Event()
 
     def beat():
@@ -134,3 +139,22 @@ def hold(model_dir: str, log=print):
         with contextlib.suppress(Exception):
             if (_read(path) or {}).get("pid") == me["pid"]:
                 tf.io.gfile.remove(path)
+
+
+def trainer_of(model_dir: str) -> str | None:
+    """The live trainer holding model_dir now (describe()), or None: read-only, the lock is not
+    touched (evaluate.py asks, model/commands/evaluate.py)."""
+    holder = _read(RunFolder(model_dir).lock_file)
+    return describe(holder) if holder is not None and holder_alive(holder) else None
+
+
+def output_lock_file(output_dir: str) -> str:
+    """An evaluation's lock: OUTPUT_DIR.lock beside its output folder (which is moved into place
+    whole at the end, so it cannot hold its own lock)."""
+    return output_dir.rstrip("/") + ".lock"
+
+
+def hold_output(output_dir: str, log=print):
+    """One evaluation at a time writes output_dir: the trainer's lock, beside the folder."""
+    tf.io.gfile.makedirs(os.path.dirname(output_dir.rstrip("/")) or ".")
+    return hold(output_dir, log, lock_file=output_lock_file(output_dir), who="evaluation", flag="--output_dir")
