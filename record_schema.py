@@ -12,6 +12,10 @@ SCHEMA_VERSION = 1
 MAX_IMAGES = 4
 IMAGE_SIZE = 180  # the side of every Cdiscount picture: the default decode size of the model side
 UNLABELLED = -1
+# The largest picture any side decodes, in pixels (a frame header declaring more is a decompression
+# bomb: 4096 x 4096 RGB is 48 MiB decoded; Cdiscount's pictures are 180 x 180). The converter
+# rejects it (image_too_large), serving and model.predict refuse it before any decode.
+MAX_IMAGE_PIXELS = 4096 * 4096
 
 PRODUCT_ID = "product_id"
 CATEGORY_ID = "category_id"

@@ -9,8 +9,7 @@ BUILD_NOTES.md has the measurement behind this choice.
 
 from typing import Optional
 
-# 4096 x 4096 RGB is 48 MiB decoded; Cdiscount's pictures are 180 x 180.
-MAX_IMAGE_PIXELS = 4096 * 4096
+import record_schema
 
 _SOI = b"\xff\xd8\xff"
 _EOI = b"\xff\xd9"
@@ -23,7 +22,7 @@ _STANDALONE_MARKERS = frozenset(range(0xD0, 0xD8)) | {0x01}
 _EOI_SEARCH_BYTES = 64
 
 
-def check_jpeg(data: bytes, max_pixels: int = MAX_IMAGE_PIXELS) -> Optional[tuple[str, str]]:
+def check_jpeg(data: bytes, max_pixels: int = record_schema.MAX_IMAGE_PIXELS) -> Optional[tuple[str, str]]:
     """Returns None for a plausible JPEG, else (reason, detail)."""
     if not data.startswith(_SOI):
         return "not_jpeg", f"{len(data)} bytes starting {data[:8].hex()}, not a JPEG (FF D8 FF)"

@@ -17,18 +17,23 @@ _EOI_SEARCH_BYTES = 64
 # A slot whose markers are right and that the project's decode still fails on (libjpeg gives up
 # on it even with try_recover_truncated, which a merely truncated picture survives).
 _UNDECODABLE = "corrupt JPEG (does not decode)"
+# A slot whose frame header declares more pixels than any side decodes (record_schema): never decoded.
+TOO_LARGE = f"image too large (its header declares over {record_schema.MAX_IMAGE_PIXELS} pixels, the limit)"
 
 
-def check_slots(images: tf.Tensor, mask: tf.Tensor, decodes: tf.Tensor | None = None) -> tuple[tf.Tensor, tf.Tensor]:
-    """string [B, M] JPEG slots + mask [+ decodes] -> (valid bool [B], error string [B], "" where valid).
+def check_slots(images: tf.Tensor, mask: tf.Tensor, decodes: tf.Tensor | None = None,
+                too_large: tf.Tensor | None = None) -> tuple[tf.Tensor, tf.Tensor]:
+    """string [B, M] JPEG slots + mask [+ decodes, too_large] -> (valid bool [B], error string [B], "" where valid).
 
     A product is valid when it has a real slot and every real slot starts like a JPEG and ends
-    with its end-of-image marker and, given `decodes` (bool [B, M] from `slots_that_decode`),
-    decodes; else its error names the first bad slot. The serving signature decodes only the
-    products whose markers are all right, so a product with a bad marker is named by its first
-    bad marker.
+    with its end-of-image marker, given `too_large` (bool [B, M] from `slots_too_large`) is not too
+    large, and, given `decodes` (bool [B, M] from `slots_that_decode`), decodes; else its error
+    names the first bad slot. The serving signature decodes only the products whose markers and
+    sizes are all right, so a product with a bad marker is named by its first bad marker.
     """
     reason = _marker_reasons(images)
+    if too_large is not None:
+        reason = tf.where((reason == "") & too_large, TOO_LARGE, reason)
     if decodes is not None:
         reason = tf.where((reason == "") & ~decodes, _UNDECODABLE, reason)
     return _verdict(reason, mask)
@@ -56,6 +61,19 @@ def _verdict(reason: tf.Tensor, mask: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
     error = tf.where(~has_image, "no image (every mask is 0)",
                      tf.where(tf.reduce_any(bad, axis=1), slot_error, ""))
     return error == "", error
+
+
+def slots_too_large(images: tf.Tensor, mask: tf.Tensor) -> tf.Tensor:
+    """string [B, M] JPEG slots + mask -> bool [B, M]: True for a real slot whose frame header
+    declares more than record_schema.MAX_IMAGE_PIXELS pixels (the converter's limit), read from the
+    header alone (`tf.io.extract_jpeg_shape`): a decompression bomb is refused before any decode. A
+    header that does not parse is not too large here; the decode check names it."""
+    jpegs = tf.reshape(images, [-1])
+    index = tf.where(tf.reshape(mask > 0, [-1]))[:, 0]
+    parsed, shapes = _survivors(index, jpegs, lambda jpeg: tf.io.extract_jpeg_shape(jpeg, tf.int64))
+    large = tf.boolean_mask(parsed, tf.reduce_prod(shapes[:, :2], axis=1) > record_schema.MAX_IMAGE_PIXELS)
+    flags = tf.scatter_nd(large[:, tf.newaxis], tf.ones_like(large, tf.bool), tf.shape(jpegs, out_type=tf.int64))
+    return tf.reshape(flags, tf.shape(images))
 
 
 def slots_that_decode(images: tf.Tensor, mask: tf.Tensor, *, image_size: int) -> tf.Tensor:
@@ -153,11 +171,14 @@ def export_serving_model(model: keras.Model, labels: Labels, path: str, *, image
     def serve(images, mask):
         # The slots the model reads (mask > 0.5, as its fusion does) are the only ones decoded.
         mask = tf.where(mask > 0.5, mask, 0.0)
-        # The markers first: a product with a bad one is not decoded. Then each real slot of the
-        # others is tried alone, so a slot that fails fails its own product only.
+        # The markers first: a product with a bad one is not decoded, nor one whose header declares
+        # too many pixels. Then each real slot of the others is tried alone, so a slot that fails
+        # fails its own product only.
         valid, _ = check_slots(images, mask)
+        too_large = slots_too_large(images, mask * tf.cast(valid, mask.dtype)[:, None])
+        valid, _ = check_slots(images, mask, too_large=too_large)
         decodes = slots_that_decode(images, mask * tf.cast(valid, mask.dtype)[:, None], image_size=image_size)
-        valid, error = check_slots(images, mask, decodes)
+        valid, error = check_slots(images, mask, decodes, too_large)
         mask = mask * tf.cast(valid, mask.dtype)[:, None]  # an invalid product's slots are not decoded
         # The evaluation decoding of the input pipeline: resize to image_size, centre crop_size.
         decoded = decode.decode_images(images, mask, image_size, crop_size=crop_size or None)

@@ -134,3 +134,53 @@ def test_submission_has_every_input_product(labels, tmp_path):
     assert summary["rows"] == 4 and summary["rejected_without_id"] == 1
     valid = {str(c) for c in labels.category_ids}
     assert all(c in valid for _, c in rows[1:])
+
+
+def _fixed_slot_model(slots=4, size=8):
+    """A model.keras of before issue 28: its inputs fixed at `slots` image slots."""
+    import keras
+
+    images = keras.Input((slots, size, size, 3), dtype="uint8", name="images")
+    mask = keras.Input((slots,), dtype="float32", name="mask")
+    pooled = keras.layers.Flatten()(keras.layers.Lambda(lambda x: keras.ops.mean(
+        keras.ops.cast(x[0], "float32"), axis=(2, 3)) * keras.ops.expand_dims(x[1], -1))([images, mask]))
+    return keras.Model({"images": images, "mask": mask}, {"category": keras.layers.Dense(3)(pooled)})
+
+
+def test_an_older_fixed_slot_model_evaluates_data_of_fewer_slots_and_names_more():
+    """Issue 28: data converted with --max_images=2 is padded to an older model's 4 slots (masked
+    out); data of 6 slots stops with one line naming the model, the data and the fix."""
+    from model.errors import UserError
+    from model.evaluation import predict
+
+    model = _fixed_slot_model()
+    probabilities = predict.probabilities_function(model, 8)
+    images = np.random.default_rng(0).integers(0, 256, [2, 4, 8, 8, 3], dtype=np.uint8)
+    mask = np.array([[1, 1, 0, 0], [1, 0, 0, 0]], np.float32)
+    images[mask == 0] = 0
+    np.testing.assert_allclose(probabilities(images[:, :2], mask[:, :2]).numpy(),
+                               probabilities(images, mask).numpy(), rtol=1e-6)
+    member = predict.Member("runs/old", "final", model, {})
+    predict.check_slot_count(member, "data/six", 4)
+    with pytest.raises(UserError, match=r"^runs/old: its model takes 4 image slots .* data/six has 6 .*--max_images=4"):
+        predict.check_slot_count(member, "data/six", 6)
+
+
+def test_two_evaluations_into_one_output_folder_do_not_race(tmp_path):
+    """Issue 28, item 10: the second stops in one line naming the first, before reading anything,
+    and the lock (OUT.lock, beside the folder) goes with the evaluation that held it."""
+    import os
+
+    from model.config import EvalConfig
+    from model.errors import UserError
+    from model.evaluation.evaluate import evaluate
+    from model.training import run_lock
+
+    out = str(tmp_path / "out")
+    with run_lock.hold_output(out):
+        assert os.path.exists(out + ".lock")
+        with pytest.raises(UserError, match=rf"^{out} is in use by another evaluation \(pid {os.getpid()} on .*\); "
+                                            r"wait for it to finish or stop it, or use another --output_dir$"):
+            evaluate(EvalConfig(data_dir="data", model_dir=str(tmp_path / "m"), output_dir=out),
+                     hold_output=run_lock.hold_output)
+    assert not os.path.exists(out + ".lock") and not os.path.exists(out)

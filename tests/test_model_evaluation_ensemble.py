@@ -72,6 +72,22 @@ def test_checkpoints_one_for_all_or_one_per_model():
         ensemble.member_checkpoints("last", dirs)
 
 
+def test_an_ensemble_listing_one_model_twice_is_refused_in_one_line(tmp_path, monkeypatch):
+    """Issue 28, item 8: the same folder's same checkpoint twice, however spelled, costs twice and
+    weighs twice without a word: refused before any model is loaded. Its final and best are two."""
+    from model.config import EvalConfig
+    from model.evaluation.evaluate import evaluate
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(UserError, match=r"^--model_dir lists runs/a twice \(final model, also as \./runs/a/\): "
+                                        r"an ensemble member counts once; to weigh it more, use --ensemble_weights$"):
+        evaluate(EvalConfig(data_dir="data", model_dir="runs/a,runs/b,./runs/a/", split="val"))
+    with pytest.raises(UserError, match="lists gs://b/r twice"):
+        ensemble.check_distinct(["gs://b/r", "gs://b/r/"], ["best", "best"])
+    ensemble.check_distinct(["runs/a", "runs/a"], ["final", "best"])
+    ensemble.check_distinct(["runs/a", "runs/ab"], ["final", "final"])
+
+
 def test_members_with_other_classes_are_named(tmp_path):
     same = labels_of(tmp_path, [11, 22, 33], "a.csv")
     other = labels_of(tmp_path, [11, 22, 44], "c.csv")

@@ -90,9 +90,46 @@ def test_ensemble_is_the_average_of_its_members_files(trained, tmp_path):
 def test_the_same_model_twice_scores_as_the_model(trained, tmp_path):
     """The geometric mean of a model with itself is the model (the arithmetic one is checked above)."""
     alone = evaluate(trained, trained["a"], tmp_path / "a")
-    twice = evaluate(trained, [trained["a"], trained["a"]], tmp_path / "twice", ensemble_mean="geometric")
+    copy = str(tmp_path / "a_copy")  # one folder listed twice is refused (issue 28, item 8); its copy is not
+    shutil.copytree(trained["a"], copy)
+    twice = evaluate(trained, [trained["a"], copy], tmp_path / "twice", ensemble_mean="geometric")
     assert (twice["top1"], twice["top5"]) == pytest.approx((alone["top1"], alone["top5"]))
     assert [m["top1"] for m in twice["members"]] == [alone["top1"]] * 2
+
+
+def test_a_save_top_k_above_the_class_count_is_said(trained, tmp_path):
+    """Issue 28, item 10: said in one line, not clipped without a word."""
+    lines = []
+    evaluation.evaluate(config.EvalConfig(data_dir=trained["data"], model_dir=trained["a"], split="val",
+                                          output_dir=str(tmp_path / "out"), save_top_k=99), log=lines.append)
+    classes = len(open(os.path.join(trained["data"], record_schema.LABELS_FILE)).readlines()) - 1
+    assert f"--save_top_k=99 is more than the model's {classes} classes: top_k.npz keeps all {classes} a product" in lines
+    assert top_k_file.read_top_k(str(tmp_path / "out" / top_k_file.FILE))["probability"].shape == (17, classes)
+
+
+def test_a_run_still_being_trained_is_said(trained, tmp_path):
+    """Issue 28, item 10: a member whose run.lock a live trainer holds is named in one line (read
+    only: the lock stays the trainer's), or stops with one when its model is not written yet."""
+    from model.training import run_lock
+
+    running = tmp_path / "running"
+    shutil.copytree(trained["a"], running)
+    lines = []
+    with run_lock.hold(str(running), log=lambda *_, **__: None):
+        lock = (running / model_dir_lib.LOCK_FILE).read_text()
+        evaluation.evaluate(config.EvalConfig(data_dir=trained["data"], model_dir=str(running), split="val",
+                                              output_dir=str(tmp_path / "out")),
+                            log=lines.append, trainer_of=run_lock.trainer_of)
+        assert (running / model_dir_lib.LOCK_FILE).read_text() == lock
+        os.remove(running / model_dir_lib.MODEL_FILE)
+        with pytest.raises(errors.UserError, match=rf"^{running} is still being trained \(pid {os.getpid()} on .*\): "
+                                                   r"model.keras is not written yet; wait for the run to finish; "
+                                                   r"evaluate the best epoch so far with --checkpoint=best$"):
+            evaluation.evaluate(config.EvalConfig(data_dir=trained["data"], model_dir=str(running), split="val"),
+                                trainer_of=run_lock.trainer_of)
+    assert f"{running} is still being trained (pid {os.getpid()} on " in lines[0]
+    assert lines[0].endswith("): evaluating its model.keras as it is now")
+    assert run_lock.trainer_of(str(running)) is None  # released
 
 
 def test_members_with_other_classes_fail_naming_both(trained, tmp_path):

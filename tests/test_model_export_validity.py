@@ -23,6 +23,7 @@ from tests.serving_helpers import spread_tiny_model
 SIZE = 32
 SLOTS = record_schema.MAX_IMAGES
 CORRUPT = "corrupt JPEG (does not decode)"
+TOO_LARGE = export.TOO_LARGE
 NOT_JPEG = "not a JPEG (no FF D8 FF start)"
 
 
@@ -75,11 +76,11 @@ def _corrupt_body(jpeg):
     return jpeg[:3] + np.random.default_rng(0).bytes(len(jpeg) - 5) + jpeg[-2:]
 
 
-def _claiming(jpeg, side):
-    """A real JPEG whose frame header claims side x side pixels."""
+def _claiming(jpeg, side, width=None):
+    """A real JPEG whose frame header claims side x side pixels (or side high, width wide)."""
     data = bytearray(jpeg)
     sof = data.find(b"\xff\xc0")
-    data[sof + 5: sof + 9] = side.to_bytes(2, "big") * 2
+    data[sof + 5: sof + 9] = side.to_bytes(2, "big") + (width or side).to_bytes(2, "big")
     return bytes(data)
 
 
@@ -97,9 +98,11 @@ def _truncated_with_end(jpeg):
 BAD_SLOTS = {  # name: (the bad slot's bytes from a good JPEG, the reason in the error)
     "corrupt body, valid markers": (_corrupt_body, CORRUPT),
     "FF D8 FF FF D9": (lambda jpeg: b"\xff\xd8\xff\xff\xd9", CORRUPT),
-    # Decodes at the DCT ratio (3500 px a side), not in full (over TensorFlow's size limit), which
-    # decode_images does for a picture of another size than Cdiscount's.
-    "14000 px a side": (lambda jpeg: _claiming(jpeg, 14000), CORRUPT),
+    # Over the converter's limit (record_schema.MAX_IMAGE_PIXELS): refused from its header, never
+    # decoded (issue 28, item 6: 8000 px decoded, at 0.87 GB, before).
+    "8000 px a side": (lambda jpeg: _claiming(jpeg, 8000), TOO_LARGE),
+    "14000 px a side": (lambda jpeg: _claiming(jpeg, 14000), TOO_LARGE),
+    "4097 x 4096 px": (lambda jpeg: _claiming(jpeg, 4096, 4097), TOO_LARGE),
     "a PNG": (lambda jpeg: png_bytes(), NOT_JPEG),
     "an empty real slot": (lambda jpeg: b"", NOT_JPEG),
 }
@@ -178,7 +181,7 @@ def test_a_picture_of_another_size_is_answered_and_so_are_the_others(serve, pict
     out = serve([_real(good), _real(odd), _real(_claiming(good, 14000)), _real(good, odd)])
     _assert_same_answer(out, 0, alone)
     _assert_same_answer(out, 1, odd_alone)
-    _assert_unanswered(out, 2, f"slot 0: {CORRUPT}")
+    _assert_unanswered(out, 2, f"slot 0: {TOO_LARGE}")
     assert out["valid"][3]
 
 

@@ -102,6 +102,24 @@ def test_eval_shapes_order_pixels(data, products, reference):
         assert diff.mean() < 1.0 and diff.max() <= 8, (pid, diff.mean(), diff.max())
 
 
+def test_a_data_folder_is_read_with_the_slot_count_of_its_metadata(tmp_path, products):
+    """A conversion with --max_images=2 (issue 28): split_dataset takes the slots from
+    metadata.json, which parse_example with the default 4 refused."""
+    import json
+
+    from model.config import ImageSpec
+    from model.input_pipeline import data_folder
+
+    with tf.io.TFRecordWriter(str(tmp_path / record_schema.shard_name("val", 0, 1))) as writer:
+        for pid, category, label, jpegs in products[:10]:
+            writer.write(record_schema.encode_example(pid, category, label, jpegs[:2], max_images=2))
+    (tmp_path / record_schema.METADATA_FILE).write_text(json.dumps({"max_images": 2}))
+    got = _collect(data_folder.split_dataset(str(tmp_path), "val", ImageSpec(32), training=False, batch_size=4))
+    assert data_folder.max_images(str(tmp_path)) == 2
+    assert got["mask"].tolist() == [[1.0] * min(2, len(p[3])) + [0.0] * (2 - min(2, len(p[3]))) for p in products[:10]]
+    assert got["images"].shape == (10, 2, 32, 32, 3)
+
+
 def test_unlabelled_records(data):
     got = _collect(ip.create_dataset(data["test"], batch_size=4, training=False))
     assert len(got["label"]) == 10 and (got["label"] == -1).all()

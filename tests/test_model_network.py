@@ -200,6 +200,22 @@ def test_fusion_functions_against_numpy():
         np.testing.assert_allclose(got, np.log(probs.mean(0)), rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("fusion", FUSIONS)
+def test_one_model_reads_any_number_of_slots(models, fusion):
+    """Data converted with another --max_images (issue 28): the network is shared over slots, so
+    the products of MASK's first three rows give the same outputs in 2, 4 or 6 slots."""
+    model = models[fusion, True]
+    mask, images = MASK[:3], _images(MASK[:3])
+    reference = _predict(model, images, mask)
+    for slots in (3, 6):
+        wider_mask = np.zeros([3, slots], np.float32)
+        wider_mask[:, :3] = mask[:, :3]
+        wider = np.zeros([3, slots, SIZE, SIZE, 3], np.uint8)
+        wider[:, :3] = images[:, :3]
+        _assert_same(_predict(model, wider, wider_mask), reference, atol=1e-4)
+    assert model.inputs[0].shape[1] is None
+
+
 @pytest.mark.parametrize(
     "fusion, packed", [("mean_max", True), ("gated", False), ("late", True)]
 )

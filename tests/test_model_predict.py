@@ -140,6 +140,34 @@ def test_a_product_that_cannot_be_answered_fails_alone(trained, pictures):
     assert_top(answers[5], expected(trained, p[4], 5))
 
 
+def test_a_file_name_with_a_comma_and_the_error_names_what_was_given(pictures, tmp_path):
+    """Issue 28, item 7: `a,b.jpg` is that file (it exists), `\\,` writes a comma among several
+    files, and a file not found is named with the --product value it came from."""
+    comma = tmp_path / "a,b.jpg"
+    shutil.copy(pictures["products"][0][0], comma)
+    other = pictures["products"][1][0]
+    assert predict.read_product(str(comma)).files == (str(comma),)
+    assert not predict.read_product(str(comma)).error
+    escaped = f"{other},{str(comma).replace(',', chr(92) + ',')}"
+    product = predict.read_product(escaped)
+    assert product.files == (other, str(comma)) and not product.error and len(product.pictures) == 2
+    gone = str(tmp_path / "x,y.jpg")
+    assert predict.read_product(gone).error == (f"{tmp_path / 'x'}: no such file (a file of --product={gone}; "
+                                                "a comma in a file name is written \\,)")
+
+
+def test_a_picture_over_the_converter_s_size_limit_is_refused_before_any_decode(pictures, tmp_path):
+    """Issue 28, item 6: the converter's limit (record_schema.MAX_IMAGE_PIXELS), whatever the export's age."""
+    data = bytearray(open(pictures["products"][0][0], "rb").read())
+    sof = data.find(b"\xff\xc0")
+    data[sof + 5: sof + 9] = (8000).to_bytes(2, "big") * 2
+    bomb = tmp_path / "bomb.jpg"
+    bomb.write_bytes(bytes(data))
+    assert predict.read_product(f"{pictures['products'][0][0]},{bomb}").error == f"{bomb}: {export.TOO_LARGE}"
+    assert "4096 * 4096" not in open(os.path.join(REPO, "beam_convert", "jpeg_check.py")).read()
+    assert record_schema.MAX_IMAGE_PIXELS == 4096 * 4096
+
+
 def test_checkpoint_best_reads_export_best_with_its_flip_tta_and_k(trained, pictures):
     files = pictures["products"][1]
     status, (answer,) = run_json(trained[0], [files], checkpoint="best")

@@ -30,11 +30,13 @@ def main(argv):
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     from model import signals
     from model.evaluation import evaluate as evaluation
+    from model.training import run_lock
 
     cli.quiet_logs()
     try:
         with signals.stop_requests():
-            evaluation.evaluate(cli.config_from_flags(config.EvalConfig))
+            evaluation.evaluate(cli.config_from_flags(config.EvalConfig), trainer_of=run_lock.trainer_of,
+                                hold_output=run_lock.hold_output)
     except errors.UserError as error:
         sys.exit(f"evaluate.py: error: {error}")
     except errors.Interrupted as stop:

@@ -3,13 +3,15 @@
     python -m model.predict --model_dir=DIR --product=a.jpg,b.jpg [--product=c.jpg ...]
         [--json] [--top_k=5] [--checkpoint=final|best]
 
-A product is 1 to 4 JPEG files, comma-separated; --product repeats, and the products are answered
+A product is 1 to 4 JPEG files, comma-separated (a comma of a file name is written `\\,`, and a
+value that names one existing file is that file); --product repeats, and the products are answered
 in the order given. Without --json, each product's files, then its top categories (probability,
 category id, name). With --json, one JSON object a line and nothing else on stdout:
     {"files": [...], "top": [{"category_id": ..., "name": ..., "probability": ...}, ...]}
 or, for a product that could not be answered, {"files": [...], "error": "FILE: why"}.
 
-A product that cannot be answered (a file missing or not a JPEG, more than 4 files) gets its error
+A product that cannot be answered (a file missing or not a JPEG, a picture over the converter's
+size limit, record_schema.MAX_IMAGE_PIXELS, more than 4 files) gets its error
 and the others are still answered. Exit status: 0 when every product was answered; 1 when any was
 not (the others are printed), or on an error of the command itself (no export in --model_dir,
 --top_k above what the export answers), which is one line `model.predict: error: ...`.
@@ -40,24 +42,35 @@ class Product:
     error: str = ""
 
 
+def product_files(flag_value: str, exists=None) -> tuple[str, ...]:
+    """A --product value -> its file names: split at each comma, but `\\,` is a comma of a name,
+    and a value that names an existing file (`exists(value)`) is that one file, commas and all."""
+    if "," in flag_value and exists is not None and exists(flag_value):
+        return (flag_value,)
+    parts = re.split(r"(?<!\\),", flag_value)
+    return tuple(part.replace("\\,", ",") for part in parts)
+
+
 def read_product(flag_value: str) -> Product:
     """A --product value, "a.jpg,b.jpg", -> its files read, or the error that stops it (the file named).
 
     Only the count and the files' existence are checked here: whether they are JPEGs is the
     SavedModel's answer, as a server's would be.
     """
-    files = tuple(flag_value.split(","))
+    import tensorflow as tf  # its filesystems: gs://, s3://... as well as local files
+
+    files = product_files(flag_value, tf.io.gfile.exists)
     if not 1 <= len(files) <= record_schema.MAX_IMAGES or files == ("",):
         count = 0 if files == ("",) else len(files)
         return Product(files if count else (), error=f"{count} files; a product has 1 to {record_schema.MAX_IMAGES}")
     if "" in files:
         return Product(files, error=f"an empty file name in {flag_value!r}")
-    import tensorflow as tf  # its filesystems: gs://, s3://... as well as local files
-
     pictures = []
     for name in files:
         if not tf.io.gfile.exists(name):
-            return Product(files, error=f"{name}: no such file")
+            given = "" if name == flag_value else (f" (a file of --product={flag_value}; a comma in a file "
+                                                   "name is written \\,)")
+            return Product(files, error=f"{name}: no such file{given}")
         if tf.io.gfile.isdir(name):
             return Product(files, error=f"{name}: is a folder, not a file")
         try:
@@ -65,7 +78,23 @@ def read_product(flag_value: str) -> Product:
                 pictures.append(f.read())
         except (OSError, tf.errors.OpError) as error:
             return Product(files, error=f"{name}: cannot read ({getattr(error, 'message', error)})")
+        if _declared_pixels(pictures[-1]) > record_schema.MAX_IMAGE_PIXELS:
+            from model.export import TOO_LARGE  # serving's own words for it
+
+            return Product(files, error=f"{name}: {TOO_LARGE}")
     return Product(files, tuple(pictures))
+
+
+def _declared_pixels(picture: bytes) -> int:
+    """The pixels a JPEG's frame header declares (0 when it does not parse: the SavedModel names
+    that): a decompression bomb is refused here, before an export of any age decodes it."""
+    import tensorflow as tf
+
+    try:
+        height, width, _ = tf.io.extract_jpeg_shape(picture, tf.int64).numpy()
+    except tf.errors.OpError:
+        return 0
+    return int(height) * int(width)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -194,8 +223,9 @@ def define_flags():
     from absl import flags
 
     flags.DEFINE_string("model_dir", None, "train.py's model_dir: its export/ (or export_best/) and labels.csv.")
-    flags.DEFINE_multi_string("product", None, "One product: 1 to 4 JPEG files, comma-separated. Repeat the "
-                              "flag for more products; they are answered in the order given.")
+    flags.DEFINE_multi_string("product", None, "One product: 1 to 4 JPEG files, comma-separated (a comma of a "
+                              "file name is written \\,). Repeat the flag for more products; they are answered "
+                              "in the order given.")
     flags.DEFINE_bool("json", False, "One JSON line a product: {\"files\", \"top\": [{\"category_id\", \"name\", "
                       "\"probability\"}]} or {\"files\", \"error\"}.")
     flags.DEFINE_integer("top_k", None, f"Categories a product (default {DEFAULT_TOP_K}, or fewer when the export "

@@ -16,12 +16,14 @@ import record_schema
 from model.input_pipeline.labels import Labels
 
 
-def read_record_digests(file_pattern: str, *, skip_corrupt_records: bool = False) -> dict:
-    """product_id -> image digests of its real images, read straight from the TFRecords.
+def read_record_digests(file_pattern: str, *, max_images: int = record_schema.MAX_IMAGES,
+                        skip_corrupt_records: bool = False) -> dict:
+    """product_id -> image digests of its real images, read straight from the TFRecords (of
+    max_images slots: the data folder's, data_folder.max_images).
 
     skip_corrupt_records: as in the input pipeline, a damaged record ends its file (the products
     after it are the ones the predictions left out too)."""
-    spec = {k: v for k, v in record_schema.feature_spec().items() if k in ("product_id", "images", "mask")}
+    spec = {k: v for k, v in record_schema.feature_spec(max_images).items() if k in ("product_id", "images", "mask")}
     files = sorted(tf.io.gfile.glob(file_pattern))
 
     def read(path):

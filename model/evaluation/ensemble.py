@@ -7,6 +7,8 @@ so no [N, K] matrix is ever held (the real val split is ~350k x 5,270).
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 
 from model import config
@@ -34,6 +36,27 @@ def member_checkpoints(text: str, model_dirs: list[str]) -> list[str]:
         if value not in CHECKPOINTS:
             raise UserError(f"--checkpoint must be {' or '.join(CHECKPOINTS)}, got {value!r}")
     return values
+
+
+def check_distinct(model_dirs: list[str], checkpoints: list[str]) -> None:
+    """An ensemble lists each model once: the same folder's same checkpoint twice (however the path
+    is spelled) would only cost its prediction twice, and weigh it twice without saying so. The
+    final and the best model of one run are two models."""
+    seen = {}
+    for model_dir, checkpoint in zip(model_dirs, checkpoints):
+        key = (_same_path(model_dir), checkpoint)
+        if key in seen:
+            raise UserError(f"--model_dir lists {seen[key]} twice ({checkpoint} model, also as {model_dir}): an ensemble "
+                            f"member counts once; to weigh it more, use --ensemble_weights")
+        seen[key] = model_dir
+
+
+def _same_path(path: str) -> str:
+    """A spelling of a path that two spellings of one folder share: local paths absolute and
+    normalised, URIs (gs://...) without a trailing slash."""
+    if "://" in path:
+        return path.rstrip("/")
+    return os.path.normpath(os.path.abspath(path))
 
 
 def member_weights(text: str | None, model_dirs: list[str]) -> np.ndarray:

@@ -4,6 +4,7 @@ asked, moved into place only when complete."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -23,7 +24,8 @@ from model.input_pipeline import data_folder, shards
 from model.input_pipeline.labels import Labels, read_labels
 
 
-def evaluate(cfg: EvalConfig, log=print) -> dict:
+def evaluate(cfg: EvalConfig, log=print, *, trainer_of: Callable[[str], str | None] = lambda model_dir: None,
+             hold_output: Callable = lambda output_dir, log: contextlib.nullcontext()) -> dict:
     """Predicts one split of a beam_convert folder; writes metrics.json + report.png (labelled
     splits) and submission.csv (test), and top_k.npz with cfg.save_top_k > 0. Returns the summary
     that is written to metrics.json.
@@ -34,20 +36,17 @@ def evaluate(cfg: EvalConfig, log=print) -> dict:
 
     The output is written into a temporary folder beside output_dir and moved into place at the
     end: a failed evaluation leaves no half-written folder, and an earlier complete one unchanged.
+    The run locks come from the command (model/commands/evaluate.py passes model/training/run_lock's:
+    training and evaluation are peers): trainer_of(model_dir) describes the live trainer of a
+    member's folder, or None; hold_output(output_dir, log) holds the output folder against another
+    evaluation while it is written.
     """
-    model_dirs = ensemble.split_list(cfg.model_dir) if isinstance(cfg.model_dir, str) else list(cfg.model_dir)
-    if not model_dirs:
-        raise UserError("--model_dir names no folder")
-    checkpoints = ensemble.member_checkpoints(cfg.checkpoint, model_dirs)
-    weights = ensemble.member_weights(cfg.ensemble_weights, model_dirs)
-    if cfg.ensemble_mean not in ensemble.MEANS:
-        raise UserError(f"--ensemble_mean must be one of {', '.join(ensemble.MEANS)}, got {cfg.ensemble_mean!r}")
-    if cfg.dup_lookup_level not in DUP_LOOKUP_LEVELS:
-        raise UserError(f"--dup_lookup_level must be one of {', '.join(DUP_LOOKUP_LEVELS)}, "
-                        f"got {cfg.dup_lookup_level!r}")
+    model_dirs, checkpoints, weights = _members_asked(cfg)
+    _say_still_training(model_dirs, checkpoints, trainer_of, log)
     output_dir = cfg.output_dir or default_output_dir(model_dirs, checkpoints, cfg.split)
     try:
-        with atomic.written_whole(output_dir, last=METRICS_FILE) as partial:
+        with (hold_output(output_dir, lambda text, **_: log(text)),
+              atomic.written_whole(output_dir, last=METRICS_FILE) as partial):
             tf.io.gfile.makedirs(partial)
             summary = _evaluate_into(_Run(cfg, partial, log), model_dirs, checkpoints, weights)
             signals.raise_if_requested()  # the last safe point: from here the folder is moved into place
@@ -57,6 +56,37 @@ def evaluate(cfg: EvalConfig, log=print) -> dict:
         raise
     log(f"Wrote {output_dir}")
     return summary
+
+
+def _members_asked(cfg: EvalConfig) -> tuple[list[str], list[str], np.ndarray]:
+    """The members' folders, checkpoints and weights from the flags, each checked (one line when wrong)."""
+    model_dirs = ensemble.split_list(cfg.model_dir) if isinstance(cfg.model_dir, str) else list(cfg.model_dir)
+    if not model_dirs:
+        raise UserError("--model_dir names no folder")
+    checkpoints = ensemble.member_checkpoints(cfg.checkpoint, model_dirs)
+    ensemble.check_distinct(model_dirs, checkpoints)
+    weights = ensemble.member_weights(cfg.ensemble_weights, model_dirs)
+    if cfg.ensemble_mean not in ensemble.MEANS:
+        raise UserError(f"--ensemble_mean must be one of {', '.join(ensemble.MEANS)}, got {cfg.ensemble_mean!r}")
+    if cfg.dup_lookup_level not in DUP_LOOKUP_LEVELS:
+        raise UserError(f"--dup_lookup_level must be one of {', '.join(DUP_LOOKUP_LEVELS)}, "
+                        f"got {cfg.dup_lookup_level!r}")
+    return model_dirs, checkpoints, weights
+
+
+def _say_still_training(model_dirs: list[str], checkpoints: list[str], trainer_of, log) -> None:
+    """A member whose folder a live trainer holds: one line; an error when the model asked for is
+    not written yet (model.keras comes at the end of training, best.keras with the first val epoch)."""
+    for model_dir, checkpoint in zip(model_dirs, checkpoints):
+        trainer = trainer_of(model_dir)
+        if trainer is None:
+            continue
+        path = RunFolder(model_dir).model(checkpoint)
+        if not tf.io.gfile.exists(path):
+            hint = ("; evaluate the best epoch so far with --checkpoint=best" if checkpoint == "final" else "")
+            raise UserError(f"{model_dir} is still being trained ({trainer}): {os.path.basename(path)} is not written "
+                            f"yet; wait for the run to finish{hint}")
+        log(f"{model_dir} is still being trained ({trainer}): evaluating its {os.path.basename(path)} as it is now")
 
 
 def default_output_dir(model_dirs: list[str], checkpoints: list[str], split: str) -> str:
@@ -83,6 +113,9 @@ def _evaluate_into(run: _Run, model_dirs: list[str], checkpoints: list[str], wei
     """The steps, in order: members, split check, prediction (with the duplicate lookup's digests),
     duplicate lookup, metrics and report, submission, metrics.json."""
     run.members, run.labels = _load_members(model_dirs, checkpoints, weights)
+    if run.cfg.save_top_k > run.labels.num_classes:
+        run.log(f"--save_top_k={run.cfg.save_top_k} is more than the model's {run.labels.num_classes} classes: "
+                f"top_k.npz keeps all {run.labels.num_classes} a product")
     table = _digest_table(run)
     class_counts = table.class_counts(run.labels) if table is not None else None
     check = _check_split(run)
@@ -131,6 +164,9 @@ def _check_split(run: _Run) -> shards.SplitCheck:
     cfg = run.cfg
     if cfg.split != "test":
         _check_same_classes(cfg.data_dir, run.members[0].model_dir, run.labels)
+    data_slots = data_folder.max_images(cfg.data_dir)
+    for member in run.members:
+        predict.check_slot_count(member, cfg.data_dir, data_slots)
     return shards.check_split(cfg.data_dir, cfg.split, skip_corrupt_records=cfg.skip_corrupt_records, log=run.log)
 
 
@@ -141,7 +177,8 @@ def _predict(run: _Run, check: shards.SplitCheck, table) -> tuple[dict, dict | N
     datasets = _member_datasets(members, cfg.data_dir, cfg.split, cfg.batch_size, bool(check.damaged))
     digests = matches = None
     if cfg.dup_lookup:
-        digests = duplicates.read_record_digests(pattern, skip_corrupt_records=bool(check.damaged))
+        digests = duplicates.read_record_digests(pattern, max_images=data_folder.max_images(cfg.data_dir),
+                                                 skip_corrupt_records=bool(check.damaged))
         matches = duplicates.image_matches(digests, table, run.labels)
     checkpoints = [m.checkpoint for m in members]
     what = f"the ensemble of {len(members)} ({cfg.ensemble_mean} mean) " if len(members) > 1 else ""

@@ -63,14 +63,38 @@ def load_model(model_dir: str, checkpoint: str = "final"):
     return model, config
 
 
+def model_slots(model) -> int | None:
+    """The image slots a model takes: None for any number (every model trained since they are
+    shared over slots), else the fixed count of an older model.keras."""
+    (images,) = [tensor for tensor in model.inputs if len(tensor.shape) == 5]
+    return images.shape[1]
+
+
+def check_slot_count(member: Member, data_dir: str, data_slots: int) -> None:
+    """One line when a member cannot read the data's slots: an older model of fixed slots reads
+    fewer (the rest padded, masked out) but not more."""
+    slots = model_slots(member.model)
+    if slots is not None and data_slots > slots:
+        raise UserError(f"{member.model_dir}: its model takes {slots} image slots (trained before models took "
+                        f"any number), {data_dir} has {data_slots} (metadata.json max_images): convert with "
+                        f"--max_images={slots}, or train the model again")
+
+
 def probabilities_function(model, image_size: int, *, flip_tta: bool = False):
     """(images uint8 [B, M, S, S, 3], mask [B, M]) -> softmax [B, K] float32, traced once for
-    any batch size. flip_tta averages the product's and its left-right mirror's softmax."""
-    spec = [tf.TensorSpec([None, record_schema.MAX_IMAGES, image_size, image_size, 3], tf.uint8),
-            tf.TensorSpec([None, record_schema.MAX_IMAGES], tf.float32)]
+    any batch size and slot count (an older model of fixed slots gets its padding added).
+    flip_tta averages the product's and its left-right mirror's softmax."""
+    spec = [tf.TensorSpec([None, None, image_size, image_size, 3], tf.uint8),
+            tf.TensorSpec([None, None], tf.float32)]
+    slots = model_slots(model)
 
     @tf.function(input_signature=spec)
     def probabilities(images, mask):
+        if slots is not None:  # padded slots (mask 0) never reach an output
+            missing = slots - tf.shape(mask)[1]
+            images = tf.pad(images, [[0, 0], [0, missing], [0, 0], [0, 0], [0, 0]])
+            mask = tf.ensure_shape(tf.pad(mask, [[0, 0], [0, missing]]), [None, slots])
+            images = tf.ensure_shape(images, [None, slots, image_size, image_size, 3])
         p = tf.nn.softmax(tf.cast(model({"images": images, "mask": mask}, training=False)["category"], tf.float32))
         if flip_tta:
             flipped = tf.reverse(images, axis=[3])  # [B, M, H, W, C]: W is axis 3

@@ -22,6 +22,12 @@ def read_metadata(data_dir: str) -> dict:
         return json.load(f)
 
 
+def max_images(data_dir: str) -> int:
+    """The image slots of the folder's records (metadata.json "max_images", beam_convert's
+    --max_images): what every reader of the folder parses them with."""
+    return int(read_metadata(data_dir).get("max_images", record_schema.MAX_IMAGES))
+
+
 def split_products(metadata: dict, split: str) -> int:
     return int(metadata.get("splits", {}).get(split, {}).get("products", 0))
 
@@ -56,7 +62,9 @@ def has_split(data_dir: str, metadata: dict, split: str) -> bool:
 
 def split_dataset(data_dir: str, split: str, image: ImageSpec, *, training: bool, batch_size: int,
                   skip_corrupt_records: bool = False, **options) -> tf.data.Dataset:
-    """create_dataset over one split of data_dir (options: create_dataset's others)."""
+    """create_dataset over one split of data_dir (options: create_dataset's others), its records
+    parsed with the folder's image slots (max_images)."""
+    options.setdefault("max_images", max_images(data_dir))
     return dataset.create_dataset(split_pattern(data_dir, split), batch_size=batch_size, training=training,
                                   image_size=image.size, crop_size=image.crop,
                                   skip_corrupt_records=skip_corrupt_records, **options)

@@ -1,7 +1,8 @@
 """The multi-image classifier: one shared Xception over a product's images, fused under the mask.
 
-Inputs (docs/FORMATS.md section 3): {"images": uint8 [B, M, S, S, 3], "mask": float32 [B, M]}; other
-keys of the features dict are ignored. Outputs: {"category": [B, K]} plus "level1"/"level2"
+Inputs (docs/FORMATS.md section 3): {"images": uint8 [B, M, S, S, 3], "mask": float32 [B, M]}, any
+number of slots M (the network is shared over slots under the mask, so data converted with another
+--max_images is read by the same model); other keys of the features dict are ignored. Outputs: {"category": [B, K]} plus "level1"/"level2"
 when configured, float32 logits under any mixed-precision policy.
 """
 
@@ -30,6 +31,7 @@ class ModelConfig:
     packed: bool = True  # run the backbone on real images only
     weights: Optional[str] = None  # None, "imagenet" or a path to Xception notop weights
     dropout: float = 0.0
+    # The training data's image slots (metadata.json), recorded; the model takes any number.
     max_images: int = record_schema.MAX_IMAGES
     # The BatchNorm moving averages trail the weights by ~1 / (1 - momentum) steps: Keras' 0.99
     # suits long runs; a run of a few hundred steps validates near chance with it, hence 0.9 in
@@ -197,9 +199,10 @@ def _mirror(images, mirror):
 
 def build_model(config: ModelConfig) -> keras.Model:
     """The functional model {"images", "mask"} -> {"category", ["level1"], ["level2"]} logits."""
-    size, slots = config.image_size, config.max_images
-    images = keras.Input((slots, size, size, 3), dtype="uint8", name="images")
-    mask = keras.Input((slots,), dtype="float32", name="mask")
+    size = config.image_size
+    # Any number of slots: the encoder and every fusion work per slot under the mask.
+    images = keras.Input((None, size, size, 3), dtype="uint8", name="images")
+    mask = keras.Input((None,), dtype="float32", name="mask")
     encoder = ImageEncoder(config.backbone, size, config.packed, config.bn_momentum, flip=config.flip,
                            seed=config.seed, name="image_encoder")
     if config.weights is not None:

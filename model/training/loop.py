@@ -100,7 +100,7 @@ def _train_held(cfg: TrainConfig, strategy, data: RunData, extra_callbacks: tupl
                 stop_requests, backup_dir: str) -> dict:
     stop_requests.raise_if_requested()
     _describe(cfg, strategy, data)
-    mconfig = model_config(cfg, data.labels, data.aux_heads)
+    mconfig = model_config(cfg, data.labels, data.aux_heads, max_images=data_folder.max_images(cfg.data_dir))
     changes = run_state.stream_changes(cfg.model_dir, cfg, strategy.num_replicas_in_sync)
     _write_run_files(cfg, mconfig, flags_text, strategy.num_replicas_in_sync)
     model, resumed_step = _build_and_restore(cfg, strategy, mconfig, data, backup_dir)
@@ -250,7 +250,8 @@ def _describe(cfg: TrainConfig, strategy, data: RunData) -> None:
         print(f"No val split in {cfg.data_dir}: training without validation.", flush=True)
 
 
-def model_config(cfg: TrainConfig, labels: Labels, aux_heads: dict) -> multi_image.ModelConfig:
+def model_config(cfg: TrainConfig, labels: Labels, aux_heads: dict,
+                 max_images: int = record_schema.MAX_IMAGES) -> multi_image.ModelConfig:
     """The network's config: every ModelConfig field that TrainConfig has by name, the image side
     the network sees (after any crop), the weights (None for random), and the data's classes."""
     train_fields = {field.name for field in dataclasses.fields(TrainConfig)}
@@ -259,7 +260,7 @@ def model_config(cfg: TrainConfig, labels: Labels, aux_heads: dict) -> multi_ima
     return multi_image.ModelConfig(**{
         **shared, "image_size": cfg.image.side, "weights": cfg.weights or None,
         "num_classes": labels.num_classes, "num_level1": aux_heads.get("level1", 0),
-        "num_level2": aux_heads.get("level2", 0), "max_images": record_schema.MAX_IMAGES,
+        "num_level2": aux_heads.get("level2", 0), "max_images": max_images,
     })
 
 

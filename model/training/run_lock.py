@@ -14,6 +14,10 @@ other's stops. On local disks an exclusive hard link decides (as O_EXCL would).
 A lock is only ever written whole (a temporary file linked or renamed into place), so a lock file
 that cannot be read (empty, cut short, garbage: a full disk under an older version, a bad copy)
 is no live trainer's: it is taken over with one line naming it, like a dead holder's.
+
+The same lock keeps two evaluations out of one output folder (hold_output: OUTPUT_DIR.lock beside
+it), and evaluate.py reads a model_dir's lock, without touching it, to say that a run it
+evaluates is still being trained (trainer_of).
 """
 
 from __future__ import annotations
@@ -142,23 +146,24 @@ def _take_over_line(path: str, holder: dict) -> str:
 
 
 @contextlib.contextmanager
-def hold(model_dir: str, log=print):
-    """Holds model_dir while the block runs; UserError (one line) if a live trainer holds it."""
-    path = RunFolder(model_dir).lock_file
+def hold(model_dir: str, log=print, *, lock_file: str = "", who: str = "trainer", flag: str = "--model_dir"):
+    """Holds model_dir while the block runs; UserError (one line) if a live trainer holds it.
+    lock_file, who, flag: the same lock for another folder and holder (hold_output)."""
+    path = lock_file or RunFolder(model_dir).lock_file
     me = _this_process()
     with atomic.write_errors_named(path):
         for _ in range(3):  # a stale lock removed, then a race with another starter: bounded
             holder = _read(path)
             if holder and holder_alive(holder):
-                raise UserError(f"{model_dir} is in use by another trainer ({describe(holder)}); wait for it "
-                                f"to finish or stop it, or use another --model_dir")
+                raise UserError(f"{model_dir} is in use by another {who} ({describe(holder)}); wait for it "
+                                f"to finish or stop it, or use another {flag}")
             if holder is not None:
                 log(_take_over_line(path, holder), flush=True)
                 tf.io.gfile.remove(path)
             if _create(path, me):
                 break
         else:
-            raise UserError(f"{model_dir}: another trainer is starting on it at the same time")
+            raise UserError(f"{model_dir}: another {who} is starting on it at the same time")
     stop = threading.Event()
 
     def beat():
@@ -176,3 +181,22 @@ def hold(model_dir: str, log=print):
         with contextlib.suppress(Exception):
             if (_read(path) or {}).get("pid") == me["pid"]:
                 tf.io.gfile.remove(path)
+
+
+def trainer_of(model_dir: str) -> str | None:
+    """The live trainer holding model_dir now (describe()), or None: read-only, the lock is not
+    touched (evaluate.py asks, model/commands/evaluate.py)."""
+    holder = _read(RunFolder(model_dir).lock_file)
+    return describe(holder) if holder and holder_alive(holder) else None
+
+
+def output_lock_file(output_dir: str) -> str:
+    """An evaluation's lock: OUTPUT_DIR.lock beside its output folder (which is moved into place
+    whole at the end, so it cannot hold its own lock)."""
+    return output_dir.rstrip("/") + ".lock"
+
+
+def hold_output(output_dir: str, log=print):
+    """One evaluation at a time writes output_dir: the trainer's lock, beside the folder."""
+    tf.io.gfile.makedirs(os.path.dirname(output_dir.rstrip("/")) or ".")
+    return hold(output_dir, log, lock_file=output_lock_file(output_dir), who="evaluation", flag="--output_dir")
