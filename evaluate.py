@@ -2,9 +2,6 @@
 the command is model/commands/evaluate.py."""
 
 if __name__ == "__main__":
-    from model import cli
+    from model.commands import console
 
-    cli.configure_environment()  # before TensorFlow loads: it reads these at import
-    from model.commands import evaluate, launch
-
-    launch(evaluate)
+    console.evaluate()

@@ -35,6 +35,15 @@ setuptools.setup(
         "pillow>=10,<13",
         "matplotlib>=3.8,<4",
     ],
+    # The commands under names of their own, from any folder (README "Commands"); `python train.py`
+    # and `python -m beam_convert` run the same functions.
+    entry_points={"console_scripts": [
+        "cdiscount-convert = beam_convert.__main__:run",
+        "cdiscount-train = model.commands.console:train",
+        "cdiscount-evaluate = model.commands.console:evaluate",
+        "cdiscount-predict = model.commands.console:predict",
+        "cdiscount-data-service = model.commands.console:data_service",
+    ]},
     extras_require={
         # pytest-xdist: make test uses every core; psutil: peak memory in bench/; the gcp extra:
         # a test builds the Dataflow job (dry run).

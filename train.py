@@ -2,9 +2,6 @@
 section 4): the command is model/commands/train.py."""
 
 if __name__ == "__main__":
-    from model import cli
+    from model.commands import console
 
-    cli.configure_environment()  # before TensorFlow loads: it reads these at import
-    from model.commands import launch, train
-
-    launch(train)
+    console.train()

@@ -53,5 +53,10 @@ def _convert(argv: list[str]) -> int:
     return 0
 
 
-if __name__ == "__main__":
+def run() -> None:
+    """The console script cdiscount-convert (setup.py), as `python -m beam_convert`."""
     sys.exit(main(sys.argv[1:]))
+
+
+if __name__ == "__main__":
+    run()

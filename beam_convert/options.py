@@ -112,10 +112,14 @@ def _parser() -> _ArgumentParser:
     # refuses prefixes too).
     parser = _ArgumentParser(prog="python -m beam_convert", description=DESCRIPTION, allow_abbrev=False)
     parser.add_argument("--input", required=True, help="BSON file, or a glob of them (local, gs://, ...)")
-    parser.add_argument("--output_dir", required=True)
+    parser.add_argument("--output_dir", required=True,
+                        help="the data folder to write (local, gs://, ...): empty, or pass --overwrite")
     parser.add_argument("--categories", help="category_names.csv: the class table (all its rows)")
-    parser.add_argument("--val_fraction", type=float, default=ConvertConfig.val_fraction)
-    parser.add_argument("--max_images", type=int, default=ConvertConfig.max_images)
+    parser.add_argument("--val_fraction", type=float, default=ConvertConfig.val_fraction,
+                        help="share of labelled products in the val split, in [0, 1) (default: %(default)s)")
+    parser.add_argument("--max_images", type=int, default=ConvertConfig.max_images,
+                        help="image slots per record; a product's extra images are dropped and counted "
+                             "(default: %(default)s; the readers take it from metadata.json)")
     parser.add_argument("--num_shards", type=int, default=ConvertConfig.num_shards,
                         help="shards per split, of even record counts (default: one per index range); "
                              "at most one per product: no shard is empty")

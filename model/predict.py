@@ -1,9 +1,6 @@
 """`python -m model.predict` (docs/FORMATS.md section 4): the command is model/commands/predict.py."""
 
 if __name__ == "__main__":
-    from model import cli
+    from model.commands import console
 
-    cli.configure_environment()  # before TensorFlow loads: it reads these at import
-    from model.commands import launch, predict
-
-    launch(predict)
+    console.predict()

@@ -1,9 +1,11 @@
 """A run (beam_convert/run.py): what a failure says it leaves behind, and the Dataflow runner as far
 as this machine allows."""
 
+import re
+
 import pytest
 
-from tests.convert_helpers import SAMPLE_BSON, convert_and_read_stderr
+from tests.convert_helpers import REPO, SAMPLE_BSON, convert_and_read_stderr
 
 pytestmark = pytest.mark.slow  # converts (a Beam job or a subprocess): not in make test-fast
 
@@ -40,3 +42,20 @@ def test_the_readme_dataflow_command_builds_a_job_that_stages_the_package(tmp_pa
     assert last.startswith("beam_convert: dry run: the DataflowRunner job was built and not submitted")
     assert "workflow.tar.gz" in last  # the sdist that --setup_file ships to every worker
     assert list(out.iterdir()) == []  # nothing converted, no temporary folder left
+
+
+def test_every_option_has_its_help_and_its_readme_row():
+    """`python -m beam_convert --help` says what each option means, and README section 1's table
+    has a row for each (issue 26: --output_dir, --val_fraction and --max_images had no help,
+    --overwrite no row)."""
+    from beam_convert import options
+
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    rows = set(re.findall(r"^\| `(--\w+)` \|", readme, flags=re.M))
+    parser = options._parser()
+    for action in parser._actions:
+        if action.dest == "help":
+            continue
+        (name,) = [o for o in action.option_strings if o.startswith("--")]
+        assert action.help, f"{name} has no help"
+        assert name in rows, f"{name} has no row in README section 1's table"

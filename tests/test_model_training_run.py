@@ -229,9 +229,11 @@ def test_finished_run_with_other_settings_stops_with_one_line(resumed_run, tmp_p
 
 def test_artifacts_after_training(resumed_run):
     model_dir = resumed_run["model_dir"]
-    for name in ("model.keras", "best.keras", "labels.csv", "train_config.json", "export/saved_model.pb",
-                 "export_best/saved_model.pb"):
+    # README section 2's list of a finished model_dir.
+    for name in ("model.keras", "best.keras", "best.json", "labels.csv", "train_config.json", "train_state.json",
+                 "flags.txt", "export/saved_model.pb", "export_best/saved_model.pb", "logs"):
         assert os.path.exists(os.path.join(model_dir, name)), name
+    assert not os.path.exists(os.path.join(model_dir, "backup"))
     tags = {}
     for run in ("train", "validation", "samples"):
         for path in glob.glob(os.path.join(model_dir, "logs", run, "*tfevents*")):
@@ -240,6 +242,7 @@ def test_artifacts_after_training(resumed_run):
     assert {"epoch_loss", "epoch_category_top1", "epoch_category_top5", "epoch_learning_rate",
             "epoch_products_per_second"} <= tags["train"]
     assert "epoch_category_top1" in tags["validation"] and tags["samples"] == {"training_products"}
+    assert not {"epoch_learning_rate", "epoch_products_per_second"} & tags["validation"]  # as README says
     assert glob.glob(os.path.join(model_dir, "logs", "train", "plugins", "profile", "*", "*.xplane.pb"))
     with open(os.path.join(model_dir, "flags.txt")) as f:
         flags_txt = f.read().splitlines()
@@ -387,3 +390,10 @@ def test_the_best_epoch_is_recalibrated_measured_and_exported_as_asked(uninterru
     for export in ("export", "export_best"):
         info = tf.saved_model.load(os.path.join(model_dir, export)).signatures["serving_info"]()
         assert bool(info["flip_tta"].numpy()), export
+
+
+def test_the_replicas_line_is_the_third(uninterrupted_run):
+    """README section 0 and docs/FORMATS.md section 4 point users to it by its place."""
+    lines = uninterrupted_run["outputs"][0].splitlines()
+    assert lines[0].startswith("Seed ") and lines[1].startswith("Settings other than the defaults: "), lines[:3]
+    assert lines[2].startswith("1 replica on CPU (MirroredStrategy); "), lines[:3]

@@ -6,6 +6,7 @@ evaluate       python evaluate.py: one model or an ensemble on a split; metrics,
 train          python train.py: trains (or resumes) into a model_dir
 predict        python -m model.predict (model/predict.py): products from JPEG files through the SavedModel
 data_service   python -m model.data_service dispatcher|worker (model/data_service/__main__.py)
+console        the console scripts setup.py installs (cdiscount-train, ...), which those entry points call
 """
 
 

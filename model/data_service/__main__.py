@@ -2,9 +2,6 @@
 model/commands/data_service.py."""
 
 if __name__ == "__main__":
-    from model import cli
+    from model.commands import console
 
-    cli.configure_environment()  # before TensorFlow loads: quiet C++ logs, the pooling allocator
-    from model.commands import data_service, launch
-
-    launch(data_service)
+    console.data_service()
