@@ -360,6 +360,9 @@ def test_submission_from_an_unlabelled_bson_with_bad_products(resumed_run, tmp_p
     assert rows[0] == ["_id", "category_id"]
     ids = [int(r[0]) for r in rows[1:]]
     assert sorted(ids) == sorted({d["_id"] for d in documents})
+    # docs/FORMATS.md: the converted products first, in the shards' record order.
+    converted = np.load(test_dir / record_schema.product_ids_name("test")).tolist()
+    assert ids[:len(converted)] == converted
     known = set(labels_lib.read_labels(os.path.join(resumed_run["model_dir"], record_schema.LABELS_FILE))
                 .category_ids.tolist())
     assert all(int(r[1]) in known for r in rows[1:])
