@@ -30,8 +30,9 @@ from beam_convert.terminal import (
     beam_log_path, corrupt_bson_message, nothing_converted_message, progress_lines, say, show_beam_logs, stderr_to)
 
 # Below this much input (~50,000 products) the in-process runner wins: worker processes cost
-# several seconds to start. Above it one worker per core wins: 1.2x the in-process rate on
-# 100,000 products (1 GB), more as the start-up is amortised (BUILD_NOTES.md, conversion benchmark).
+# several seconds to start. Above it one worker per core wins on idle cores: on 100,000 products
+# (1 GB) 1.27x the plain loop's rate against the in-process runner's ~0.95x, but 0.73-0.76x in a
+# run with a test beside it (BUILD_NOTES.md, conversion benchmark); more as start-up is amortised.
 IN_MEMORY_MAX_BYTES = 512 * 1024**2
 
 
