@@ -31,7 +31,7 @@ from beam_convert.terminal import (
 
 # Below this much input (~50,000 products) the in-process runner wins: worker processes cost
 # several seconds to start. Above it one worker per core wins on idle cores: on 100,000 products
-# (1 GB) 1.27x the plain loop's rate against the in-process runner's ~0.95x, but 0.73-0.76x in a
+# (1 GB) 1.27x the plain loop's rate against the in-process runner's 1.06x, but 0.73-0.76x in a
 # run with a test beside it (BUILD_NOTES.md, conversion benchmark); more as start-up is amortised.
 IN_MEMORY_MAX_BYTES = 512 * 1024**2
 
