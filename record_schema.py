@@ -29,6 +29,10 @@ LABELS_FILE = "labels.csv"
 LABELS_HEADER = ("label", "category_id", "category_level1", "category_level2", "category_level3")
 METADATA_FILE = "metadata.json"
 IMAGE_DIGESTS_FILE = "train_image_digests.npz"
+# metadata.json["splits"][SPLIT][SHARD_FILES]: {shard file name: {"records": int, "bytes": int}}, every
+# shard of the split (docs/FORMATS.md section 1): what a reader checks a split against by listing
+# and size, without reading a record. A folder converted before it was recorded has no such key.
+SHARD_FILES = "shard_files"
 
 
 def shard_pattern(split: str) -> str:

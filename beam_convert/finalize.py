@@ -264,8 +264,18 @@ def _split_totals(results: list[RangeResult], output_dir: str) -> dict:
             splits[split]["products"] += split_file.products
             splits[split]["images"] += split_file.images
     for split in splits:
-        splits[split]["shards"] = len(files.glob(files.join(output_dir, record_schema.shard_pattern(split))))
+        shards = files.glob_with_sizes(files.join(output_dir, record_schema.shard_pattern(split)))
+        splits[split]["shards"] = len(shards)
+        splits[split][record_schema.SHARD_FILES] = shard_files(shards, splits[split]["products"])
     return dict(sorted(splits.items()))
+
+
+def shard_files(shards: list[tuple[str, int]], records: int) -> dict:
+    """metadata.json's {shard name: {"records", "bytes"}} of one split's (path, size) shards, in name
+    order: shard k of S holds records [k*N/S, (k+1)*N/S) of the split's N (the plan's even cut)."""
+    count = len(shards)
+    return {path.rsplit("/", 1)[-1]: {"records": (k + 1) * records // count - k * records // count, "bytes": size}
+            for k, (path, size) in enumerate(shards)}
 
 
 def _unframed(index: DatasetIndex) -> Optional[dict]:

@@ -21,6 +21,8 @@ OPTIMIZERS = ("adamw", "sgd")  # training/optimization.OPTIMIZERS
 ENSEMBLE_MEANS = ("arithmetic", "geometric")
 DUP_LOOKUP_LEVELS = ("image", "product")  # the first is the default (BUILD_NOTES.md measures both)
 SPLITS = ("train", "val", "test")
+VERIFY_RECORDS_HELP = ("Read every record of every shard before starting (O(bytes)); the default checks the "
+                       "shards' names and sizes against metadata.json.")
 
 
 def setting(default=dataclasses.MISSING, help: str = "", *, lower_bound=None, upper_bound=None,  # noqa: A002
@@ -113,6 +115,7 @@ class TrainConfig:
                                          "skipped, named once and counted in train_state.json (one read of the "
                                          "shards first); without it a damaged shard stops training with one line "
                                          "naming it.")
+    verify_records: bool = setting(False, VERIFY_RECORDS_HELP)
     data_service: str = setting("", "grpc://HOST:PORT of a tf.data service dispatcher (python -m "
                                 "model.data_service dispatcher): the training stream (read, decode, crop, batch) "
                                 "runs on its workers, which must see --data_dir at the same path; validation stays "
@@ -182,3 +185,4 @@ class EvalConfig:
     skip_corrupt_records: bool = setting(False, "Read past damaged shards: the rest of each damaged file is "
                                          "skipped, named once and counted in metrics.json (skipped_records); "
                                          "without it a damaged shard stops evaluation with one line naming it.")
+    verify_records: bool = setting(False, VERIFY_RECORDS_HELP)

@@ -26,7 +26,8 @@ def sample_documents():
 def write_data_dir(path, *, with_val=True, one_level1=False, shards=1, val_name="val"):
     """82 real products: every 5th to `val_name` (when with_val), the rest to train, each split in
     `shards` shards (records dealt round-robin); tree from category_names.csv (with one_level1,
-    every class moved under one level1 node). Writes metadata.json and the product id lists."""
+    every class moved under one level1 node). Writes metadata.json (with each shard's records and
+    bytes, as beam_convert does) and the product id lists."""
     import tensorflow as tf
 
     os.makedirs(path, exist_ok=True)
@@ -54,7 +55,11 @@ def write_data_dir(path, *, with_val=True, one_level1=False, shards=1, val_name=
         for writer in writers[split]:
             writer.close()
         np.save(os.path.join(path, record_schema.product_ids_name(split)), np.array(ids[split], np.int64))
-    counts = {split: {"products": len(ids[split]), "images": 0} for split in splits}
+    counts = {split: {"products": len(ids[split]), "images": 0, record_schema.SHARD_FILES: {
+        record_schema.shard_name(split, i, shards): {
+            "records": len(ids[split][i::shards]),
+            "bytes": os.path.getsize(os.path.join(path, record_schema.shard_name(split, i, shards)))}
+        for i in range(shards)}} for split in splits}
     with open(os.path.join(path, record_schema.METADATA_FILE), "w") as f:
         json.dump({"schema_version": 1, "num_classes": len(category_ids), "max_images": 4, "splits": counts,
                    "images_per_product": {}, "rejected": {}}, f)

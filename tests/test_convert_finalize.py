@@ -76,7 +76,11 @@ def test_shards_are_even_whatever_the_ranges(tmp_path, sizes, num_shards, expect
     assert [len(shard) for shard in shards] == expected
     assert os.path.exists(os.path.join(config.output_dir, record_schema.shard_name("train", 0, len(expected))))
     assert sorted(sum(shards, [])) == list(range(sum(sizes))), "every record once"
-    assert metadata["splits"] == {"train": {"products": sum(sizes), "images": sum(sizes), "shards": len(expected)}}
+    listed = {record_schema.shard_name("train", k, len(expected)): {
+        "records": count, "bytes": os.path.getsize(os.path.join(config.output_dir, record_schema.shard_name(
+            "train", k, len(expected))))} for k, count in enumerate(expected)}
+    assert metadata["splits"] == {"train": {"products": sum(sizes), "images": sum(sizes), "shards": len(expected),
+                                            record_schema.SHARD_FILES: listed}}
 
 
 def test_the_id_list_is_the_records_in_shard_order(tmp_path):

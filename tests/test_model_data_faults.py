@@ -6,6 +6,7 @@ folder written by tests/record_helpers.py, three shards a split.
 
 import csv
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -79,9 +80,13 @@ def test_submission_from_a_folder_with_a_deleted_shard_fails_naming_it(trained, 
 
 def test_a_shard_cut_at_a_record_boundary_is_counted_against_metadata(trained, tmp_path):
     data = str(tmp_path / "test")
-    damaged_copy(trained["test"], data, "boundary")
-    with pytest.raises(errors.UserError, match=r"the test shards hold \d+ records, metadata.json counts 17"):
+    path = damaged_copy(trained["test"], data, "boundary")
+    with pytest.raises(errors.UserError) as stopped:  # named by its size
         evaluate(trained, data, str(tmp_path / "out"))
+    assert re.fullmatch(rf"{re.escape(path)}: \d+ bytes holding 1 records, metadata.json lists \d+ bytes and 6 "
+                        "records: the shard was cut short or replaced; convert again", str(stopped.value))
+    with pytest.raises(errors.UserError, match=r"the test shards hold \d+ records, metadata.json counts 17"):
+        evaluate(trained, data, str(tmp_path / "out"), verify_records=True)
 
 
 @pytest.mark.parametrize("damage, reported", [("truncate", "truncated record at"), ("flip", "corrupted record at")])

@@ -149,29 +149,38 @@ def test_an_intact_split(data):
 @pytest.mark.parametrize("kind, skip, message", [
     ("delete", False, "{folder}: 1 train shard(s) missing: train-00001-of-00003.tfrecord"),
     ("delete", True, "{folder}: 1 train shard(s) missing: train-00001-of-00003.tfrecord"),  # nothing stands in
-    ("boundary", False, "{folder}: the train shards hold 44 records, metadata.json counts 65: "
-                        "a shard was cut short or replaced; convert again"),
-    ("boundary", True, "{folder}: the train shards hold 44 records, metadata.json counts 65: "
-                       "a shard was cut short or replaced; convert again"),
+    # By the sizes metadata.json lists, the cut file is named; reading every record counts the split.
+    ("boundary", False, "{path}: {size} bytes holding 1 records, metadata.json lists {listed} bytes and 22 "
+                        "records: the shard was cut short or replaced; convert again"),
+    ("boundary", True, "{path}: {size} bytes holding 1 records, metadata.json lists {listed} bytes and 22 "
+                       "records: the shard was cut short or replaced; convert again"),
+    ("boundary", "verify", "{folder}: the train shards hold 44 records, metadata.json counts 65: "
+                           "a shard was cut short or replaced; convert again"),
     ("truncate", False, "{path}: {problem}; pass --skip_corrupt_records to read the rest of the data"),
-    ("flip", False, "{path}: {problem}; pass --skip_corrupt_records to read the rest of the data"),
+    ("flip", "verify", "{path}: {problem}; pass --skip_corrupt_records to read the rest of the data"),
 ])
 def test_check_split_stops_with_one_line(data, kind, skip, message):
     folder, path = data
+    listed = os.path.getsize(path)
     damage(path, kind)
+    size = os.path.getsize(path) if os.path.exists(path) else 0
     problem = shards.count_records(path)[1] if kind in MESSAGE else None
     with pytest.raises(UserError) as stopped:
-        shards.check_split(folder, "train", skip_corrupt_records=skip, log=pytest.fail)
-    assert str(stopped.value) == message.format(folder=folder, path=path, problem=problem)
+        shards.check_split(folder, "train", skip_corrupt_records=skip is True, verify_records=skip == "verify",
+                           log=pytest.fail)
+    assert str(stopped.value) == message.format(folder=folder, path=path, problem=problem,
+                                                size=size, listed=listed)
     assert "\n" not in str(stopped.value)
 
 
 @pytest.mark.parametrize("kind", ["truncate", "flip"])
 def test_check_split_skips_the_rest_of_a_damaged_shard_and_counts_it(data, kind):
+    """A cut file is found by its size, damage of the same size by reading every record."""
     folder, path = data
     readable, offset = damage(path, kind)
     logged = []
-    check = shards.check_split(folder, "train", skip_corrupt_records=True, log=logged.append)
+    check = shards.check_split(folder, "train", skip_corrupt_records=True, verify_records=kind == "flip",
+                               log=logged.append)
     [problem] = check.damaged.values()
     assert list(check.damaged) == [path]
     assert_problem(problem, kind, offset + (12 if kind == "flip" else 0))
@@ -186,7 +195,7 @@ def test_check_split_names_every_damaged_shard_once(data):
     first, _ = damage(path, "truncate")
     second, _ = damage(other, "flip")
     logged = []
-    check = shards.check_split(folder, "train", skip_corrupt_records=True, log=logged.append)
+    check = shards.check_split(folder, "train", skip_corrupt_records=True, verify_records=True, log=logged.append)
     assert list(check.damaged) == [path, other]
     assert [line.split(" after ")[0] for line in logged] == [f"Skipping the rest of {path}",
                                                              f"Skipping the rest of {other}"]
@@ -219,3 +228,56 @@ def test_check_split_names_the_first_five_missing_shards(tmp_path):
         shards.check_split(str(tmp_path), "train", skip_corrupt_records=False)
     names = ", ".join(record_schema.shard_name("train", i, 8) for i in range(1, 6))
     assert str(stopped.value) == f"{tmp_path}: 6 train shard(s) missing: {names} ..."
+
+
+# ---------------------------------------------------------------------------------------------
+# By listing and size (metadata.json's shard_files), or every record read
+
+
+@pytest.fixture
+def reads(monkeypatch):
+    """The shards check_split reads whole, in order."""
+    read, count = [], shards.count_records
+    monkeypatch.setattr(shards, "count_records", lambda path: read.append(path) or count(path))
+    return read
+
+
+def test_a_converted_split_is_checked_without_reading_a_record(data, reads, monkeypatch):
+    folder, _ = data
+    monkeypatch.setattr(tf.data, "TFRecordDataset", lambda *_, **__: pytest.fail("a record was read"))
+    check = shards.check_split(folder, "train", skip_corrupt_records=False, log=pytest.fail)
+    assert reads == []
+    assert check.records == 65 and list(check.records_per_file.values()) == SHARD_RECORDS and check.damaged == {}
+
+
+def test_a_cut_shard_is_found_by_its_size_and_only_it_is_read_to_name_its_damage(data, reads):
+    folder, path = data
+    readable, offset = damage(path, "truncate")
+    logged = []
+    check = shards.check_split(folder, "train", skip_corrupt_records=True, log=logged.append)
+    assert reads == [path]
+    [line] = logged
+    assert re.fullmatch(rf"Skipping the rest of {re.escape(path)} after {readable} records: truncated record at "
+                        rf"{offset}.*", line)
+    assert check.records_per_file[path] == readable and check.records == 22 + readable + 21
+
+
+def test_a_folder_converted_before_shard_sizes_were_recorded_is_read_whole_with_one_line(data, reads):
+    folder, _ = data
+    metadata_path = os.path.join(folder, record_schema.METADATA_FILE)
+    metadata = json.load(open(metadata_path))
+    for totals in metadata["splits"].values():
+        del totals[record_schema.SHARD_FILES]
+    json.dump(metadata, open(metadata_path, "w"))
+    logged = []
+    check = shards.check_split(folder, "train", skip_corrupt_records=False, log=logged.append)
+    assert logged == [f"{folder}: converted before shard sizes were recorded: reading every train record to check "
+                      "the shards (convert again to skip this)"]
+    assert len(reads) == 3 and list(check.records_per_file.values()) == SHARD_RECORDS
+
+
+def test_verify_records_reads_every_record(data, reads):
+    folder, _ = data
+    check = shards.check_split(folder, "train", skip_corrupt_records=False, verify_records=True, log=pytest.fail)
+    assert reads == list(check.files) and list(check.records_per_file.values()) == SHARD_RECORDS
+

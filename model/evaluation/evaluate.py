@@ -118,8 +118,7 @@ def _evaluate_into(run: _Run, model_dirs: list[str], checkpoints: list[str], wei
                 f"top_k.npz keeps all {run.labels.num_classes} a product")
     table = _digest_table(run)
     class_counts = table.class_counts(run.labels) if table is not None else None
-    check = _check_split(run)
-    predictions, digests = _predict(run, check, table)
+    check, predictions, digests = _checked_predictions(run, table)
     summary = _summary(run, check, len(predictions["top_classes"]))
     top_classes, lookup = _duplicate_lookup(run, predictions, digests, table, summary)
     if run.cfg.save_top_k:
@@ -167,7 +166,24 @@ def _check_split(run: _Run) -> shards.SplitCheck:
     data_slots = data_folder.max_images(cfg.data_dir)
     for member in run.members:
         predict.check_slot_count(member, cfg.data_dir, data_slots)
-    return shards.check_split(cfg.data_dir, cfg.split, skip_corrupt_records=cfg.skip_corrupt_records, log=run.log)
+    return shards.check_split(cfg.data_dir, cfg.split, skip_corrupt_records=cfg.skip_corrupt_records,
+                              verify_records=cfg.verify_records, log=run.log)
+
+
+def _checked_predictions(run: _Run, table) -> tuple[shards.SplitCheck, dict, dict | None]:
+    """The split checked, then predicted. Damage that kept its file's size passes the check by sizes
+    and is met by the reader, whose message names no file: every record is then read, which names
+    it (one line, or with --skip_corrupt_records a count of what is skipped), and the split read again."""
+    check = _check_split(run)
+    try:
+        return (check,) + _predict(run, check, table)
+    except tf.errors.DataLossError:
+        if run.cfg.verify_records:
+            raise  # every record was read by the check: the shards changed since
+    cfg = run.cfg
+    check = shards.check_split(cfg.data_dir, cfg.split, skip_corrupt_records=cfg.skip_corrupt_records,
+                               verify_records=True, log=run.log)
+    return (check,) + _predict(run, check, table)
 
 
 def _predict(run: _Run, check: shards.SplitCheck, table) -> tuple[dict, dict | None]:

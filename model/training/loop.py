@@ -64,10 +64,11 @@ def train(cfg: TrainConfig, extra_callbacks: tuple = (), flags_text: str = "",
         with atomic.write_errors_named(cfg.model_dir), signals.stop_requests() as stop_requests:
             return _train(cfg, extra_callbacks, flags_text, stop_requests, training_batches)
     except tf.errors.DataLossError as error:
-        # TensorFlow's message names no file: find it, which raises the one-line error.
+        # TensorFlow's message names no file: find it by reading every record, which raises the
+        # one-line error (damage that kept the file's size passes the check by sizes at the start).
         for split in ("train", "val"):
             if tf.io.gfile.glob(data_folder.split_pattern(cfg.data_dir, split)):
-                shards.check_split(cfg.data_dir, split, skip_corrupt_records=False)
+                shards.check_split(cfg.data_dir, split, skip_corrupt_records=False, verify_records=True)
         raise UserError(f"{cfg.data_dir}: damaged record ({error.message.strip()})") from None
 
 
@@ -193,7 +194,8 @@ def _read_data(cfg: TrainConfig, strategy, service_job: str,
     # stops here with one line (damage is read past with --skip_corrupt_records, and counted).
     skipped, records_per_file = {}, {}
     for split in ("train", "val") if has_val else ("train",):
-        check = shards.check_split(cfg.data_dir, split, skip_corrupt_records=cfg.skip_corrupt_records)
+        check = shards.check_split(cfg.data_dir, split, skip_corrupt_records=cfg.skip_corrupt_records,
+                                   verify_records=cfg.verify_records)
         if cfg.skip_corrupt_records:
             skipped[split] = check.unreadable
         if split == "train":

@@ -21,7 +21,7 @@ from model.training.callbacks import BACKUP_WEIGHTS
 RUN_INDEPENDENT = frozenset({"model_dir", "verbose", "profile_batches", "sample_products", "backup_every_steps", "input_check",
                              "export_top_k", "cpu_devices", "shuffle_buffer", "steps_per_execution",
                              "log_every_steps", "expect_gpus",
-                             "skip_corrupt_records", "data_service", "export_flip_tta"})
+                             "skip_corrupt_records", "verify_records", "data_service", "export_flip_tta"})
 # Of those, the ones that change the training stream's batches (which products, in which order):
 # a run resumed with another value trains on, but not on the stream an uninterrupted run reads.
 STREAM_SETTINGS = ("shuffle_buffer", "data_service", "replicas")
