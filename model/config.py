@@ -22,7 +22,8 @@ ENSEMBLE_MEANS = ("arithmetic", "geometric")
 DUP_LOOKUP_LEVELS = ("image", "product")  # the first is the default (BUILD_NOTES.md measures both)
 SPLITS = ("train", "val", "test")
 VERIFY_RECORDS_HELP = ("Read every record of every shard before starting (O(bytes)); the default checks the "
-                       "shards' names and sizes against metadata.json.")
+                       "shards' names and sizes against metadata.json (--skip_corrupt_records reads every "
+                       "record too).")
 
 
 def setting(default=dataclasses.MISSING, help: str = "", *, lower_bound=None, upper_bound=None,  # noqa: A002

@@ -152,8 +152,9 @@ def test_an_intact_split(data):
     # By the sizes metadata.json lists, the cut file is named; reading every record counts the split.
     ("boundary", False, "{path}: {size} bytes holding 1 records, metadata.json lists {listed} bytes and 22 "
                         "records: the shard was cut short or replaced; convert again"),
-    ("boundary", True, "{path}: {size} bytes holding 1 records, metadata.json lists {listed} bytes and 22 "
-                       "records: the shard was cut short or replaced; convert again"),
+    # --skip_corrupt_records reads every record (a file's exact count sets the epoch and the resume).
+    ("boundary", True, "{folder}: the train shards hold 44 records, metadata.json counts 65: "
+                       "a shard was cut short or replaced; convert again"),
     ("boundary", "verify", "{folder}: the train shards hold 44 records, metadata.json counts 65: "
                            "a shard was cut short or replaced; convert again"),
     ("truncate", False, "{path}: {problem}; pass --skip_corrupt_records to read the rest of the data"),
@@ -252,10 +253,20 @@ def test_a_converted_split_is_checked_without_reading_a_record(data, reads, monk
 
 def test_a_cut_shard_is_found_by_its_size_and_only_it_is_read_to_name_its_damage(data, reads):
     folder, path = data
+    _, offset = damage(path, "truncate")
+    with pytest.raises(UserError, match=rf"^{re.escape(path)}: truncated record at {offset}"):
+        shards.check_split(folder, "train", skip_corrupt_records=False, log=pytest.fail)
+    assert reads == [path]
+
+
+def test_skip_corrupt_records_reads_every_record_and_names_the_damaged_file(data, reads):
+    """Damage that keeps a file's size (a flipped byte) is invisible to the size check: skipped
+    unnamed, the file's listed count would set a wrong epoch length and resume position."""
+    folder, path = data
     readable, offset = damage(path, "truncate")
     logged = []
     check = shards.check_split(folder, "train", skip_corrupt_records=True, log=logged.append)
-    assert reads == [path]
+    assert len(reads) == 3
     [line] = logged
     assert re.fullmatch(rf"Skipping the rest of {re.escape(path)} after {readable} records: truncated record at "
                         rf"{offset}.*", line)

@@ -75,7 +75,9 @@ def check_split(data_dir: str, split: str, *, skip_corrupt_records: bool, verify
     Missing shards always stop (nothing can stand in for a file). The shards are then checked
     against metadata.json's list of their record counts and sizes (record_schema.SHARD_FILES), one
     stat a file and no record read; only a file of another size is read, to name its damage. With
-    verify_records, or for a folder converted before the list was kept, every record is read. A
+    verify_records, with skip_corrupt_records (damage that keeps a file's size would otherwise be
+    skipped unnamed, and the file's record count, which sets the epoch and the resume position,
+    be wrong), or for a folder converted before the list was kept, every record is read. A
     damaged shard stops unless skip_corrupt_records, in which case each damaged file is named once.
     Fewer readable records than metadata.json counts, with no damage to explain it, stops too (a
     shard cut at a record boundary, or one from another conversion).
@@ -91,13 +93,14 @@ def check_split(data_dir: str, split: str, *, skip_corrupt_records: bool, verify
     metadata = data_folder.read_metadata(data_dir)
     expected = data_folder.split_products(metadata, split)
     listed = metadata.get("splits", {}).get(split, {}).get(record_schema.SHARD_FILES)
-    if listed is None and not verify_records:
+    read_all = verify_records or skip_corrupt_records
+    if listed is None and not read_all:
         log(f"{data_dir}: converted before shard sizes were recorded: reading every {split} record to check "
             "the shards (convert again to skip this)")
     damaged, per_file = {}, {}
     for path in files:
         signals.raise_if_requested()  # a split of 700 files on a bucket takes a while
-        if verify_records or listed is None:
+        if read_all or listed is None:
             per_file[path] = _read_file(path, skip_corrupt_records, damaged, log)
         else:
             per_file[path] = _file_as_listed(data_dir, split, path, listed, skip_corrupt_records, damaged, log)
