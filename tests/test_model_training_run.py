@@ -9,6 +9,7 @@ import concurrent.futures
 import glob
 import json
 import os
+import pathlib
 import signal
 import subprocess
 import sys
@@ -42,7 +43,7 @@ def run_killed_and_resumed(data_dir, model_dir, extra_args, stops, trace=None, w
             run = subprocess.Popen(args, cwd=REPO, stdout=out, stderr=subprocess.PIPE, text=True, env=env)
         deadline, state = time.time() + 180, None
         while time.time() < deadline and run.poll() is None:
-            if index == 0 and while_first_runs and aside is None and "Epoch 1/3" in open(out_path).read():
+            if index == 0 and while_first_runs and aside is None and "Epoch 1/3" in pathlib.Path(out_path).read_text():
                 # In a thread: the first run is still polled and stopped on time meanwhile.
                 aside = concurrent.futures.ThreadPoolExecutor(1).submit(while_first_runs, args, env)
             state = read_progress(progress)
