@@ -48,7 +48,7 @@ SKIPPED = {
     "--temp_location=gs://BUCKET/tmp --setup_file=./setup.py": CLOUD,
     ".venv/bin/tensorboard --logdir=runs/tiny/logs": "a server that does not exit",
     "python3 -m venv .venv": "creates the environment this test already runs in (and " + NETWORK + ")",
-    "CDISCOUNT_TENSORFLOW=tensorflow[and-cuda] .venv/bin/pip install -e .": NETWORK + "; TensorFlow's CUDA build",
+    "CDISCOUNT_TENSORFLOW=tensorflow[and-cuda] .venv/bin/pip install -c constraints.txt -e .": NETWORK + "; TensorFlow's CUDA build",
     ".venv/bin/pip install kaggle": NETWORK,
     ".venv/bin/kaggle competitions download -c cdiscount-image-classification-challenge -p cdiscount": KAGGLE,
     "unzip cdiscount/cdiscount-image-classification-challenge.zip -d cdiscount": DOWNLOAD,
