@@ -11,9 +11,10 @@ label list):
               classes of Zipf-like sizes (weight 1/rank**0.6: the largest 94 k, the smallest
               550; the real sizes are not in the repo), index ranges of 10,000, 707 shards. Shard
               layouts: `before` = the input order cut evenly (the converter until issue 17),
-              `after` = beam_convert.mix (the converter's own functions). Read by tf.data stages
-              shaped as create_dataset's training stream (file shuffle, interleave of 16 files,
-              shuffle buffer, batch) over the labels. For batch 64 / buffer 2,048 (train.py's
+              `after` = beam_convert.mix (the converter's own functions). Read by the seeded
+              training stream's own function (sources.seeded_passes: file order drawn per pass,
+              interleave of 16 files, records permuted in blocks of the shuffle buffer) over the
+              labels' positions, then batched. For batch 64 / buffer 2,048 (train.py's
               defaults) and batch 512 / buffer 2,048 and 16,384 (configs/xception_gpu.flags).
   measured    `--products` products in category order (real JPEGs of data/train_example.bson
               reused, 1.3 images a product) converted by `python -m beam_convert` of the tree this
@@ -53,16 +54,24 @@ def uniform_distinct(labels: np.ndarray, batch: int, batches: int = 300, seed: i
 
 
 def read_shards(shard_labels: list[np.ndarray], batch: int, buffer: int, batches: int, seed: int) -> float:
-    """Distinct classes per batch, the shards read as create_dataset's training stream reads them."""
+    """Distinct classes per batch, the shards read by the seeded training stream's own function
+    (model/input_pipeline/sources.seeded_passes: a file order drawn from the pass, 16 files
+    interleaved, records permuted in blocks of `buffer`), a shard's positions standing in for its
+    records."""
     import tensorflow as tf
+
+    from model.input_pipeline import sources
 
     offsets = tf.constant(np.concatenate([[0], np.cumsum([len(s) for s in shard_labels])]), tf.int64)
     flat = np.concatenate(shard_labels)
-    ds = tf.data.Dataset.range(len(shard_labels)).shuffle(len(shard_labels), seed=seed)
-    ds = ds.interleave(lambda k: tf.data.Dataset.range(offsets[k], offsets[k + 1]),
-                       cycle_length=min(CYCLE, len(shard_labels)), num_parallel_calls=tf.data.AUTOTUNE,
-                       deterministic=True)
-    ds = ds.shuffle(buffer, seed=seed).batch(batch, drop_remainder=True).take(batches)
+
+    def read(name):
+        k = tf.strings.to_number(name, tf.int64)
+        return tf.data.Dataset.range(offsets[k], offsets[k + 1])
+
+    ds = sources.seeded_passes([str(k) for k in range(len(shard_labels))], read, seed=seed, shuffle_buffer=buffer,
+                               repeat=False, skip_records=0, share_records=None)
+    ds = ds.batch(batch, drop_remainder=True).take(batches)
     return float(np.mean([len(np.unique(flat[positions.numpy()])) for positions in ds]))
 
 
