@@ -81,14 +81,17 @@ def config_from_flags(config_class, flag_values=None):
     return config_class(**{field.name: flag_values[field.name].value for field in dataclasses.fields(config_class)})
 
 
-def check_folder_flags(*, model_must_exist: bool) -> None:
+def check_folder_flags(*, model_must_exist: bool, flag_values=None) -> None:
     """Registers the checks of --data_dir (and of --model_dir when it must hold a trained model:
-    every folder of a comma-separated list, an ensemble's, the first without one named)."""
+    every folder of a comma-separated list, an ensemble's, the first without one named), in
+    flag_values (absl's FLAGS by default)."""
     from absl import flags
 
+    flag_values = flags.FLAGS if flag_values is None else flag_values
     flags.register_validator(
         "data_dir", has_metadata,
-        message=f"--data_dir has no {record_schema.METADATA_FILE}: point it at a beam_convert output folder")
+        message=f"--data_dir has no {record_schema.METADATA_FILE}: point it at a beam_convert output folder",
+        flag_values=flag_values)
     if model_must_exist:
         def every_model_trained(text) -> bool:
             for model_dir in (text or "").split(","):
@@ -97,7 +100,7 @@ def check_folder_flags(*, model_must_exist: bool) -> None:
                                                 "train first (python train.py ...)")
             return True
 
-        flags.register_validator("model_dir", every_model_trained)
+        flags.register_validator("model_dir", every_model_trained, flag_values=flag_values)
 
 
 def _file_exists(path: str) -> bool:

@@ -16,7 +16,7 @@ SCRIPTS = {
     "cdiscount-convert": ("beam_convert.__main__", "run", "--output_dir"),
     "cdiscount-train": ("model.commands.console", "train", "--flagfile"),
     "cdiscount-evaluate": ("model.commands.console", "evaluate", "--ensemble_weights"),
-    "cdiscount-predict": ("model.commands.console", "predict", "--product"),
+    "cdiscount-predict": ("model.commands.console", "predict", "Exit status: 0 when every product was answered; 1 when any was"),
     "cdiscount-data-service": ("model.commands.console", "data_service", "dispatcher"),
 }
 
@@ -48,4 +48,6 @@ def test_every_console_script_helps_from_another_folder(tmp_path):
         assert "Traceback" not in err, err[-3000:]
         assert process.returncode in (0, 1), err[-3000:]  # absl's --help exits 1; argparse's 0
         assert SCRIPTS[name][2] in out, out[-2000:]
+        if name == "cdiscount-predict":
+            assert "--product" in out and "--checkpoint" in out
     assert os.listdir(tmp_path) == []  # --help writes nothing

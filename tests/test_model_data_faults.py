@@ -140,22 +140,22 @@ def run(script, *args):
 
 
 def test_commands_stop_on_a_truncated_shard_with_one_line_and_skip_it_when_asked(trained, tmp_path):
-    """As a user types them, with file:// URIs for the folders (the code path of gs://). The
-    commands only for what a process shows (the one line, the exit status); reading past the
-    damage, which a flag only switches on, in-process."""
+    """With file:// URIs for the folders (the code path of gs://). evaluate.py as a user types it,
+    for what only a process shows (the one line, the exit status; train.py's own one line and exit
+    status for a UserError are its campaign's, tests/test_model_training_run.py); training's stop,
+    which comes before any model is built, and reading past the damage, which a flag only switches
+    on, in-process."""
     data = str(tmp_path / "data")
     shutil.copytree(trained["data"], data)
     path = os.path.join(data, record_schema.shard_name("train", 1, 3))
     content = open(path, "rb").read()
     open(path, "wb").write(content[: len(content) // 2])
     settings = dict(TINY, data_dir=f"file://{data}", epochs=1, steps_per_epoch=3)
-    flags = [f"--{name}={value}" for name, value in settings.items() if not isinstance(value, bool)]
-    flags += [f"--{'' if value else 'no'}{name}" for name, value in settings.items() if isinstance(value, bool)]
 
     before = set(os.listdir(REPO))
-    stopped = run("train.py", *flags, f"--model_dir=file://{tmp_path / 'm1'}")
-    assert stopped.returncode == 1 and "Traceback" not in stopped.stderr
-    assert stopped.stderr.strip().splitlines()[-1].startswith(f"train.py: error: file://{path}: truncated record at")
+    with pytest.raises(errors.UserError) as stopped:
+        loop.train(config.TrainConfig(**settings, model_dir=f"file://{tmp_path / 'm1'}"))
+    assert str(stopped.value).startswith(f"file://{path}: truncated record at") and "\n" not in str(stopped.value)
 
     skipped = config.TrainConfig(**settings, model_dir=f"file://{tmp_path / 'm2'}", skip_corrupt_records=True)
     state = loop.train(skipped)

@@ -215,8 +215,15 @@ def test_command_line_ensemble(trained, tmp_path):
     metrics = json.loads((out / model_dir_lib.METRICS_FILE).read_text())
     assert metrics["ensemble"]["mean"] == "geometric" and metrics["checkpoint"] == "final,best"
     assert top_k_file.read_top_k(str(out / top_k_file.FILE))["probability"].shape == (17, 2)
-    missing = subprocess.run([sys.executable, "evaluate.py", f"--data_dir={trained['data']}",
-                              f"--model_dir={trained['a']},{tmp_path / 'nothing'}"], cwd=REPO, capture_output=True,
-                             text=True)
-    assert missing.returncode == 1
-    assert f"--model_dir {tmp_path / 'nothing'} has no model.keras" in missing.stderr
+    # A member without a model stops evaluate.py's flags, before anything runs (absl's exit 1 with
+    # its FATAL line, as for any bad flag: tests/test_model_training.py shows it for train.py).
+    from absl import flags
+
+    from model import cli
+    from model.commands import evaluate as evaluate_command
+
+    values = flags.FlagValues()  # evaluate.py's flags and checks, in a registry of their own
+    cli.define_flags(config.EvalConfig, evaluate_command, flag_values=values)
+    cli.check_folder_flags(model_must_exist=True, flag_values=values)
+    with pytest.raises(flags.IllegalFlagValueError, match=re.escape(f"--model_dir {tmp_path / 'nothing'} has no model.keras")):
+        values(["evaluate.py", f"--data_dir={trained['data']}", f"--model_dir={trained['a']},{tmp_path / 'nothing'}"])
