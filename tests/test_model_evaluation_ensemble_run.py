@@ -219,11 +219,9 @@ def test_command_line_ensemble(trained, tmp_path):
     # its FATAL line, as for any bad flag: tests/test_model_training.py shows it for train.py).
     from absl import flags
 
-    from model import cli
     from model.commands import evaluate as evaluate_command
 
     values = flags.FlagValues()  # evaluate.py's flags and checks, in a registry of their own
-    cli.define_flags(config.EvalConfig, evaluate_command, flag_values=values)
-    cli.check_folder_flags(model_must_exist=True, flag_values=values)
+    evaluate_command.define_flags(values)
     with pytest.raises(flags.IllegalFlagValueError, match=re.escape(f"--model_dir {tmp_path / 'nothing'} has no model.keras")):
         values(["evaluate.py", f"--data_dir={trained['data']}", f"--model_dir={trained['a']},{tmp_path / 'nothing'}"])

@@ -18,11 +18,13 @@ from absl import app, flags
 from model import cli, config, errors  # none loads TensorFlow
 
 
-def define_flags():
-    """The flags, from EvalConfig's fields (defaults, help and bounds), defined when the command runs."""
-    cli.define_flags(config.EvalConfig, sys.modules[__name__])
-    flags.mark_flags_as_required(["data_dir", "model_dir"])
-    cli.check_folder_flags(model_must_exist=True)
+def define_flags(flag_values=None):
+    """The flags, from EvalConfig's fields (defaults, help and bounds), defined when the command
+    runs (in flag_values: absl's FLAGS by default)."""
+    values = flags.FLAGS if flag_values is None else flag_values
+    cli.define_flags(config.EvalConfig, sys.modules[__name__], flag_values=values)
+    flags.mark_flags_as_required(["data_dir", "model_dir"], flag_values=values)
+    cli.check_folder_flags(model_must_exist=True, flag_values=values)
 
 
 def main(argv):

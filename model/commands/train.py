@@ -17,18 +17,19 @@ XLA_ON_LOGICAL_CPUS = ("--jit_compile cannot run on logical CPU devices (XLA see
                        "unreachable from CPU:0): drop --jit_compile or --cpu_devices")
 
 
-def define_flags():
+def define_flags(flag_values=None):
     """The flags, from TrainConfig's fields (defaults, help and bounds), and the checks that take
-    more than one field; defined when the command runs."""
-    cli.define_flags(config.TrainConfig, sys.modules[__name__])
-    flags.mark_flags_as_required(["data_dir", "model_dir"])
-    cli.check_folder_flags(model_must_exist=False)
+    more than one field; defined when the command runs (in flag_values: absl's FLAGS by default)."""
+    values = flags.FLAGS if flag_values is None else flag_values
+    cli.define_flags(config.TrainConfig, sys.modules[__name__], flag_values=values)
+    flags.mark_flags_as_required(["data_dir", "model_dir"], flag_values=values)
+    cli.check_folder_flags(model_must_exist=False, flag_values=values)
     flags.register_validator("profile_batches", _profile_range,
-                             message='--profile_batches must be "START,STOP" (e.g. 10,20) or empty')
-    flags.register_validator("data_service", _data_service_address)
-    flags.register_multi_flags_validator(["batch_size", "cpu_devices"], _batch_divisible)
+                             message='--profile_batches must be "START,STOP" (e.g. 10,20) or empty', flag_values=values)
+    flags.register_validator("data_service", _data_service_address, flag_values=values)
+    flags.register_multi_flags_validator(["batch_size", "cpu_devices"], _batch_divisible, flag_values=values)
     flags.register_multi_flags_validator(["jit_compile", "cpu_devices"], _no_xla_on_logical_cpus,
-                                         message=XLA_ON_LOGICAL_CPUS)
+                                         message=XLA_ON_LOGICAL_CPUS, flag_values=values)
 
 
 def _profile_range(value):
