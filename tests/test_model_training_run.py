@@ -182,6 +182,7 @@ def test_one_trainer_per_model_dir_and_a_dead_holder_does_not_block(resumed_run)
     aside, first = resumed_run["aside"], resumed_run["runs"][0]
     assert aside["returncode"] == 1 and "Traceback" not in aside["err"]
     line = last_line(aside["err"])
+    assert line.startswith("train.py: error: ")
     assert f"is in use by another trainer (pid {aside['holder']['pid']} on " in line and "started " in line, line
     assert aside["unchanged"]
     assert "is no longer running" in resumed_run["outputs"][1]
@@ -215,15 +216,25 @@ def test_killed_run_resumes_mid_epoch(resumed_run):
 
 
 def test_finished_run_with_other_settings_stops_with_one_line(resumed_run, tmp_path):
+    """In-process: the check comes before anything is built (train.py's one line and exit 1 for
+    such an error are the second trainer's, above)."""
+    from absl import flags
+
+    from model import cli, config, errors
+    from model.commands import train
+    from model.training import loop
+
     model_path = os.path.join(resumed_run["model_dir"], "model.keras")
     before = os.path.getmtime(model_path)
     other_data = write_data_dir(str(tmp_path / "other"))
-    result = subprocess.run([sys.executable, "train.py", f"--data_dir={other_data}",
-                             f"--model_dir={resumed_run['model_dir']}", *TINY, "--epochs=3", "--steps_per_epoch=6",
-                             "--fusion=max"], cwd=REPO, capture_output=True, text=True, timeout=120)
-    assert result.returncode == 1 and "Traceback" not in result.stderr
-    line = result.stderr.strip().splitlines()[-1]
-    assert line.startswith("train.py: error: ") and "holds a finished run with other settings" in line
+    values = flags.FlagValues()  # the command's own flags, in a registry of their own
+    train.define_flags(values)
+    values(["train.py", f"--data_dir={other_data}", f"--model_dir={resumed_run['model_dir']}", *TINY, "--epochs=3",
+            "--steps_per_epoch=6", "--fusion=max"])
+    with pytest.raises(errors.UserError) as stopped:
+        loop.train(cli.config_from_flags(config.TrainConfig, values))
+    line = str(stopped.value)
+    assert "\n" not in line and "holds a finished run with other settings" in line
     assert "--fusion=mean_max (now max)" in line and f"(now {other_data})" in line
     assert os.path.getmtime(model_path) == before
 
