@@ -6,6 +6,13 @@ test uses 480 synthetic products of 6 classes, learnable in a few steps). Worker
 create_dataset graph at 32 px, a few small batches per test. Tests that need
 `create_dataset(..., dynamic_sharding=True)` or `train.py --data_service` skip until those are
 wired (docs/DATA_SERVICE.md's docstring says what they are).
+
+Each `python -m model.data_service` process that starts a server imports TensorFlow (~3 s of CPU
+here), so processes are few: the tests that leave the service alone share one dispatcher and two
+workers, and the fault campaign (a worker killed, one started again, the dispatcher killed and
+restarted) runs last, on those same processes, rather than on a service of its own. One launcher
+test covers the ready lines, a worker started before its dispatcher, a waiting trainer and the
+clean stops. Waits poll for what they wait for; no fixed sleep.
 """
 
 import collections
@@ -38,24 +45,43 @@ ENV = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
 # Helpers
 
 
-@pytest.fixture
-def make_service(tmp_path):
-    """Services of one test (the fault tests kill theirs)."""
-    services = []
+class SharedService:
+    """The module's dispatcher and two workers, started when first asked for. The tests that leave
+    them alone share them (`get`); the fault campaign, last in the module, takes them (`take`: it
+    kills and restarts them, and whoever asks after it gets new ones)."""
 
-    def make(**kwargs):
-        services.append(Service(work_root=str(tmp_path), **kwargs))
-        return services[-1]
+    def __init__(self, work_root: str):
+        self.work_root = work_root
+        self.service: Service | None = None
 
-    yield make
-    for service in services:
-        service.close()
+    def get(self) -> Service:
+        if self.service is None:
+            self.service = Service(workers=2, work_root=self.work_root)
+        return self.service
+
+    def take(self) -> Service:
+        service, self.service = self.get(), None
+        return service
 
 
 @pytest.fixture(scope="module")
-def shared_service(tmp_path_factory):
+def service_pool(tmp_path_factory):
+    pool = SharedService(str(tmp_path_factory.mktemp("shared")))
+    yield pool
+    if pool.service is not None:
+        pool.service.close()
+
+
+@pytest.fixture
+def shared_service(service_pool):
     """A dispatcher and two workers for the tests that leave them alone (each uses its own job)."""
-    service = Service(workers=2, work_root=str(tmp_path_factory.mktemp("shared")))
+    return service_pool.get()
+
+
+@pytest.fixture
+def service_to_break(service_pool):
+    """The shared dispatcher and workers, for a test that kills them (closed after it)."""
+    service = service_pool.take()
     yield service
     service.close()
 
@@ -120,42 +146,48 @@ def ready_address(worker: Launched) -> str:
 # Launchers
 
 
-def test_launchers_ready_lines_a_waiting_trainer_and_sigterm(tmp_path):
-    """The dispatcher's and the worker's ready lines; a trainer's wait_for_workers before the
-    dispatcher, then before any worker (one line each, then it goes on when a worker comes);
-    SIGTERM and Ctrl-C stop both cleanly."""
+def test_launchers_ready_lines_a_worker_before_its_dispatcher_a_waiting_trainer_and_sigterm(tmp_path):
+    """The dispatcher's and the worker's ready lines. Started together (one launch script), the
+    worker comes up before the dispatcher has: it asks again until --connect_timeout, then
+    registers. A trainer's wait_for_workers before the dispatcher, then before any worker (one line
+    each, then it goes on when the worker comes), and for more workers than are up (one line, then
+    TimeoutError). SIGTERM and Ctrl-C stop both cleanly."""
     port = free_port()
     target = f"grpc://localhost:{port}"
-    lines = []
-    with pytest.raises(TimeoutError, match="unreachable"):  # no dispatcher yet
-        probe.wait_for_workers(target, timeout=1.2, report_every=0.5, poll=0.25, log=lines.append)
-    assert lines[0] == (f"data_service: waiting for {target} (0 s): dispatcher localhost:{port} unreachable "
-                        f"(unavailable); start it with: python -m model.data_service dispatcher --port={port}")
-    assert len(lines) >= 2  # and again every report_every seconds
-
     work_dir = tmp_path / "journal"
-    dispatcher = Launched("dispatcher", f"--port={port}", f"--work_dir={work_dir}")
-    worker = None
+    # Before its dispatcher: the worker asks, is refused, asks again (it imports TensorFlow only
+    # once the dispatcher answers).
+    worker = Launched("worker", f"--dispatcher=localhost:{port}", "--connect_timeout=90")
+    dispatcher = None
     try:
+        lines = []
+        with pytest.raises(TimeoutError, match="unreachable"):  # no dispatcher yet
+            probe.wait_for_workers(target, timeout=1.2, report_every=0.5, poll=0.25, log=lines.append)
+        assert lines[0] == (f"data_service: waiting for {target} (0 s): dispatcher localhost:{port} unreachable "
+                            f"(unavailable); start it with: python -m model.data_service dispatcher --port={port}")
+        assert len(lines) >= 2  # and again every report_every seconds
+        assert worker.process.poll() is None  # over a second without a dispatcher: still waiting, not failed
+
+        dispatcher = Launched("dispatcher", f"--port={port}", f"--work_dir={work_dir}")
         line = dispatcher.wait_for("dispatcher ready")
         assert line.startswith(f"data_service: dispatcher ready at {target} ")
         assert f"work_dir {work_dir}, fault tolerant" in line and f"--dispatcher={socket.gethostname()}:{port}" in line
-        lines.clear()
-        with pytest.raises(TimeoutError, match="0 of 1 worker"):
-            probe.wait_for_workers(target, timeout=1.0, poll=0.25, log=lines.append)
-        assert lines == [f"data_service: waiting for {target} (0 s): 0 of 1 worker(s) up; start one with: "
-                         f"python -m model.data_service worker --dispatcher=localhost:{port}"]
-
-        worker = Launched("worker", f"--dispatcher=localhost:{port}")  # arrives while the trainer waits
+        # The worker registers seconds later (its TensorFlow import): the trainer asks first.
         lines.clear()
         workers = probe.wait_for_workers(target, timeout=90, poll=0.25, log=lines.append)
+        assert lines[0] == (f"data_service: waiting for {target} (0 s): 0 of 1 worker(s) up; start one with: "
+                            f"python -m model.data_service worker --dispatcher=localhost:{port}")
+        assert re.fullmatch(rf"data_service: 1 worker\(s\) at {target} after \d+ s; starting", lines[-1]), lines
         line = worker.wait_for("worker ready")
         match = re.fullmatch(rf"data_service: worker ready at localhost:(\d+) \(port \d+\), "
                              rf"registered with dispatcher localhost:{port}", line)
         assert match, line
         assert workers == probe.registered_workers(target) == [f"localhost:{match[1]}"]
-        assert lines[0].startswith(f"data_service: waiting for {target}") and re.fullmatch(
-            rf"data_service: 1 worker\(s\) at {target} after \d+ s; starting", lines[-1])
+        lines.clear()
+        with pytest.raises(TimeoutError, match="1 of 2 worker"):
+            probe.wait_for_workers(target, min_workers=2, timeout=0.5, poll=0.25, log=lines.append)
+        assert lines == [f"data_service: waiting for {target} (0 s): 1 of 2 worker(s) up; start one with: "
+                         f"python -m model.data_service worker --dispatcher=localhost:{port}"]
 
         worker.signal(signal.SIGTERM)
         assert worker.finish() == 0 and worker.lines[-1] == "data_service: worker stopped"
@@ -163,24 +195,6 @@ def test_launchers_ready_lines_a_waiting_trainer_and_sigterm(tmp_path):
         assert dispatcher.finish() == 0 and dispatcher.lines[-1] == "data_service: dispatcher stopped"
         assert not [e for e in dispatcher.errors + worker.errors if "Traceback" in e]
         assert os.listdir(work_dir)  # the journal
-    finally:
-        for server in (dispatcher, worker):
-            if server:
-                server.kill()
-
-
-def test_a_worker_started_before_its_dispatcher_waits_for_it():
-    """Started together (one launch script), the worker comes up before the dispatcher has: it asks
-    again until --connect_timeout, then registers."""
-    port = free_port()
-    worker = Launched("worker", f"--dispatcher=localhost:{port}", "--connect_timeout=90")
-    dispatcher = None
-    try:
-        time.sleep(2)
-        assert worker.process.poll() is None  # still waiting, not failed
-        dispatcher = Launched("dispatcher", f"--port={port}")
-        dispatcher.wait_for("dispatcher ready")
-        assert worker.wait_for("worker ready").endswith(f"registered with dispatcher localhost:{port}")
     finally:
         for server in (worker, dispatcher):
             if server:
@@ -195,7 +209,9 @@ def test_launchers_fail_in_one_line_on_bad_input():
     nobody = free_port()  # nothing listens there
     cases = [
         (["dispatcher", f"--port={port}"], 1, f"data_service: error: port {port} is taken"),
-        (["worker", f"--dispatcher=localhost:{nobody}", "--connect_timeout=3"], 1,
+        # Refused, asked again a second later, then given up: a shorter --connect_timeout would not
+        # end sooner (model/data_service/launchers.py sleeps a whole second between two attempts).
+        (["worker", f"--dispatcher=localhost:{nobody}", "--connect_timeout=1"], 1,
          f"data_service: error: dispatcher localhost:{nobody} unreachable"),
         (["worker", "--dispatcher=localhost"], 2, "is not a dispatcher address: use grpc://HOST:PORT"),
         (["worker"], 2, "data_service: error: worker needs --dispatcher=HOST:PORT"),
@@ -330,45 +346,6 @@ def test_both_workers_share_an_endless_stream(shared_service, tmp_path):
     assert set(counts) == set(train_ids(data)) and max(counts.values()) - min(counts.values()) <= 3, counts
 
 
-def test_a_worker_killed_mid_stream_does_not_stop_it(make_service, data_dir):
-    """SIGKILL one of two workers while the consumer reads: the stream goes on from the other (the
-    dead worker's files in flight are lost for that pass: at-most-once). A worker started again
-    joins the running job: with the other original killed too, the stream comes from it alone."""
-    service = make_service(workers=2)
-    reader = Reader(stream.distribute(training_stream(data_dir, repeat=True), service.target,
-                                            job_name="worker-killed"))
-    assert len(reader.take(6)) == 30
-    first, second = service.workers
-    first.signal(signal.SIGKILL)
-    assert first.finish() == -signal.SIGKILL
-    after = reader.take(100)  # ~8 passes: far more than what was buffered
-    assert len(after) == 500 and set(after) == set(train_ids(data_dir))
-    # The dispatcher still lists the dead worker; live_workers (what train.py reports) does not.
-    assert len(probe.registered_workers(service.target)) == 2
-    assert probe.live_workers(service.target) == [ready_address(second)]
-    service.start_worker()
-    assert len(probe.live_workers(service.target)) == 2
-    second.signal(signal.SIGKILL)
-    assert second.finish() == -signal.SIGKILL
-    alone = reader.take(100, timeout=180)
-    assert len(alone) == 500 and set(alone) == set(train_ids(data_dir))
-
-
-def test_dispatcher_restarted_from_its_work_dir_lets_the_consumer_continue(make_service, data_dir):
-    service = make_service(workers=2)
-    reader = Reader(stream.distribute(training_stream(data_dir, repeat=True), service.target,
-                                            job_name="dispatcher-restarted"))
-    assert len(reader.take(4)) == 20
-    service.dispatcher.signal(signal.SIGKILL)
-    assert service.dispatcher.finish() == -signal.SIGKILL
-    time.sleep(2)  # the workers and the consumer find it gone
-    service.dispatcher = service.start_dispatcher()  # same port, same work_dir: replays its journal
-    assert "fault tolerant" in service.dispatcher.lines[0]
-    after = reader.take(100, timeout=180)  # ~8 passes: new splits from the restarted dispatcher
-    assert len(after) == 500 and set(after) == set(train_ids(data_dir))
-    assert len(probe.live_workers(service.target)) == 2  # the workers re-registered
-
-
 # ---------------------------------------------------------------------------------------------
 # train.py end to end (once --data_service is wired)
 
@@ -436,3 +413,70 @@ def test_the_trainer_says_when_workers_are_lost_and_what_it_cost(monkeypatch):
     assert lines[0].startswith("data_service: 1 worker(s) up at grpc://localhost:5050 (was 2): what the 1 lost "
                                "worker(s) held") and "skipped for this pass" in lines[0]
     assert lines[1] == "data_service: 2 worker(s) up at grpc://localhost:5050 (was 1)"
+
+
+# ---------------------------------------------------------------------------------------------
+# Faults: one campaign on the shared processes, last in the module (it kills them)
+
+
+# A dead worker's port refuses at once, but live_workers gives each registered worker
+# probe_timeout s to answer: 0.5 s is ample on localhost, and the default's 2 s a call is waited
+# out for every dead one.
+PROBE_TIMEOUT = 0.5
+
+
+def live(service) -> list[str]:
+    return probe.live_workers(service.target, probe_timeout=PROBE_TIMEOUT)
+
+
+def test_faults_a_worker_killed_one_started_again_and_the_dispatcher_restarted_from_its_work_dir(
+        service_to_break, data_dir):
+    """SIGKILL one of two workers while the consumer reads: the stream goes on from the other (the
+    dead worker's files in flight are lost for that pass: at-most-once). A worker started again
+    joins the running job. The dispatcher SIGKILLed and restarted from its work_dir (same port)
+    replays its journal: the consumer continues, and it lists both live workers. (Its journal
+    keeps the workers too, so this does not tell a worker that re-registered from one that did not:
+    with the workers' heartbeat set to an hour, this test passes as well.) With the other original
+    worker killed too, the stream comes from the one started again alone.
+
+    Each read after a fault is of 100 batches (500 products, ~8 passes of the 65), about twice
+    what the stream can hold, so that most of it is new splits, handed out after the fault. The
+    stream holds each worker's open files (up to 16: here all 13 of a pass, 65 products), its
+    shuffle buffer (16 products) and the batches in flight (its prefetch, the service's buffers,
+    the consumer's outstanding requests): with the dispatcher SIGSTOPped (no new split), 51-59
+    batches could still be read (~270 products, ~4 passes), 5-16 right after the first 6. Fewer
+    batches would not be cheaper: 100 are read in 0.1-0.6 s here; it is the processes' start-ups
+    (a TensorFlow import each) that cost."""
+    service = service_to_break
+    ids = set(train_ids(data_dir))
+    reader = Reader(stream.distribute(training_stream(data_dir, repeat=True), service.target,
+                                      job_name="faults"))
+    assert len(reader.take(6)) == 30
+    first, second = service.workers
+    first.signal(signal.SIGKILL)
+    assert first.finish() == -signal.SIGKILL
+    after = reader.take(100)
+    assert len(after) == 500 and set(after) == ids
+    # The dispatcher still lists the dead worker; live_workers (what train.py reports) does not.
+    assert len(probe.registered_workers(service.target)) == 2
+    assert live(service) == [ready_address(second)]
+    again = service.start_worker()
+    assert sorted(live(service)) == sorted([ready_address(second), ready_address(again)])
+
+    service.dispatcher.signal(signal.SIGKILL)
+    assert service.dispatcher.finish() == -signal.SIGKILL
+    with pytest.raises(probe.ServiceError, match="unreachable"):
+        probe.registered_workers(service.target, timeout=1)
+    # Restarted at once: it is gone while the new one imports TensorFlow (2.5-3.3 s here), long enough
+    # for the workers and the consumer (which heartbeats every second) to find it gone.
+    service.dispatcher = service.start_dispatcher()  # same port, same work_dir: replays its journal
+    assert "fault tolerant" in service.dispatcher.lines[0]
+    restarted = reader.take(100, timeout=180)  # new splits from the restarted dispatcher
+    assert len(restarted) == 500 and set(restarted) == ids
+    assert sorted(live(service)) == sorted([ready_address(second), ready_address(again)])  # still listed
+
+    second.signal(signal.SIGKILL)
+    assert second.finish() == -signal.SIGKILL
+    alone = reader.take(100, timeout=180)
+    assert len(alone) == 500 and set(alone) == ids
+    assert live(service) == [ready_address(again)]
