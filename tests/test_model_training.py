@@ -45,10 +45,11 @@ def test_bad_flags_fail_at_start_with_one_line(data_dir, tmp_path):
         train.define_flags(values)
         with pytest.raises(flags.Error, match=re.escape(message)):
             values(["train.py", *args])
-    process = subprocess.run([sys.executable, "train.py", *cases[1][0]], cwd=REPO, capture_output=True, text=True,
+    bad_fusion, message = cases[1]
+    process = subprocess.run([sys.executable, "train.py", *bad_fusion], cwd=REPO, capture_output=True, text=True,
                              timeout=120)
     assert process.returncode == 1 and "Traceback" not in process.stderr
-    assert [line for line in process.stderr.splitlines() if cases[1][1] in line], process.stderr[-2000:]
+    assert [line for line in process.stderr.splitlines() if message in line], process.stderr[-2000:]
     assert not model_dir.exists()  # nothing written before the flags are right
 
 

@@ -8,7 +8,7 @@ HOLD_AFTER_STEP) instead of slowed steps and a race against them."""
 
 import json
 import os
-import socket
+import signal
 import subprocess
 import sys
 import time
@@ -16,6 +16,7 @@ import time
 import numpy as np
 import pytest
 
+from tests.launchers import free_ports
 from tests.record_helpers import REPO, TINY_TRAIN_FLAGS, write_data_dir
 
 pytestmark = pytest.mark.slow
@@ -28,21 +29,11 @@ FLAGS = [*(flag for flag in TINY_TRAIN_FLAGS if not flag.startswith("--sample_pr
          "--deterministic", "--backup_every_steps=1"]
 
 
-def _free_ports(n):
-    sockets = [socket.socket() for _ in range(n)]
-    for s in sockets:
-        s.bind(("localhost", 0))
-    ports = [s.getsockname()[1] for s in sockets]
-    for s in sockets:
-        s.close()
-    return ports
-
-
 def _start_workers(data_dir, model_dir, trace_dir, hold_after_step=0):
     """Two train.py processes on this host with TF_CONFIG (tests/slow_train.py, each tracing its
     batches, held after optimizer step hold_after_step if given): MultiWorkerMirroredStrategy over
     gRPC, as across hosts. They import this worktree's code (slow_train.py puts REPO first)."""
-    cluster = {"worker": [f"localhost:{port}" for port in _free_ports(2)]}
+    cluster = {"worker": [f"localhost:{port}" for port in free_ports(2)]}
     workers = []
     for index in range(2):
         tf_config = json.dumps({"cluster": cluster, "task": {"type": "worker", "index": index}})
@@ -123,7 +114,7 @@ def test_two_workers_keep_in_step_and_resume_as_an_uninterrupted_run(tmp_path):
     for worker in workers:
         worker.kill()
     outputs = [worker.communicate(timeout=30)[0] for worker in workers]
-    assert [worker.returncode for worker in workers] == [-9, -9], outputs[0][-3000:]
+    assert [worker.returncode for worker in workers] == [-signal.SIGKILL] * 2, outputs[0][-3000:]
     assert all(f"Holding after optimizer step {KILLED_AT}" in output for output in outputs), outputs[0][-3000:]
     step = _backup_step(model_dir)
     assert step == KILLED_AT, outputs[0][-3000:]
