@@ -8,7 +8,9 @@ the training streams make (a traced source given as `training_batches`) is also 
 BATCH counted from the stream's beginning (so a resumed stream's first line is its start step).
 With HOLD_AFTER_STEP, the run stops still once optimizer step N is done (its backup written: the
 built-in callbacks run first) until it is killed, HOLD_SECONDS (300) at most: a kill at exactly
-that step, however loaded the machine, and no slowed step before it.
+that step, however loaded the machine, and no slowed step before it; with HOLD_FILE as well, that
+file is created once the run holds (what a test waits for: the message alone reaches the pipe
+at a moment the test cannot see).
 """
 
 import os
@@ -32,6 +34,8 @@ class SlowSteps(keras.callbacks.Callback):
         time.sleep(SECONDS_PER_STEP)
         if HOLD_AFTER_STEP and int(keras.ops.convert_to_numpy(self.model.optimizer.iterations)) == HOLD_AFTER_STEP:
             print(f"Holding after optimizer step {HOLD_AFTER_STEP} until killed", flush=True)
+            if os.environ.get("HOLD_FILE"):
+                open(os.environ["HOLD_FILE"], "w").close()
             time.sleep(float(os.environ.get("HOLD_SECONDS", "300")))
 
 

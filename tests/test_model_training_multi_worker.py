@@ -41,7 +41,7 @@ def _start_workers(data_dir, model_dir, trace_dir, hold_after_step=0):
             [sys.executable, "tests/slow_train.py", "0", f"--data_dir={data_dir}", f"--model_dir={model_dir}", *FLAGS],
             cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
             env={**os.environ, "TF_CONFIG": tf_config, "TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONPATH": REPO,
-                 "HOLD_AFTER_STEP": str(hold_after_step),
+                 "HOLD_AFTER_STEP": str(hold_after_step), "HOLD_FILE": os.path.join(trace_dir, f"holding_{index}"),
                  "TRACE_BATCHES": os.path.join(trace_dir, f"worker_{index}.txt")}))
     return workers
 
@@ -103,21 +103,24 @@ def test_two_workers_keep_in_step_and_resume_as_an_uninterrupted_run(tmp_path):
     made = _trace(traces["uninterrupted"])
     assert not _products(made, 0) & _products(made, 1)  # each worker reads its own share
 
-    # Killed while held after step KILLED_AT, the backup of that step written (by both: each
-    # waits for its own), whatever the load: no race against slowed steps.
+    # Killed once both hold after step KILLED_AT (each has written its backup of that step
+    # first), whatever the load: no race against slowed steps, nor against a backup written a
+    # moment before its worker holds.
     uninterrupted, model_dir = model_dir, tmp_path / "resumed" / "model"
     workers = _start_workers(data_dir, model_dir, traces["killed"], hold_after_step=KILLED_AT)
     deadline = time.time() + 240
-    while (time.time() < deadline and all(worker.poll() is None for worker in workers)
-           and not (_backup_step(model_dir) == _backup_step(model_dir / "workers" / "worker_1") == KILLED_AT)):
+    holding = [traces["killed"] / f"holding_{index}" for index in range(2)]
+    while time.time() < deadline and all(worker.poll() is None for worker in workers) and not all(
+            path.exists() for path in holding):
         time.sleep(0.05)
     for worker in workers:
         worker.kill()
     outputs = [worker.communicate(timeout=30)[0] for worker in workers]
     assert [worker.returncode for worker in workers] == [-signal.SIGKILL] * 2, outputs[0][-3000:]
-    assert all(f"Holding after optimizer step {KILLED_AT}" in output for output in outputs), outputs[0][-3000:]
+    for output in outputs:
+        assert f"Holding after optimizer step {KILLED_AT}" in output, output[-3000:]
     step = _backup_step(model_dir)
-    assert step == KILLED_AT, outputs[0][-3000:]
+    assert step == _backup_step(model_dir / "workers" / "worker_1") == KILLED_AT, outputs[0][-3000:]
     assert STEPS_PER_EPOCH < step < STEPS  # inside epoch 2
     assert not (model_dir / "model.keras").exists()
     for output in _finish(_start_workers(data_dir, model_dir, traces["resumed"])):
